@@ -1,0 +1,295 @@
+"""The decoder configuration shared by the Llama, Gemma 2 and Gemma 3 (text) families.
+
+One frozen, hashable dataclass drives one decoder implementation; family differences are
+switches on it (norm style, post-norms, QK-norm, soft-capping, sliding windows, RoPE bases).
+`DecoderConfig.from_hf` reads a Hugging Face config (dict or `PretrainedConfig`, old
+`rope_theta`/`rope_scaling` keys or the newer `rope_parameters`); `to_hf_dict` writes one back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# The linear layers inside decoder blocks; the only weights pruning may zero.
+PRUNABLE = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+
+FAMILIES = ('llama', 'gemma2', 'gemma3_text')
+LAYER_TYPES = ('sliding_attention', 'full_attention')
+DTYPES = ('float32', 'bfloat16', 'float16')
+ROPE_TYPES = ('default', 'linear', 'llama3')
+HIDDEN_ACTS = ('silu', 'gelu_pytorch_tanh')
+
+_HF_ARCH = {
+    'llama': 'LlamaForCausalLM',
+    'gemma2': 'Gemma2ForCausalLM',
+    'gemma3_text': 'Gemma3ForCausalLM',
+}
+
+
+def _freeze(value):
+    """Dicts -> sorted item tuples and lists -> tuples, so the config stays hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of a decoder-only LM (hashable, usable as a jit static argument).
+
+  rope_scaling is None or a sorted tuple of (key, value) items with at least 'rope_type'
+  ('linear' with 'factor'; 'llama3' with 'factor', 'low_freq_factor', 'high_freq_factor',
+  'original_max_position_embeddings'). For gemma3_text it applies to the full-attention
+  layers only (as in HF); for llama/gemma2 to every layer.
+  """
+
+    family: str
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int  # KV
+    head_dim: int  # hd
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0  # global (full-attention) layers; every layer for llama/gemma2
+    rope_local_theta: float | None = None  # gemma3 sliding layers
+    rope_scaling: tuple | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None  # None -> head_dim
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    dtype: str = 'float32'
+    hidden_act: str = 'silu'
+    max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f'family={self.family!r} is not supported; expected one of {FAMILIES}')
+        if self.dtype not in DTYPES:
+            raise ValueError(f'dtype={self.dtype!r} is not supported; expected one of {DTYPES}')
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f'hidden_act={self.hidden_act!r} is not supported; expected one of {HIDDEN_ACTS}')
+        for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+                     'num_kv_heads', 'head_dim'):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f'{name}={v!r} must be a positive int')
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}')
+        # Normalise containers so equal configs hash equally.
+        layer_types = tuple(self.layer_types) if self.layer_types else ('full_attention',) * self.num_layers
+        object.__setattr__(self, 'layer_types', layer_types)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, 'eos_token_id', tuple(self.eos_token_id))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, 'rope_scaling', _freeze(self.rope_scaling))
+        if len(layer_types) != self.num_layers:
+            raise ValueError(f'layer_types has {len(layer_types)} entries; expected num_layers={self.num_layers}')
+        bad = sorted(set(layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ValueError(f'layer_types contains {bad}; expected entries of {LAYER_TYPES}')
+        if 'sliding_attention' in layer_types and not self.sliding_window:
+            raise ValueError(f'sliding_window={self.sliding_window!r} must be a positive int when sliding layers exist')
+        if self.attn_logit_softcapping and self.family != 'gemma2':
+            raise ValueError(f'attn_logit_softcapping={self.attn_logit_softcapping} is only used by gemma2; '
+                             f'expected None for family={self.family!r}')
+        if self.rope_scaling is not None:
+            rtype = dict(self.rope_scaling).get('rope_type')
+            if rtype not in ROPE_TYPES:
+                raise ValueError(f'rope_scaling rope_type={rtype!r} is not supported; expected one of {ROPE_TYPES}')
+
+    # ---- derived switches (one implementation, config-driven) ----
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma norms are (1 + w), embeddings are scaled by sqrt(D), blocks have post-norms."""
+        return self.family in ('gemma2', 'gemma3_text')
+
+    @property
+    def use_qk_norm(self) -> bool:
+        return self.family == 'gemma3_text'
+
+    @property
+    def attn_scale(self) -> float:
+        s = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+        return float(s) ** -0.5
+
+    def rope_for_layer(self, i: int) -> tuple[float, dict | None]:
+        """(base, scaling dict or None) of the rotary embedding used by layer i."""
+        if self.family == 'gemma3_text' and self.layer_types[i] == 'sliding_attention':
+            base = self.rope_local_theta if self.rope_local_theta is not None else 10_000.0
+            return float(base), None
+        return float(self.rope_theta), (dict(self.rope_scaling) if self.rope_scaling else None)
+
+    def replace(self, **changes) -> 'DecoderConfig':
+        return dataclasses.replace(self, **changes)
+
+    # ---- Hugging Face interop ----
+    @classmethod
+    def from_hf(cls, hf_config: Any, dtype: str = 'float32') -> 'DecoderConfig':
+        """Builds a config from a HF config dict (config.json) or `transformers.PretrainedConfig`."""
+        if not isinstance(hf_config, dict):
+            if not hasattr(hf_config, 'to_dict'):
+                raise ValueError(f'hf_config of type {type(hf_config).__name__} is not accepted; '
+                                 'expected a dict or a transformers PretrainedConfig')
+            hf_config = hf_config.to_dict()
+        c = dict(hf_config)
+        model_type = c.get('model_type')
+        if model_type == 'gemma3' and isinstance(c.get('text_config'), dict):
+            # A multimodal Gemma 3 config: the language model is its text_config.
+            c = dict(c['text_config'])
+            c.setdefault('model_type', 'gemma3_text')
+            model_type = c['model_type']
+        if model_type not in FAMILIES:
+            raise ValueError(f'model_type={model_type!r} is not supported; supported: {FAMILIES}')
+        for flag in ('attention_bias', 'mlp_bias'):
+            if c.get(flag):
+                raise ValueError(f'{flag}=True is not supported; only bias-free linear layers are')
+
+        L = int(c['num_hidden_layers'])
+        D = int(c['hidden_size'])
+        H = int(c['num_attention_heads'])
+        KV = int(c.get('num_key_value_heads') or H)
+        hd = int(c.get('head_dim') or D // H)
+        act = c.get('hidden_activation') or c.get('hidden_act') or 'silu'
+        if model_type != 'llama' and act in ('gelu', 'gelu_pytorch_tanh'):
+            act = 'gelu_pytorch_tanh'  # gemma checkpoints state 'gelu' but HF runs the tanh approximation
+
+        # RoPE: newer configs nest everything in rope_parameters (per layer type for gemma3).
+        rp = c.get('rope_parameters') or {}
+        nested = isinstance(rp, dict) and any(k in LAYER_TYPES for k in rp)
+        if nested:
+            glob = dict(rp.get('full_attention') or {})
+            loc = dict(rp.get('sliding_attention') or {})
+        else:
+            glob = dict(rp) if rp else {}
+            if c.get('rope_scaling'):
+                glob = {**glob, **c['rope_scaling']}
+            loc = {}
+        default_theta = 1_000_000.0 if model_type == 'gemma3_text' else 10_000.0
+        rope_theta = float(glob.get('rope_theta', c.get('rope_theta', default_theta)) or default_theta)
+        rope_local_theta = None
+        if model_type == 'gemma3_text':
+            rope_local_theta = float(loc.get('rope_theta', c.get('rope_local_base_freq', 10_000.0)))
+            if loc.get('rope_type', 'default') != 'default':
+                raise ValueError(f"sliding-layer rope_type={loc.get('rope_type')!r} is not supported; "
+                                 "expected 'default'")
+        rtype = glob.get('rope_type', glob.get('type', 'default'))
+        rope_scaling = None
+        if rtype != 'default':
+            scal = {k: v for k, v in glob.items() if k not in ('rope_theta', 'type', 'partial_rotary_factor')}
+            scal['rope_type'] = rtype
+            if rtype == 'llama3':
+                scal.setdefault('original_max_position_embeddings', c.get('max_position_embeddings', 8192))
+            rope_scaling = _freeze(scal)
+        if float(glob.get('partial_rotary_factor', 1.0)) != 1.0:
+            raise ValueError(f"partial_rotary_factor={glob['partial_rotary_factor']} is not supported; expected 1.0")
+
+        if model_type == 'llama':
+            layer_types = ('full_attention',) * L
+            sliding_window = None
+        else:
+            layer_types = c.get('layer_types')
+            if not layer_types:
+                pattern = 2 if model_type == 'gemma2' else int(c.get('sliding_window_pattern') or 6)
+                layer_types = ['sliding_attention' if (i + 1) % pattern else 'full_attention' for i in range(L)]
+            layer_types = tuple(layer_types)
+            sliding_window = c.get('sliding_window')
+            if c.get('use_bidirectional_attention'):
+                raise ValueError('use_bidirectional_attention=True is not supported; expected a causal decoder')
+
+        qpas = c.get('query_pre_attn_scalar') if model_type != 'llama' else None
+        eos = c.get('eos_token_id')
+        tie_default = model_type != 'llama'
+        return cls(
+            family=model_type,
+            vocab_size=int(c['vocab_size']),
+            hidden_size=D,
+            intermediate_size=int(c['intermediate_size']),
+            num_layers=L,
+            num_heads=H,
+            num_kv_heads=KV,
+            head_dim=hd,
+            rms_norm_eps=float(c.get('rms_norm_eps', 1e-6)),
+            rope_theta=rope_theta,
+            rope_local_theta=rope_local_theta,
+            rope_scaling=rope_scaling,
+            sliding_window=int(sliding_window) if sliding_window else None,
+            layer_types=layer_types,
+            # HF's Gemma 3 attention never applies attn_logit_softcapping (Gemma 2's does); follow it.
+            attn_logit_softcapping=(float(c['attn_logit_softcapping'])
+                                    if model_type == 'gemma2' and c.get('attn_logit_softcapping') else None),
+            final_logit_softcapping=(float(c['final_logit_softcapping'])
+                                     if model_type != 'llama' and c.get('final_logit_softcapping') else None),
+            query_pre_attn_scalar=float(qpas) if qpas is not None else None,
+            tie_word_embeddings=bool(c.get('tie_word_embeddings', tie_default)),
+            bos_token_id=c.get('bos_token_id'),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=c.get('pad_token_id'),
+            dtype=dtype,
+            hidden_act=act,
+            max_position_embeddings=int(c.get('max_position_embeddings') or 8192),
+        )
+
+    def to_hf_dict(self) -> dict:
+        """A config.json dict that transformers loads into the matching *ForCausalLM."""
+        glob = {'rope_type': 'default', 'rope_theta': self.rope_theta}
+        if self.rope_scaling:
+            glob.update(dict(self.rope_scaling))
+        d: dict[str, Any] = {
+            'architectures': [_HF_ARCH[self.family]],
+            'model_type': self.family,
+            'vocab_size': self.vocab_size,
+            'hidden_size': self.hidden_size,
+            'intermediate_size': self.intermediate_size,
+            'num_hidden_layers': self.num_layers,
+            'num_attention_heads': self.num_heads,
+            'num_key_value_heads': self.num_kv_heads,
+            'head_dim': self.head_dim,
+            'rms_norm_eps': self.rms_norm_eps,
+            'max_position_embeddings': self.max_position_embeddings,
+            'tie_word_embeddings': self.tie_word_embeddings,
+            'bos_token_id': self.bos_token_id,
+            'eos_token_id': list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            'pad_token_id': self.pad_token_id,
+            'attention_bias': False,
+            'torch_dtype': self.dtype,
+            'dtype': self.dtype,
+        }
+        if self.family == 'llama':
+            d['hidden_act'] = self.hidden_act
+            d['mlp_bias'] = False
+            d['rope_parameters'] = glob
+        else:
+            d['hidden_activation'] = self.hidden_act
+            d['hidden_act'] = self.hidden_act
+            qpas = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+            # HF declares this an int; keep integral values ints so its strict config accepts them.
+            d['query_pre_attn_scalar'] = int(qpas) if float(qpas).is_integer() else qpas
+            d['sliding_window'] = self.sliding_window
+            d['layer_types'] = list(self.layer_types)
+            d['attn_logit_softcapping'] = self.attn_logit_softcapping
+            d['final_logit_softcapping'] = self.final_logit_softcapping
+            if self.family == 'gemma3_text':
+                d['rope_parameters'] = {
+                    'full_attention': glob,
+                    'sliding_attention': {'rope_type': 'default',
+                                          'rope_theta': self.rope_local_theta if self.rope_local_theta else 10_000.0},
+                }
+            else:
+                d['rope_parameters'] = glob
+        return d
+
+
+def embed_scale(cfg: DecoderConfig) -> float:
+    """sqrt(D) for gemma (applied after rounding to the activation dtype), 1 for llama."""
+    return math.sqrt(cfg.hidden_size) if cfg.is_gemma else 1.0

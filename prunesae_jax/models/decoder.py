@@ -1,0 +1,478 @@
+"""One Flax NNX decoder for Llama 3.x, Gemma 2 and Gemma 3 (text), switched by `DecoderConfig`.
+
+The public surface is pure functions over a nested-dict params pytree (see INTERFACES.md):
+`init_params`, `forward`, `resid_post`, `embed`, `block`, `unembed`. Internally each call
+merges the params into the NNX module graph (`Decoder`) inside jit; the graph definition is
+built once per config, so the merge costs nothing at run time.
+
+Numerics follow the Hugging Face reference: RMSNorm in float32 (gemma: x * (1 + w) in
+float32 then cast; llama: cast then w * x), RoPE cos/sin cast to the activation dtype,
+attention logits and softmax in float32, gemma embeddings scaled by sqrt(D) rounded to the
+activation dtype.
+
+Padding: attention_mask is [B, T] with 1 = real token. Padded keys are never attended to and
+positions are counted over real tokens only (cumsum(mask) - 1, as HF `generate` does), so a
+left-padded row gives the same outputs at its real tokens as the unpadded sequence.
+Outputs at padded positions are finite but meaningless.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prunesae_jax.models.config import DecoderConfig, embed_scale
+
+_INIT_STD = 0.02
+
+# Flat contract name -> path inside a Block of the NNX module graph.
+_LAYER_PATHS = {
+    'input_norm': ('input_norm', 'weight'),
+    'post_attn_norm': ('post_attn_norm', 'weight'),
+    'pre_mlp_norm': ('pre_mlp_norm', 'weight'),
+    'post_mlp_norm': ('post_mlp_norm', 'weight'),
+    'q_norm': ('attn', 'q_norm', 'weight'),
+    'k_norm': ('attn', 'k_norm', 'weight'),
+    'q_proj': ('attn', 'q_proj'),
+    'k_proj': ('attn', 'k_proj'),
+    'v_proj': ('attn', 'v_proj'),
+    'o_proj': ('attn', 'o_proj'),
+    'gate_proj': ('mlp', 'gate_proj'),
+    'up_proj': ('mlp', 'up_proj'),
+    'down_proj': ('mlp', 'down_proj'),
+}
+
+
+def layer_param_names(cfg: DecoderConfig) -> tuple[str, ...]:
+    """The keys of params['layers'][i] for this config."""
+    names = ['input_norm', 'pre_mlp_norm']
+    if cfg.is_gemma:
+        names += ['post_attn_norm', 'post_mlp_norm']
+    if cfg.use_qk_norm:
+        names += ['q_norm', 'k_norm']
+    names += ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+    return tuple(names)
+
+
+def layer_param_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every entry of params['layers'][i]."""
+    D, F, H, KV, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {
+        'input_norm': (D,), 'pre_mlp_norm': (D,), 'post_attn_norm': (D,), 'post_mlp_norm': (D,),
+        'q_norm': (hd,), 'k_norm': (hd,),
+        'q_proj': (D, H * hd), 'k_proj': (D, KV * hd), 'v_proj': (D, KV * hd), 'o_proj': (H * hd, D),
+        'gate_proj': (D, F), 'up_proj': (D, F), 'down_proj': (F, D),
+    }
+    return {k: shapes[k] for k in layer_param_names(cfg)}
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _normal(rngs: nnx.Rngs | None, shape, dtype):
+    if rngs is None:
+        return jnp.zeros(shape, dtype)
+    return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm; gemma scales by (1 + w) in float32, llama by w after casting back."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool, dtype):
+        # Identity at init: gemma stores w = 0, llama w = 1.
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype) if plus_one else jnp.ones((dim,), dtype))
+        self.eps = eps
+        self.plus_one = plus_one
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...]
+        if self.plus_one:
+            return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return (w * xf.astype(x.dtype)).astype(x.dtype)
+
+
+def _rotate(x, cos, sin):
+    # x [..., hd]; HF's rotate_half convention (halves, not interleaved pairs).
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional QK-norm, soft-capping and sliding window."""
+
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None):
+        D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dt = jnp.dtype(cfg.dtype)
+        self.q_proj = nnx.Param(_normal(rngs, (D, H * hd), dt))
+        self.k_proj = nnx.Param(_normal(rngs, (D, KV * hd), dt))
+        self.v_proj = nnx.Param(_normal(rngs, (D, KV * hd), dt))
+        self.o_proj = nnx.Param(_normal(rngs, (H * hd, D), dt))
+        if cfg.use_qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.is_gemma, dt)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.is_gemma, dt)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, allowed, taps: dict | None = None):
+        # x [B,T,D]; cos/sin [B,T,hd]; allowed [B,T,S] bool. taps, if given, records linear inputs.
+        cfg = self.cfg
+        if taps is not None:
+            taps['q_proj'] = taps['k_proj'] = taps['v_proj'] = x
+        B, T, _ = x.shape
+        KV, hd = cfg.num_kv_heads, cfg.head_dim
+        G = cfg.num_heads // KV
+        q = (x @ self.q_proj[...]).reshape(B, T, KV, G, hd)
+        k = (x @ self.k_proj[...]).reshape(B, T, KV, hd)
+        v = (x @ self.v_proj[...]).reshape(B, T, KV, hd)
+        if cfg.use_qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = _rotate(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
+        k = _rotate(k, cos[:, :, None, :], sin[:, :, None, :])
+        # Query heads h = kv * G + g share K/V head kv (HF's repeat_kv order); no K/V copies.
+        scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+        scores = scores * cfg.attn_scale
+        if cfg.attn_logit_softcapping:
+            cap = cfg.attn_logit_softcapping
+            scores = jnp.tanh(scores / cap) * cap
+        # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(B, T, KV * G * hd)
+        if taps is not None:
+            taps['o_proj'] = out
+        return out @ self.o_proj[...]
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SiLU for llama, tanh-GELU for gemma."""
+
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        dt = jnp.dtype(cfg.dtype)
+        self.gate_proj = nnx.Param(_normal(rngs, (D, F), dt))
+        self.up_proj = nnx.Param(_normal(rngs, (D, F), dt))
+        self.down_proj = nnx.Param(_normal(rngs, (F, D), dt))
+        self.hidden_act = cfg.hidden_act
+
+    def __call__(self, x, taps: dict | None = None):
+        g = x @ self.gate_proj[...]
+        if self.hidden_act == 'silu':
+            g = jax.nn.silu(g)
+        else:
+            g = jax.nn.gelu(g, approximate=True)
+        a = g * (x @ self.up_proj[...])
+        if taps is not None:
+            taps['gate_proj'] = taps['up_proj'] = x
+            taps['down_proj'] = a
+        return a @ self.down_proj[...]
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block; gemma adds post-norms on the attention and MLP outputs."""
+
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None):
+        D, eps, g, dt = cfg.hidden_size, cfg.rms_norm_eps, cfg.is_gemma, jnp.dtype(cfg.dtype)
+        self.input_norm = RMSNorm(D, eps, g, dt)
+        self.attn = Attention(cfg, rngs)
+        self.pre_mlp_norm = RMSNorm(D, eps, g, dt)
+        self.mlp = MLP(cfg, rngs)
+        if cfg.is_gemma:
+            self.post_attn_norm = RMSNorm(D, eps, g, dt)
+            self.post_mlp_norm = RMSNorm(D, eps, g, dt)
+        self.post_norms = cfg.is_gemma
+
+    def __call__(self, h, cos, sin, allowed, taps: dict | None = None):
+        x = self.attn(self.input_norm(h), cos, sin, allowed, taps)
+        if self.post_norms:
+            x = self.post_attn_norm(x)
+        h = h + x
+        x = self.mlp(self.pre_mlp_norm(h), taps)
+        if self.post_norms:
+            x = self.post_mlp_norm(x)
+        return h + x
+
+
+def _inv_freq(cfg: DecoderConfig, base: float, scaling: dict | None) -> np.ndarray:
+    """RoPE inverse frequencies [hd/2] in float32, with HF's 'linear' and 'llama3' scalings."""
+    hd = cfg.head_dim
+    inv = (1.0 / (np.float32(base) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    if not scaling or scaling.get('rope_type', 'default') == 'default':
+        return inv
+    factor = float(scaling['factor'])
+    if scaling['rope_type'] == 'linear':
+        return (inv / np.float32(factor)).astype(np.float32)
+    low, high = float(scaling['low_freq_factor']), float(scaling['high_freq_factor'])
+    old_len = float(scaling.get('original_max_position_embeddings', cfg.max_position_embeddings))
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = (2 * math.pi / inv).astype(np.float32)
+    out = np.where(wavelen > low_wavelen, inv / np.float32(factor), inv).astype(np.float32)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * out / np.float32(factor) + smooth * out).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def _rope(cfg: DecoderConfig, layer: int, positions, dtype):
+    """cos, sin [B,T,hd] for a layer, in the activation dtype as the reference does."""
+    base, scaling = cfg.rope_for_layer(layer)
+    inv = jnp.asarray(_inv_freq(cfg, base, scaling))
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B,T,hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _positions_and_masks(cfg: DecoderConfig, attention_mask, B: int, T: int):
+    """positions [B,T] int32 and {'full_attention'|'sliding_attention': allowed [B,T,S] bool}."""
+    if attention_mask is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        key_ok = jnp.ones((B, T), bool)
+    else:
+        key_ok = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(key_ok.astype(jnp.int32), axis=-1) - 1, 0)
+    q_idx = jnp.arange(T)[:, None]
+    kv_idx = jnp.arange(T)[None, :]
+    causal = kv_idx <= q_idx  # [T,S]
+    masks = {'full_attention': causal[None] & key_ok[:, None, :]}
+    if 'sliding_attention' in cfg.layer_types:
+        window = kv_idx > q_idx - cfg.sliding_window
+        masks['sliding_attention'] = masks['full_attention'] & window[None]
+    return positions, masks
+
+
+class Decoder(nnx.Module):
+    """The full decoder: scaled embedding, L blocks, final norm, (tied) head, soft-capping."""
+
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None = None):
+        D, V, dt = cfg.hidden_size, cfg.vocab_size, jnp.dtype(cfg.dtype)
+        self.cfg = cfg
+        self.embed = nnx.Param(_normal(rngs, (V, D), dt))
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.is_gemma, dt)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_normal(rngs, (D, V), dt))
+
+    def embed_tokens(self, tokens):
+        h = jnp.take(self.embed[...], tokens, axis=0)
+        if self.cfg.is_gemma:
+            # The reference rounds sqrt(D) to the activation dtype before multiplying.
+            h = h * jnp.asarray(embed_scale(self.cfg), h.dtype)
+        return h
+
+    def run_layers(self, h, attention_mask, stop_after: int, capture: tuple[int, ...]):
+        """Runs blocks 0..stop_after; returns (h, {l: resid_post_l for l in capture})."""
+        cfg = self.cfg
+        B, T, _ = h.shape
+        positions, masks = _positions_and_masks(cfg, attention_mask, B, T)
+        ropes = {}
+        out = {}
+        for i in range(stop_after + 1):
+            key = cfg.rope_for_layer(i)
+            key = (key[0], tuple(sorted(key[1].items())) if key[1] else None)
+            if key not in ropes:
+                ropes[key] = _rope(cfg, i, positions, h.dtype)
+            cos, sin = ropes[key]
+            h = self.layers[i](h, cos, sin, masks[cfg.layer_types[i]])
+            if i in capture:
+                out[i] = h
+        return h, out
+
+    def unembed(self, h):
+        h = self.final_norm(h)
+        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)
+        if self.cfg.final_logit_softcapping:
+            cap = self.cfg.final_logit_softcapping
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def __call__(self, tokens, attention_mask=None):
+        h = self.embed_tokens(tokens)
+        h, _ = self.run_layers(h, attention_mask, self.cfg.num_layers - 1, ())
+        return self.unembed(h)
+
+
+# --------------------------------------------------------------------------- params <-> NNX
+
+
+@functools.lru_cache(maxsize=64)
+def _graphdef(cfg: DecoderConfig):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, None)))
+    return graphdef
+
+
+@functools.lru_cache(maxsize=64)
+def _block_graphdef(cfg: DecoderConfig):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, None)))
+    return graphdef
+
+
+def _set(tree: dict, path: tuple, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _layer_to_nnx(cfg: DecoderConfig, layer_params: dict) -> dict:
+    tree: dict = {}
+    for name in layer_param_names(cfg):
+        _set(tree, _LAYER_PATHS[name], layer_params[name])
+    return tree
+
+
+def _to_nnx(cfg: DecoderConfig, params: dict) -> dict:
+    tree = {
+        'embed': params['embed'],
+        'final_norm': {'weight': params['final_norm']},
+        'layers': {i: _layer_to_nnx(cfg, lp) for i, lp in enumerate(params['layers'])},
+    }
+    if not cfg.tie_word_embeddings:
+        tree['lm_head'] = params['lm_head']
+    return tree
+
+
+def _from_nnx(cfg: DecoderConfig, tree: dict) -> dict:
+    params = {
+        'embed': tree['embed'],
+        'final_norm': tree['final_norm']['weight'],
+        'layers': [{name: _get(tree['layers'][i], _LAYER_PATHS[name]) for name in layer_param_names(cfg)}
+                   for i in range(cfg.num_layers)],
+    }
+    if not cfg.tie_word_embeddings:
+        params['lm_head'] = tree['lm_head']
+    return params
+
+
+def _model(cfg: DecoderConfig, params: dict) -> Decoder:
+    if len(params['layers']) != cfg.num_layers:
+        raise ValueError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
+    return nnx.merge(_graphdef(cfg), _to_nnx(cfg, params))
+
+
+def _check_tokens(tokens):
+    if getattr(tokens, 'ndim', None) != 2:
+        raise ValueError(f'tokens has shape {getattr(tokens, "shape", None)}; expected [B, T] int32')
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def init_params(cfg: DecoderConfig, seed: int) -> dict:
+    """Random params (normal(0, 0.02) weights, identity norms) in cfg.dtype; same seed, same numbers."""
+    model = Decoder(cfg, nnx.Rngs(params=seed))
+    return _from_nnx(cfg, nnx.to_pure_dict(nnx.state(model)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, attention_mask):
+    return _model(cfg, params)(tokens, attention_mask)
+
+
+def forward(cfg: DecoderConfig, params: dict, tokens, attention_mask=None):
+    """Logits [B,T,V] float32 for tokens [B,T] int32 (attention_mask [B,T], 1 = real token)."""
+    _check_tokens(tokens)
+    return _forward(cfg, params, tokens, attention_mask)
+
+
+def check_layers(cfg: DecoderConfig, layers) -> tuple[int, ...]:
+    """Validates layer indices (0..L-1, negatives count from the end); returns them sorted, unique."""
+    if layers is None:
+        return tuple(range(cfg.num_layers))
+    if isinstance(layers, (int, np.integer)):
+        layers = (layers,)
+    out = []
+    for l in layers:
+        if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not -cfg.num_layers <= l < cfg.num_layers:
+            raise ValueError(f'layer index {l!r} is out of range; expected an int in [0, {cfg.num_layers - 1}]')
+        out.append(int(l) % cfg.num_layers)
+    if not out:
+        raise ValueError('layers=() is empty; expected at least one layer index')
+    return tuple(sorted(set(out)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _resid_post(cfg, params, tokens, attention_mask, layers):
+    model = _model(cfg, params)
+    h = model.embed_tokens(tokens)
+    _, out = model.run_layers(h, attention_mask, max(layers), layers)
+    return out
+
+
+def resid_post(cfg: DecoderConfig, params: dict, tokens, attention_mask=None, layers=None) -> dict:
+    """Residual stream after each requested block, {l: [B,T,D]} (l = HF hidden_states[l+1]).
+
+    Runs blocks 0..max(layers) only; later blocks and the unembedding are never computed.
+    layers=None captures every layer.
+    """
+    _check_tokens(tokens)
+    layers = check_layers(cfg, layers)
+    return _resid_post(cfg, params, tokens, attention_mask, layers)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(cfg, params, tokens):
+    return _model(cfg, params).embed_tokens(tokens)
+
+
+def embed(cfg: DecoderConfig, params: dict, tokens):
+    """Input to block 0: token embeddings [B,T,D] (gemma: times sqrt(D) in the activation dtype)."""
+    _check_tokens(tokens)
+    return _embed(cfg, params, tokens)
+
+
+def _canonical_layer(cfg: DecoderConfig, i: int) -> int:
+    # Blocks differ only by layer type and RoPE; jit once per kind, not once per layer.
+    def kind(j):
+        base, scaling = cfg.rope_for_layer(j)
+        return cfg.layer_types[j], base, tuple(sorted(scaling.items())) if scaling else None
+    return next(j for j in range(cfg.num_layers) if kind(j) == kind(i))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 5))
+def _block(cfg, layer_params, i, h, attention_mask, with_inputs):
+    B, T, _ = h.shape
+    positions, masks = _positions_and_masks(cfg, attention_mask, B, T)
+    cos, sin = _rope(cfg, i, positions, h.dtype)
+    blk = nnx.merge(_block_graphdef(cfg), _layer_to_nnx(cfg, layer_params))
+    taps = {} if with_inputs else None
+    out = blk(h, cos, sin, masks[cfg.layer_types[i]], taps)
+    return (out, taps) if with_inputs else out
+
+
+def block(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None):
+    """Applies decoder block i (its params = params['layers'][i]) to h [B,T,D]; returns [B,T,D]."""
+    (i,) = check_layers(cfg, (i,))
+    return _block(cfg, layer_params, _canonical_layer(cfg, i), h, attention_mask, False)
+
+
+def block_linear_inputs(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None):
+    """Like `block`, also returning the input of each prunable linear layer (for Wanda statistics).
+
+    Returns (h_out [B,T,D], {name: x [B,T,d_in] for name in PRUNABLE}); q/k/v share one input,
+    as do gate/up. o_proj sees the attention output [B,T,H*hd], down_proj act(gate) * up [B,T,F].
+    """
+    (i,) = check_layers(cfg, (i,))
+    return _block(cfg, layer_params, _canonical_layer(cfg, i), h, attention_mask, True)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unembed(cfg, params, h):
+    return _model(cfg, params).unembed(h)
+
+
+def unembed(cfg: DecoderConfig, params: dict, h):
+    """Final norm, head (tied or lm_head) and final soft-capping: h [B,T,D] -> logits [B,T,V] float32."""
+    return _unembed(cfg, params, h)
