@@ -120,11 +120,9 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.is_gemma, dt)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, allowed, taps: dict | None = None):
-        # x [B,T,D]; cos/sin [B,T,hd]; allowed [B,T,S] bool. taps, if given, records linear inputs.
+    def core(self, x, cos, sin, allowed):
+        """Attention output before o_proj [B,T,H*hd]; x [B,T,D], cos/sin [B,T,hd], allowed [B,T,S] bool."""
         cfg = self.cfg
-        if taps is not None:
-            taps['q_proj'] = taps['k_proj'] = taps['v_proj'] = x
         B, T, _ = x.shape
         KV, hd = cfg.num_kv_heads, cfg.head_dim
         G = cfg.num_heads // KV
@@ -145,10 +143,10 @@ class Attention(nnx.Module):
         # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(B, T, KV * G * hd)
-        if taps is not None:
-            taps['o_proj'] = out
-        return out @ self.o_proj[...]
+        return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(B, T, KV * G * hd)
+
+    def __call__(self, x, cos, sin, allowed):
+        return self.core(x, cos, sin, allowed) @ self.o_proj[...]
 
 
 class MLP(nnx.Module):
@@ -162,17 +160,14 @@ class MLP(nnx.Module):
         self.down_proj = nnx.Param(_normal(rngs, (F, D), dt))
         self.hidden_act = cfg.hidden_act
 
-    def __call__(self, x, taps: dict | None = None):
+    def hidden(self, x):
+        """act(gate(x)) * up(x) [B,T,F]: the input of down_proj."""
         g = x @ self.gate_proj[...]
-        if self.hidden_act == 'silu':
-            g = jax.nn.silu(g)
-        else:
-            g = jax.nn.gelu(g, approximate=True)
-        a = g * (x @ self.up_proj[...])
-        if taps is not None:
-            taps['gate_proj'] = taps['up_proj'] = x
-            taps['down_proj'] = a
-        return a @ self.down_proj[...]
+        g = jax.nn.silu(g) if self.hidden_act == 'silu' else jax.nn.gelu(g, approximate=True)
+        return g * (x @ self.up_proj[...])
+
+    def __call__(self, x):
+        return self.hidden(x) @ self.down_proj[...]
 
 
 class Block(nnx.Module):
@@ -189,15 +184,30 @@ class Block(nnx.Module):
             self.post_mlp_norm = RMSNorm(D, eps, g, dt)
         self.post_norms = cfg.is_gemma
 
-    def __call__(self, h, cos, sin, allowed, taps: dict | None = None):
-        x = self.attn(self.input_norm(h), cos, sin, allowed, taps)
-        if self.post_norms:
-            x = self.post_attn_norm(x)
-        h = h + x
-        x = self.mlp(self.pre_mlp_norm(h), taps)
-        if self.post_norms:
-            x = self.post_mlp_norm(x)
-        return h + x
+    def _post(self, norm: str, x):
+        # gemma normalises each sublayer's output before the residual add; llama does not.
+        return getattr(self, norm)(x) if self.post_norms else x
+
+    def __call__(self, h, cos, sin, allowed):
+        h = h + self._post('post_attn_norm', self.attn(self.input_norm(h), cos, sin, allowed))
+        return h + self._post('post_mlp_norm', self.mlp(self.pre_mlp_norm(h)))
+
+    def linear_inputs(self, h, cos, sin, allowed, with_output: bool = True):
+        """(h_out or None, {name: input of that prunable linear layer}); same math as __call__.
+
+        with_output=False stops before down_proj: block-sequential pruning recomputes the output
+        with the pruned weights anyway.
+        """
+        attn_in = self.input_norm(h)
+        o_in = self.attn.core(attn_in, cos, sin, allowed)
+        h = h + self._post('post_attn_norm', o_in @ self.attn.o_proj[...])
+        mlp_in = self.pre_mlp_norm(h)
+        down_in = self.mlp.hidden(mlp_in)
+        taps = {'q_proj': attn_in, 'k_proj': attn_in, 'v_proj': attn_in, 'o_proj': o_in,
+                'gate_proj': mlp_in, 'up_proj': mlp_in, 'down_proj': down_in}
+        if not with_output:
+            return None, taps
+        return h + self._post('post_mlp_norm', down_in @ self.mlp.down_proj[...]), taps
 
 
 def _inv_freq(cfg: DecoderConfig, base: float, scaling: dict | None) -> np.ndarray:
@@ -433,8 +443,12 @@ def embed(cfg: DecoderConfig, params: dict, tokens):
     return _embed(cfg, params, tokens)
 
 
-def _canonical_layer(cfg: DecoderConfig, i: int) -> int:
-    # Blocks differ only by layer type and RoPE; jit once per kind, not once per layer.
+def canonical_layer(cfg: DecoderConfig, i: int) -> int:
+    """The first layer computed exactly like layer i (same attention type and RoPE).
+
+    Blocks differ only by these, so jitting with the canonical index compiles once per kind of
+    layer instead of once per layer.
+    """
     def kind(j):
         base, scaling = cfg.rope_for_layer(j)
         return cfg.layer_types[j], base, tuple(sorted(scaling.items())) if scaling else None
@@ -442,30 +456,35 @@ def _canonical_layer(cfg: DecoderConfig, i: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5))
-def _block(cfg, layer_params, i, h, attention_mask, with_inputs):
+def _block(cfg, layer_params, i, h, attention_mask, inputs):
+    # inputs: None -> output only; 'with_output' / 'only' -> linear-layer inputs too / alone.
     B, T, _ = h.shape
     positions, masks = _positions_and_masks(cfg, attention_mask, B, T)
     cos, sin = _rope(cfg, i, positions, h.dtype)
     blk = nnx.merge(_block_graphdef(cfg), _layer_to_nnx(cfg, layer_params))
-    taps = {} if with_inputs else None
-    out = blk(h, cos, sin, masks[cfg.layer_types[i]], taps)
-    return (out, taps) if with_inputs else out
+    allowed = masks[cfg.layer_types[i]]
+    if inputs is None:
+        return blk(h, cos, sin, allowed)
+    return blk.linear_inputs(h, cos, sin, allowed, with_output=inputs == 'with_output')
 
 
 def block(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None):
     """Applies decoder block i (its params = params['layers'][i]) to h [B,T,D]; returns [B,T,D]."""
     (i,) = check_layers(cfg, (i,))
-    return _block(cfg, layer_params, _canonical_layer(cfg, i), h, attention_mask, False)
+    return _block(cfg, layer_params, canonical_layer(cfg, i), h, attention_mask, None)
 
 
-def block_linear_inputs(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None):
+def block_linear_inputs(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None,
+                        with_output: bool = True):
     """Like `block`, also returning the input of each prunable linear layer (for Wanda statistics).
 
-    Returns (h_out [B,T,D], {name: x [B,T,d_in] for name in PRUNABLE}); q/k/v share one input,
-    as do gate/up. o_proj sees the attention output [B,T,H*hd], down_proj act(gate) * up [B,T,F].
+    Returns (h_out [B,T,D] or None when with_output=False, {name: x [B,T,d_in] for name in
+    PRUNABLE}); q/k/v share one input, as do gate/up. o_proj sees the attention output
+    [B,T,H*hd], down_proj act(gate) * up [B,T,F].
     """
     (i,) = check_layers(cfg, (i,))
-    return _block(cfg, layer_params, _canonical_layer(cfg, i), h, attention_mask, True)
+    mode = 'with_output' if with_output else 'only'
+    return _block(cfg, layer_params, canonical_layer(cfg, i), h, attention_mask, mode)
 
 
 @functools.partial(jax.jit, static_argnums=0)
