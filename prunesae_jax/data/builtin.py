@@ -86,9 +86,9 @@ STDLIB_MODULES = (
 
 
 class Document(NamedTuple):
-  """One document: a stable key (used for split assignment) and its cleaned text."""
-  key: str
-  text: str
+    """One document: a stable key (used for split assignment) and its cleaned text."""
+    key: str
+    text: str
 
 
 # ---------------------------------------------------------------------------
@@ -104,131 +104,131 @@ _MARKUP = frozenset('"\'*`’“”')
 
 
 def _is_code(para_lines: list[str]) -> bool:
-  """A cheap test for code, grammar and doctest paragraphs (why: they are not prose)."""
-  joined = ' '.join(line.strip() for line in para_lines)
-  if any(line.lstrip().startswith(_CODE_MARKERS) for line in para_lines):
-    return True
-  if '::=' in joined:
-    return True
-  non_space = [c for c in joined if not c.isspace() and c not in _MARKUP]
-  if not non_space:
-    return True
-  letters = sum(c.isalpha() for c in non_space)
-  if letters / len(non_space) < 0.72:
-    return True
-  # Lines that end like code (assignments, calls, blocks) in most of the paragraph.
-  codeish = sum(bool(re.search(r'(=|\)|:|;|\{|\}|\[|\])\s*$', l)) and
-                bool(re.search(r'[=()\[\]{}]', l)) for l in para_lines)
-  return codeish * 2 > len(para_lines) and len(para_lines) > 1
+    """A cheap test for code, grammar and doctest paragraphs (why: they are not prose)."""
+    joined = ' '.join(line.strip() for line in para_lines)
+    if any(line.lstrip().startswith(_CODE_MARKERS) for line in para_lines):
+        return True
+    if '::=' in joined:
+        return True
+    non_space = [c for c in joined if not c.isspace() and c not in _MARKUP]
+    if not non_space:
+        return True
+    letters = sum(c.isalpha() for c in non_space)
+    if letters / len(non_space) < 0.72:
+        return True
+    # Lines that end like code (assignments, calls, blocks) in most of the paragraph.
+    codeish = sum(bool(re.search(r'(=|\)|:|;|\{|\}|\[|\])\s*$', l)) and
+                  bool(re.search(r'[=()\[\]{}]', l)) for l in para_lines)
+    return codeish * 2 > len(para_lines) and len(para_lines) > 1
 
 
 def clean_paragraphs(text: str) -> list[str]:
-  """Split `text` at blank lines and return its prose paragraphs, each reflowed to one line."""
-  out = []
-  for para in re.split(r'\n\s*\n', text.replace('\r\n', '\n')):
-    lines = [l for l in para.split('\n')
-             if l.strip() and not _UNDERLINE.match(l) and not _SIGNATURE.match(l)]
-    if not lines or _is_code(lines):
-      continue
-    flat = re.sub(r'\s+', ' ', ' '.join(l.strip() for l in lines)).strip()
-    if len(flat.split(' ')) < 4:  # headings, lone names, fragments
-      continue
-    out.append(flat)
-  return out
+    """Split `text` at blank lines and return its prose paragraphs, each reflowed to one line."""
+    out = []
+    for para in re.split(r'\n\s*\n', text.replace('\r\n', '\n')):
+        lines = [l for l in para.split('\n')
+                 if l.strip() and not _UNDERLINE.match(l) and not _SIGNATURE.match(l)]
+        if not lines or _is_code(lines):
+            continue
+        flat = re.sub(r'\s+', ' ', ' '.join(l.strip() for l in lines)).strip()
+        if len(flat.split(' ')) < 4:  # headings, lone names, fragments
+            continue
+        out.append(flat)
+    return out
 
 
 def normalise(text: str) -> str:
-  """Lower-case, whitespace-collapsed form used for paragraph deduplication."""
-  return re.sub(r'\s+', ' ', text).strip().lower()
+    """Lower-case, whitespace-collapsed form used for paragraph deduplication."""
+    return re.sub(r'\s+', ' ', text).strip().lower()
 
 
 def stable_hash(text: str) -> int:
-  """A 64-bit sha256-based hash, independent of PYTHONHASHSEED."""
-  return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
+    """A 64-bit sha256-based hash, independent of PYTHONHASHSEED."""
+    return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
 
 
 # ---------------------------------------------------------------------------
 # Raw collection.
 
 def _topic_sections(name: str, text: str) -> list[tuple[str, str]]:
-  """Cut one pydoc topic at its headings (a line followed by an underline)."""
-  lines = text.split('\n')
-  # An underline at line i means a section starts at its title, line i - 1.
-  cuts = sorted({0} | {i - 1 for i in range(2, len(lines))
-                       if _UNDERLINE.match(lines[i]) and lines[i - 1].strip()})
-  sections = []
-  for j, a in enumerate(cuts):
-    b = cuts[j + 1] if j + 1 < len(cuts) else len(lines)
-    sections.append((f'topic:{name}#{j}', '\n'.join(lines[a:b])))
-  return sections
+    """Cut one pydoc topic at its headings (a line followed by an underline)."""
+    lines = text.split('\n')
+    # An underline at line i means a section starts at its title, line i - 1.
+    cuts = sorted({0} | {i - 1 for i in range(2, len(lines))
+                         if _UNDERLINE.match(lines[i]) and lines[i - 1].strip()})
+    sections = []
+    for j, a in enumerate(cuts):
+        b = cuts[j + 1] if j + 1 < len(cuts) else len(lines)
+        sections.append((f'topic:{name}#{j}', '\n'.join(lines[a:b])))
+    return sections
 
 
 @contextlib.contextmanager
 def _quiet():
-  """Silence warnings and stray output while importing stdlib modules."""
-  with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-       contextlib.redirect_stderr(io.StringIO()):
-    warnings.simplefilter('ignore')
-    yield
+    """Silence warnings and stray output while importing stdlib modules."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+         contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter('ignore')
+        yield
 
 
 def _own_doc(obj) -> str:
-  doc = obj.__dict__.get('__doc__') if isinstance(obj, type) else getattr(obj, '__doc__', None)
-  return inspect.cleandoc(doc) if isinstance(doc, str) else ''
+    doc = obj.__dict__.get('__doc__') if isinstance(obj, type) else getattr(obj, '__doc__', None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ''
 
 
 def _module_docs(modname: str) -> list[tuple[str, str]]:
-  """Docstrings of one module: the module, its functions, its classes with their methods."""
-  try:
-    with _quiet():
-      mod = importlib.import_module(modname)
-  except BaseException as e:  # noqa: BLE001 -- a missing optional module (e.g. no _sqlite3)
-    if isinstance(e, KeyboardInterrupt):
-      raise
-    return []
-  docs = [(f'doc:{modname}', _own_doc(mod))]
-  # Objects count as this module's when defined here or in its C accelerator / alias
-  # (io -> _io, os -> posix, os.path -> posixpath).
-  homes = {modname, '_' + modname, mod.__name__, '_' + mod.__name__}
-  if modname == 'os':
-    homes |= {'posix', 'nt'}
-  members = vars(mod)
-  for name in sorted(members):
-    obj = members[name]
-    # Private helpers often carry good prose too; module dunders (__getattr__) do not.
-    if name.startswith('__') or getattr(obj, '__module__', None) not in homes:
-      continue
-    if isinstance(obj, type):
-      parts = [_own_doc(obj)]
-      for meth_name in sorted(vars(obj)):
-        meth = vars(obj)[meth_name]
-        if isinstance(meth, (staticmethod, classmethod)):
-          meth = meth.__func__
-        qualname = getattr(meth, '__qualname__', None) or getattr(
-            getattr(meth, 'fget', None), '__qualname__', None)
-        # Only methods written in the class body: libraries monkeypatch extra methods
-        # onto stdlib classes (transformers on logging.Logger), which would make the
-        # corpus depend on what the caller imported.
-        if qualname == f'{obj.__qualname__}.{meth_name}' and (
-            callable(meth) or isinstance(meth, property)):
-          parts.append(_own_doc(meth))
-      docs.append((f'doc:{modname}.{name}', '\n\n'.join(p for p in parts if p)))
-    elif callable(obj):
-      docs.append((f'doc:{modname}.{name}', _own_doc(obj)))
-  return docs
+    """Docstrings of one module: the module, its functions, its classes with their methods."""
+    try:
+        with _quiet():
+            mod = importlib.import_module(modname)
+    except BaseException as e:  # noqa: BLE001 -- a missing optional module (e.g. no _sqlite3)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return []
+    docs = [(f'doc:{modname}', _own_doc(mod))]
+    # Objects count as this module's when defined here or in its C accelerator / alias
+    # (io -> _io, os -> posix, os.path -> posixpath).
+    homes = {modname, '_' + modname, mod.__name__, '_' + mod.__name__}
+    if modname == 'os':
+        homes |= {'posix', 'nt'}
+    members = vars(mod)
+    for name in sorted(members):
+        obj = members[name]
+        # Private helpers often carry good prose too; module dunders (__getattr__) do not.
+        if name.startswith('__') or getattr(obj, '__module__', None) not in homes:
+            continue
+        if isinstance(obj, type):
+            parts = [_own_doc(obj)]
+            for meth_name in sorted(vars(obj)):
+                meth = vars(obj)[meth_name]
+                if isinstance(meth, (staticmethod, classmethod)):
+                    meth = meth.__func__
+                qualname = getattr(meth, '__qualname__', None) or getattr(
+                    getattr(meth, 'fget', None), '__qualname__', None)
+                # Only methods written in the class body: libraries monkeypatch extra methods
+                # onto stdlib classes (transformers on logging.Logger), which would make the
+                # corpus depend on what the caller imported.
+                if qualname == f'{obj.__qualname__}.{meth_name}' and (
+                    callable(meth) or isinstance(meth, property)):
+                    parts.append(_own_doc(meth))
+            docs.append((f'doc:{modname}.{name}', '\n\n'.join(p for p in parts if p)))
+        elif callable(obj):
+            docs.append((f'doc:{modname}.{name}', _own_doc(obj)))
+    return docs
 
 
 def collect_raw() -> list[tuple[str, str]]:
-  """(key, raw text) for every candidate document, sorted by key."""
-  from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
-  raw = []
-  for name in sorted(topics):
-    raw.extend(_topic_sections(name, topics[name]))
-  for modname in STDLIB_MODULES:
-    raw.extend(_module_docs(modname))
-  raw = [(k, t) for k, t in raw if t and t.strip()]
-  raw.sort(key=lambda kt: kt[0])
-  return raw
+    """(key, raw text) for every candidate document, sorted by key."""
+    from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+    raw = []
+    for name in sorted(topics):
+        raw.extend(_topic_sections(name, topics[name]))
+    for modname in STDLIB_MODULES:
+        raw.extend(_module_docs(modname))
+    raw = [(k, t) for k, t in raw if t and t.strip()]
+    raw.sort(key=lambda kt: kt[0])
+    return raw
 
 
 # ---------------------------------------------------------------------------
@@ -238,93 +238,93 @@ MIN_DOC_CHARS = 80
 
 
 def build_documents(isolated: bool = True) -> list[Document]:
-  """Collect, clean and deduplicate the built-in corpus (no cache).
+    """Collect, clean and deduplicate the built-in corpus (no cache).
 
-  Returns documents ordered by sha256 of their key: a fixed shuffle that interleaves
-  help topics and docstrings, independent of PYTHONHASHSEED.
+    Returns documents ordered by sha256 of their key: a fixed shuffle that interleaves
+    help topics and docstrings, independent of PYTHONHASHSEED.
 
-  Args:
-    isolated: build in a fresh `python -I -S` subprocess that sees only the standard
-      library, so the corpus cannot depend on what this process imported or patched
-      (and nothing is imported here). Falls back to building in-process when the
-      interpreter cannot be started (e.g. an embedded Python).
-  """
-  if isolated:
-    try:
-      out = subprocess.run([sys.executable, '-I', '-S', os.path.abspath(__file__)],
-                           capture_output=True, check=True, timeout=600)
-      return [Document(**json.loads(line)) for line in out.stdout.decode('utf-8').split('\n')
-              if line.strip()]
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
-      warnings.warn(f'isolated build of the built-in corpus failed ({e!r}); building in-process')
-  return _build_in_process()
+    Args:
+      isolated: build in a fresh `python -I -S` subprocess that sees only the standard
+        library, so the corpus cannot depend on what this process imported or patched
+        (and nothing is imported here). Falls back to building in-process when the
+        interpreter cannot be started (e.g. an embedded Python).
+    """
+    if isolated:
+        try:
+            out = subprocess.run([sys.executable, '-I', '-S', os.path.abspath(__file__)],
+                                 capture_output=True, check=True, timeout=600)
+            return [Document(**json.loads(line)) for line in out.stdout.decode('utf-8').split('\n')
+                    if line.strip()]
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            warnings.warn(f'isolated build of the built-in corpus failed ({e!r}); building in-process')
+    return _build_in_process()
 
 
 def _build_in_process() -> list[Document]:
-  seen: set[str] = set()  # membership only; never iterated, so order is not affected
-  docs = []
-  for key, raw in collect_raw():
-    paras = []
-    for para in clean_paragraphs(raw):
-      h = hashlib.sha256(normalise(para).encode('utf-8')).hexdigest()
-      if h not in seen:
-        seen.add(h)
-        paras.append(para)
-    text = '\n\n'.join(paras)
-    if len(text) >= MIN_DOC_CHARS:
-      docs.append(Document(key, text))
-  docs.sort(key=lambda d: (stable_hash('order:' + d.key), d.key))
-  return docs
+    seen: set[str] = set()  # membership only; never iterated, so order is not affected
+    docs = []
+    for key, raw in collect_raw():
+        paras = []
+        for para in clean_paragraphs(raw):
+            h = hashlib.sha256(normalise(para).encode('utf-8')).hexdigest()
+            if h not in seen:
+                seen.add(h)
+                paras.append(para)
+        text = '\n\n'.join(paras)
+        if len(text) >= MIN_DOC_CHARS:
+            docs.append(Document(key, text))
+    docs.sort(key=lambda d: (stable_hash('order:' + d.key), d.key))
+    return docs
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> str:
-  """The cache folder: `path`, else $PRUNESAE_CACHE, else ~/.cache/prunesae_jax."""
-  if path is not None:
-    return os.fspath(path)
-  return os.environ.get('PRUNESAE_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'prunesae_jax')
+    """The cache folder: `path`, else $PRUNESAE_CACHE, else ~/.cache/prunesae_jax."""
+    if path is not None:
+        return os.fspath(path)
+    return os.environ.get('PRUNESAE_CACHE') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'prunesae_jax')
 
 
 def _cache_file(root: str) -> str:
-  ver = '.'.join(map(str, sys.version_info[:3]))
-  return os.path.join(root, 'corpus', f'builtin-py{ver}-v{BUILDER_VERSION}.jsonl')
+    ver = '.'.join(map(str, sys.version_info[:3]))
+    return os.path.join(root, 'corpus', f'builtin-py{ver}-v{BUILDER_VERSION}.jsonl')
 
 
 def load_documents(*, cache: str | os.PathLike | None = None, use_cache: bool = True,
                    ) -> list[Document]:
-  """The built-in corpus, read from the cache when present, else built and cached.
+    """The built-in corpus, read from the cache when present, else built and cached.
 
-  Args:
-    cache: cache root (default $PRUNESAE_CACHE or ~/.cache/prunesae_jax).
-    use_cache: False builds from scratch and neither reads nor writes the cache.
-  """
-  if not use_cache:
-    return build_documents(isolated=True)
-  path = _cache_file(cache_dir(cache))
-  if os.path.exists(path):
+    Args:
+      cache: cache root (default $PRUNESAE_CACHE or ~/.cache/prunesae_jax).
+      use_cache: False builds from scratch and neither reads nor writes the cache.
+    """
+    if not use_cache:
+        return build_documents(isolated=True)
+    path = _cache_file(cache_dir(cache))
+    if os.path.exists(path):
+        try:
+            with open(path, encoding='utf-8') as f:
+                return [Document(**json.loads(line)) for line in f if line.strip()]
+        except (ValueError, TypeError):
+            pass  # a corrupt cache file is rebuilt below
+    docs = build_documents(isolated=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
     try:
-      with open(path, encoding='utf-8') as f:
-        return [Document(**json.loads(line)) for line in f if line.strip()]
-    except (ValueError, TypeError):
-      pass  # a corrupt cache file is rebuilt below
-  docs = build_documents(isolated=True)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      for d in docs:
-        f.write(json.dumps(d._asdict(), ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return docs
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            for d in docs:
+                f.write(json.dumps(d._asdict(), ensure_ascii=False) + '\n')
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return docs
 
 
 if __name__ == '__main__':
-  # `python -I -S builtin.py`: the isolated build behind build_documents(); one JSON
-  # document per line on stdout (utf-8 regardless of the locale).
-  with open(sys.stdout.fileno(), 'w', encoding='utf-8', closefd=False) as _out:
-    for _doc in _build_in_process():
-      _out.write(json.dumps(_doc._asdict(), ensure_ascii=False) + '\n')
+    # `python -I -S builtin.py`: the isolated build behind build_documents(); one JSON
+    # document per line on stdout (utf-8 regardless of the locale).
+    with open(sys.stdout.fileno(), 'w', encoding='utf-8', closefd=False) as _out:
+        for _doc in _build_in_process():
+            _out.write(json.dumps(_doc._asdict(), ensure_ascii=False) + '\n')

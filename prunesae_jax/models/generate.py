@@ -36,9 +36,9 @@ def _greedy_loop(cfg: DecoderConfig, params, buf, start, stop):
 def greedy_generate(cfg: DecoderConfig, params: dict, tokens, n_new: int, bucket: int = 32):
     """Greedy continuation: tokens [1, T] int -> [1, T + n_new] int32 (prompt followed by n_new tokens).
 
-  Always produces exactly n_new tokens (no stop at EOS; callers cut at cfg.eos_token_id if they
-  want). Compiles once per buffer length round_up(T + n_new, bucket) and config.
-  """
+    Always produces exactly n_new tokens (no stop at EOS; callers cut at cfg.eos_token_id if they
+    want). Compiles once per buffer length round_up(T + n_new, bucket) and config.
+    """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] < 1:
         raise ValueError(f'tokens has shape {tokens.shape}; expected [1, T] with T >= 1')

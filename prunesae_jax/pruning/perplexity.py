@@ -23,103 +23,103 @@ from prunesae_jax.models.config import DecoderConfig
 
 
 def window_spans(n_tokens: int, window: int = 1024, stride: int = 512) -> list[tuple[int, int, int]]:
-  """[(begin, end, n_scored)] over a stream of n_tokens; n_scored sums to n_tokens."""
-  if window < 1 or stride < 1 or stride > window:
-    raise ValueError(f'window={window}, stride={stride}; expected 1 <= stride <= window')
-  spans, prev_end = [], 0
-  for begin in range(0, n_tokens, stride):
-    end = min(begin + window, n_tokens)
-    spans.append((begin, end, end - prev_end))
-    prev_end = end
-    if end == n_tokens:
-      break
-  return spans
+    """[(begin, end, n_scored)] over a stream of n_tokens; n_scored sums to n_tokens."""
+    if window < 1 or stride < 1 or stride > window:
+        raise ValueError(f'window={window}, stride={stride}; expected 1 <= stride <= window')
+    spans, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        spans.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return spans
 
 
 def strided_windows(tokens, bos_token_id: int, window: int = 1024, stride: int = 512, pad_id: int = 0):
-  """(inputs, targets, weights), each [n_windows, window + 1]: BOS + window, next-token targets,
-  1.0 where a target token is scored."""
-  t = np.asarray(tokens).reshape(-1).astype(np.int32)
-  if t.size < 1:
-    raise ValueError('perplexity text is empty; expected at least one token')
-  spans = window_spans(t.size, window, stride)
-  T = window + 1
-  inputs = np.full((len(spans), T), pad_id, np.int32)
-  targets = np.full((len(spans), T), pad_id, np.int32)
-  weights = np.zeros((len(spans), T), np.float32)
-  for r, (b, e, n) in enumerate(spans):
-    L = e - b
-    inputs[r, 0] = bos_token_id
-    inputs[r, 1:L + 1] = t[b:e]
-    targets[r, :L] = t[b:e]  # logits at position p predict input token p + 1
-    weights[r, L - n:L] = 1.0
-  return inputs, targets, weights
+    """(inputs, targets, weights), each [n_windows, window + 1]: BOS + window, next-token targets,
+    1.0 where a target token is scored."""
+    t = np.asarray(tokens).reshape(-1).astype(np.int32)
+    if t.size < 1:
+        raise ValueError('perplexity text is empty; expected at least one token')
+    spans = window_spans(t.size, window, stride)
+    T = window + 1
+    inputs = np.full((len(spans), T), pad_id, np.int32)
+    targets = np.full((len(spans), T), pad_id, np.int32)
+    weights = np.zeros((len(spans), T), np.float32)
+    for r, (b, e, n) in enumerate(spans):
+        L = e - b
+        inputs[r, 0] = bos_token_id
+        inputs[r, 1:L + 1] = t[b:e]
+        targets[r, :L] = t[b:e]  # logits at position p predict input token p + 1
+        weights[r, L - n:L] = 1.0
+    return inputs, targets, weights
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _nll_sum(cfg, params, inputs, targets, weights, chunk):
-  # inputs/targets/weights: [B, T] with T a multiple of chunk; logits per chunk keep memory at B*chunk*V.
-  L = cfg.num_layers
-  h = _dec._resid_post(cfg, params, inputs, None, (L - 1,))[L - 1]  # [B,T,D]
-  B, T, D = h.shape
-  hc = h.reshape(B, T // chunk, chunk, D).swapaxes(0, 1)
-  tc = targets.reshape(B, T // chunk, chunk).swapaxes(0, 1)
-  wc = weights.reshape(B, T // chunk, chunk).swapaxes(0, 1)
+    # inputs/targets/weights: [B, T] with T a multiple of chunk; logits per chunk keep memory at B*chunk*V.
+    L = cfg.num_layers
+    h = _dec._resid_post(cfg, params, inputs, None, (L - 1,))[L - 1]  # [B,T,D]
+    B, T, D = h.shape
+    hc = h.reshape(B, T // chunk, chunk, D).swapaxes(0, 1)
+    tc = targets.reshape(B, T // chunk, chunk).swapaxes(0, 1)
+    wc = weights.reshape(B, T // chunk, chunk).swapaxes(0, 1)
 
-  def one(args):
-    hh, tt, ww = args
-    logits = _dec._unembed(cfg, params, hh)  # [B,chunk,V] float32
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - tgt) * ww)
+    def one(args):
+        hh, tt, ww = args
+        logits = _dec._unembed(cfg, params, hh)  # [B,chunk,V] float32
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - tgt) * ww)
 
-  return jnp.sum(jax.lax.map(one, (hc, tc, wc)))
+    return jnp.sum(jax.lax.map(one, (hc, tc, wc)))
 
 
 def strided_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
                 batch_size: int = 2, bos_token_id: int | None = None, chunk: int = 256) -> tuple[float, int]:
-  """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream."""
-  bos = cfg.bos_token_id if bos_token_id is None else bos_token_id
-  if bos is None:
-    raise ValueError('no BOS id: cfg.bos_token_id is None; pass bos_token_id=<int>')
-  pad = cfg.pad_token_id if cfg.pad_token_id is not None else bos
-  inputs, targets, weights = strided_windows(tokens, bos, window, stride, pad)
-  T = inputs.shape[1]
-  chunk = max(1, min(int(chunk), T))
-  T_pad = -(-T // chunk) * chunk
-  if T_pad != T:  # extra right padding is invisible to real tokens under causal attention
-    p = ((0, 0), (0, T_pad - T))
-    inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
-  n = inputs.shape[0]
-  bsz = max(1, min(int(batch_size), n))
-  n_pad = -(-n // bsz) * bsz
-  if n_pad != n:  # whole padded windows with zero weight keep one compiled shape
-    p = ((0, n_pad - n), (0, 0))
-    inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
-  total = 0.0
-  for a in range(0, n_pad, bsz):
-    total += float(_nll_sum(cfg, params, jnp.asarray(inputs[a:a + bsz]), jnp.asarray(targets[a:a + bsz]),
-                            jnp.asarray(weights[a:a + bsz]), chunk))
-  count = int(weights.sum())
-  if not math.isfinite(total):
-    raise ValueError(f'perplexity NLL is not finite ({total}); expected finite model outputs')
-  return total, count
+    """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream."""
+    bos = cfg.bos_token_id if bos_token_id is None else bos_token_id
+    if bos is None:
+        raise ValueError('no BOS id: cfg.bos_token_id is None; pass bos_token_id=<int>')
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else bos
+    inputs, targets, weights = strided_windows(tokens, bos, window, stride, pad)
+    T = inputs.shape[1]
+    chunk = max(1, min(int(chunk), T))
+    T_pad = -(-T // chunk) * chunk
+    if T_pad != T:  # extra right padding is invisible to real tokens under causal attention
+        p = ((0, 0), (0, T_pad - T))
+        inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
+    n = inputs.shape[0]
+    bsz = max(1, min(int(batch_size), n))
+    n_pad = -(-n // bsz) * bsz
+    if n_pad != n:  # whole padded windows with zero weight keep one compiled shape
+        p = ((0, n_pad - n), (0, 0))
+        inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
+    total = 0.0
+    for a in range(0, n_pad, bsz):
+        total += float(_nll_sum(cfg, params, jnp.asarray(inputs[a:a + bsz]), jnp.asarray(targets[a:a + bsz]),
+                                jnp.asarray(weights[a:a + bsz]), chunk))
+    count = int(weights.sum())
+    if not math.isfinite(total):
+        raise ValueError(f'perplexity NLL is not finite ({total}); expected finite model outputs')
+    return total, count
 
 
 def perplexity(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
                batch_size: int = 2, bos_token_id: int | None = None, chunk: int = 256) -> float:
-  """exp(mean NLL) of a 1-D text token stream (no BOS) under the strided protocol above.
+    """exp(mean NLL) of a 1-D text token stream (no BOS) under the strided protocol above.
 
-  batch_size windows run at once; logits are formed chunk positions at a time (memory
-  batch_size * chunk * vocab floats), which matters for Gemma's 262k vocabulary.
-  """
-  total, count = strided_nll(cfg, params, tokens, window=window, stride=stride, batch_size=batch_size,
-                             bos_token_id=bos_token_id, chunk=chunk)
-  return math.exp(total / count)
+    batch_size windows run at once; logits are formed chunk positions at a time (memory
+    batch_size * chunk * vocab floats), which matters for Gemma's 262k vocabulary.
+    """
+    total, count = strided_nll(cfg, params, tokens, window=window, stride=stride, batch_size=batch_size,
+                               bos_token_id=bos_token_id, chunk=chunk)
+    return math.exp(total / count)
 
 
 def delta_log_ppl(ppl: float, dense_ppl: float) -> float:
-  """log(PPL_pruned) - log(PPL_dense), the paper's damage measure."""
-  if not (ppl > 0 and dense_ppl > 0):
-    raise ValueError(f'perplexities must be positive, got {ppl!r} and {dense_ppl!r}')
-  return math.log(ppl) - math.log(dense_ppl)
+    """log(PPL_pruned) - log(PPL_dense), the paper's damage measure."""
+    if not (ppl > 0 and dense_ppl > 0):
+        raise ValueError(f'perplexities must be positive, got {ppl!r} and {dense_ppl!r}')
+    return math.log(ppl) - math.log(dense_ppl)

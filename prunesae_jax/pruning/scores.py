@@ -10,20 +10,20 @@ import jax.numpy as jnp
 
 
 def magnitude_scores(W):
-  """|W| in float32. W: [d_in, d_out]."""
-  return jnp.abs(jnp.asarray(W, jnp.float32))
+    """|W| in float32. W: [d_in, d_out]."""
+    return jnp.abs(jnp.asarray(W, jnp.float32))
 
 
 def wanda_scores(W, x_sq_norm):
-  """Wanda: |W_ij| * ||X_i||_2 with ||X_i||^2 = sum over calibration tokens of x_i^2.
+    """Wanda: |W_ij| * ||X_i||_2 with ||X_i||^2 = sum over calibration tokens of x_i^2.
 
-  W: [d_in, d_out] (our kernels are x @ W, so the input feature indexes axis 0);
-  x_sq_norm: [d_in], the summed squares of each input feature. Returns [d_in, d_out] float32.
-  Dividing x_sq_norm by the token count (E[x^2] as in the paper) scales every score by the same
-  constant and leaves every mask unchanged.
-  """
-  W = jnp.asarray(W, jnp.float32)
-  x_sq_norm = jnp.asarray(x_sq_norm, jnp.float32)
-  if x_sq_norm.shape != W.shape[:1]:
-    raise ValueError(f'x_sq_norm has shape {x_sq_norm.shape}; expected ({W.shape[0]},) for W {W.shape}')
-  return jnp.abs(W) * jnp.sqrt(x_sq_norm)[:, None]
+    W: [d_in, d_out] (our kernels are x @ W, so the input feature indexes axis 0);
+    x_sq_norm: [d_in], the summed squares of each input feature. Returns [d_in, d_out] float32.
+    Dividing x_sq_norm by the token count (E[x^2] as in the paper) scales every score by the same
+    constant and leaves every mask unchanged.
+    """
+    W = jnp.asarray(W, jnp.float32)
+    x_sq_norm = jnp.asarray(x_sq_norm, jnp.float32)
+    if x_sq_norm.shape != W.shape[:1]:
+        raise ValueError(f'x_sq_norm has shape {x_sq_norm.shape}; expected ({W.shape[0]},) for W {W.shape}')
+    return jnp.abs(W) * jnp.sqrt(x_sq_norm)[:, None]
