@@ -74,15 +74,19 @@ def bench_matmul(steps):
   return dt, 2 * B * D * N / dt / 1e9
 
 
-def bench_ours(n_seeds, steps):
+def bench_ours(n_seeds, steps, dead_frac=0.0):
+  """dead_frac > 0 marks that share of latents dead, so every step also runs AuxK (k_aux = d_in/2)."""
   cfg = core.SAEConfig(D, N, k=K)
   t = TrainConfig(n_steps=10_000, n_seeds=n_seeds, batch_size=B, progress=False)
   x = np.asarray(jax.random.normal(jax.random.key(2), (B, D)))
   state = {"s": init_state(cfg, t, x[:1024])}
   step = make_train_step(cfg, t)
   xb = jnp.asarray(x)
+  n_dead = int(N * dead_frac)
 
   def run():
+    if n_dead:  # re-mark them every step: a dead latent that fires in this batch comes back to life
+      state["s"]["since_fired"] = state["s"]["since_fired"].at[:, :n_dead].set(2**30)
     state["s"], m = step(state["s"], xb)
     jax.block_until_ready(state["s"]["params"]["W_dec"])
 
@@ -142,9 +146,13 @@ def main():
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                 "BENCHMARKS.md"))
   ap.add_argument("--no-write", action="store_true")
+  ap.add_argument("--aux-dead-frac", type=float, default=0.1,
+                  help="also time S=1 with this share of latents dead (AuxK runs every step); 0 = skip")
   args = ap.parse_args()
 
   useful = 2 * B * D * N + 6 * B * K * D  # FLOPs per SAE step
+  load = lambda: os.getloadavg()[0]  # the machine may be shared: record the load next to each number
+  mm_load = load()
   mm_dt, mm_gflops = bench_matmul(args.steps)
   print(f"matmul [{B},{D}]@[{D},{N}]: {mm_dt * 1e3:.1f} ms, {mm_gflops:.1f} GFLOP/s", flush=True)
   rows = []
@@ -155,14 +163,20 @@ def main():
              sequential_tok_seeds_per_s=B * s / dt_q, speedup=dt_q / dt_v,
              useful_gflops=useful * s / dt_v / 1e9)
     r["frac_matmul"] = r["useful_gflops"] / mm_gflops
+    r["load"] = load()
     rows.append(r)
     print(json.dumps(r), flush=True)
+  aux_dt = bench_ours(1, args.steps, args.aux_dead_frac) if args.aux_dead_frac else None
+  aux_load = load()
+  if aux_dt:
+    print(f"S=1 with {args.aux_dead_frac:.0%} dead latents (AuxK every step): {aux_dt:.3f} s", flush=True)
   sl = []
   if args.saelens_python:
     # use_sparse_activations=True raises NotImplementedError ('aten::view' on SparseCPU) in torch CPU builds
     for sparse in (False,):
       res = bench_saelens(args.saelens_python, max(2, args.steps // 2), sparse)
       res["use_sparse_activations"] = sparse
+      res["load"] = load()
       sl.append(res)
       print("SAELens", json.dumps(res), flush=True)
 
@@ -176,30 +190,43 @@ def main():
       f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, all in one run). Useful FLOPs per SAE "
       f"step = 2*B*d_in*n (encoder) + 6*B*k*d_in (sparse decode and its gradients) = {useful / 1e9:.2f} GFLOP.",
       "",
-      f"Plain jitted fp32 matmul [{B},{D}] @ [{D},{N}]: {mm_dt * 1e3:.1f} ms = {mm_gflops:.1f} GFLOP/s.",
+      f"Plain jitted fp32 matmul [{B},{D}] @ [{D},{N}]: {mm_dt * 1e3:.1f} ms = {mm_gflops:.1f} GFLOP/s "
+      f"(1-min load average {mm_load:.1f}).",
       "",
       "| seeds S | vmapped step (s) | vmapped tokens x seeds / s | S sequential steps (s) | sequential tokens x seeds / s "
-      "| vmapped / sequential | useful GFLOP/s | fraction of matmul |",
-      "|---|---|---|---|---|---|---|---|",
+      "| vmapped / sequential | useful GFLOP/s | fraction of matmul | load |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(f"| {r['S']} | {r['vmapped_step_s']:.3f} | {r['vmapped_tok_seeds_per_s']:,.0f} | "
                  f"{r['sequential_step_s']:.3f} | {r['sequential_tok_seeds_per_s']:,.0f} | {r['speedup']:.2f}x | "
-                 f"{r['useful_gflops']:.1f} | {r['frac_matmul']:.2f} |")
+                 f"{r['useful_gflops']:.1f} | {r['frac_matmul']:.2f} | {r['load']:.1f} |")
   lines.append("")
+  if aux_dt:
+    lines.append(f"With {args.aux_dead_frac:.0%} of the latents dead (AuxK, k_aux = {D // 2}, runs every step), S=1: "
+                 f"{aux_dt:.3f} s per step = {B / aux_dt:,.0f} tokens / s (load {aux_load:.1f}).")
+    lines.append("")
   if sl:
     lines.append("SAELens (`TopKTrainingSAE.training_forward_pass` + `torch.optim.Adam`, one seed, same shapes, "
                  f"torch {sl[0]['torch']} with {sl[0]['torch_threads']} threads, in a separate venv):")
     lines.append("")
+    # S SAEs trained together at T tokens x seeds / s cost what S SAELens runs at T tokens / s each cost
     lines.append("| SAELens variant | step (s) | tokens / s per SAE | ours S=1 / SAELens | ours best (S="
-                 f"{best['S']}) per SAE / SAELens |")
-    lines.append("|---|---|---|---|---|")
+                 f"{best['S']}, tokens x seeds / s) / SAELens | load |")
+    lines.append("|---|---|---|---|---|---|")
     for res in sl:
       lines.append(f"| use_sparse_activations={res['use_sparse_activations']} | {res['step_s']:.3f} | "
                    f"{res['tokens_per_s']:,.0f} | {ours_1 / res['tokens_per_s']:.1f}x | "
-                   f"{best['vmapped_tok_seeds_per_s'] / best['S'] / res['tokens_per_s']:.1f}x |")
+                   f"{best['vmapped_tok_seeds_per_s'] / res['tokens_per_s']:.1f}x | {res['load']:.1f} |")
   else:
     lines.append("SAELens: not measured in this run (pass `--saelens-python` with a venv that has sae-lens).")
+  lines.append("")
+  last = rows[-1]
+  target = [f"fraction of matmul at S=1 {rows[0]['frac_matmul']:.2f} (target >= 0.5)",
+            f"vmapped / sequential at S={last['S']} {last['speedup']:.2f}x (target >= 1.5x)"]
+  if sl:
+    target.append(f"ours S=1 / SAELens {ours_1 / sl[0]['tokens_per_s']:.1f}x (target >= 5x)")
+  lines.append("Against the targets: " + "; ".join(target) + ".")
   lines.append("")
   text = "\n".join(lines) + "\n"
   print(text)

@@ -1,7 +1,8 @@
 """SAE maths: config, init, encode/decode, losses and metrics for one SAE.
 
 Every function here works on the params of ONE SAE (no seed axis); training
-vmaps them over the leading seed axis S. Names and shapes follow SAELens:
+maps them over the leading seed axis S (one seed after another for TopK, vmap
+otherwise). Names and shapes follow SAELens:
 W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in], threshold [n].
 """
 
@@ -239,42 +240,6 @@ def _chunk_size(b: int, k: int) -> int:
 
 
 @jax.custom_vjp
-def gather_dot(xc, idx, w):
-  """out[b, j] = xc[b] . w[idx[b, j]]  ([B, d], [B, k], [n, d] -> [B, k]).
-
-  Chunked gather + multiply-reduce; the backward is a scatter-add into the k selected rows.
-  """
-  c = _chunk_size(*idx.shape)
-
-  def f(_, a):
-    xx, i = a
-    return None, (xx[:, None, :] * jnp.take(w, i, axis=0, mode="clip")).sum(-1)
-
-  return jax.lax.scan(f, None, (_chunked(xc, c), _chunked(idx, c)))[1].reshape(idx.shape)
-
-
-def _gather_dot_fwd(xc, idx, w):
-  return gather_dot(xc, idx, w), (xc, idx, w)
-
-
-def _gather_dot_bwd(res, g):
-  xc, idx, w = res
-  c = _chunk_size(*idx.shape)
-
-  def f(dw, a):
-    xx, i, gg = a
-    dx = (gg[:, :, None] * jnp.take(w, i, axis=0, mode="clip")).sum(1)
-    upd = (gg[:, :, None] * xx[:, None, :]).reshape(-1, w.shape[1])
-    return dw.at[i.reshape(-1)].add(upd, mode="promise_in_bounds"), dx
-
-  dw, dx = jax.lax.scan(f, jnp.zeros_like(w), (_chunked(xc, c), _chunked(idx, c), _chunked(g, c)))
-  return dx.reshape(xc.shape), None, dw
-
-
-gather_dot.defvjp(_gather_dot_fwd, _gather_dot_bwd)
-
-
-@jax.custom_vjp
 def sparse_decode(vals, idx, w):
   """out[b] = sum_j vals[b, j] * w[idx[b, j]]  ([B, k], [B, k], [n, d] -> [B, d]).
 
@@ -311,15 +276,86 @@ def _sparse_decode_bwd(res, g):
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-def _topk_layer(xc, idx, params, n_rows=None):
-  """relu pre-activations of the selected latents and their decode (no b_dec)."""
-  w_enc_t, b_enc, w_dec = params["W_enc"].T, params["b_enc"], params["W_dec"]
-  if n_rows is not None:  # an all-zero extra row n for padded AuxK picks
-    w_enc_t = jnp.concatenate([w_enc_t, jnp.zeros((1, w_enc_t.shape[1]), w_enc_t.dtype)])
-    w_dec = jnp.concatenate([w_dec, jnp.zeros((1, w_dec.shape[1]), w_dec.dtype)])
-    b_enc = jnp.concatenate([b_enc, jnp.zeros((1,), b_enc.dtype)])
-  vals = jax.nn.relu(gather_dot(xc, idx, w_enc_t) + jnp.take(b_enc, idx, mode="clip"))
-  return vals, sparse_decode(vals, idx, w_dec)
+def _topk_pass(tgt, xc, pre_sel, idx, w_dec, inv_b: float):
+  """Sparse decode of a TopK SAE and the gradient of its squared error, in ONE chunked pass.
+
+  tgt [B, d] is what the decode must match (without b_dec), xc [B, d] the encoder input, pre_sel and
+  idx [B, k] the selected pre-activations and their rows of w_dec [n, d];
+  loss = inv_b * sum ||tgt - rec||^2. Each chunk of tokens gathers its k decoder rows once and uses
+  them for the decode AND for d loss / d vals (which needs only the chunk's own residual), then
+  scatter-adds both weight gradients. The encoder's rows are never gathered: pre_sel comes from the
+  dense encoder matmul, and the b_dec gradient through the encoder is W_enc @ d b_enc (see
+  topk_sq_err). XLA's CPU gather / scatter is slow unless the rows stay in cache, hence the chunks.
+  Returns rec [B, d], gpre [B, k] (d loss / d pre_sel), d W_enc^T [n, d], d W_dec [n, d], g [B, d]
+  (d loss / d rec).
+  """
+  b, k = idx.shape
+  d = w_dec.shape[1]
+  c = _chunk_size(b, k)
+
+  def body(carry, a):
+    dwe, dwd = carry
+    tt, xx, pv, ii = a
+    rows = w_dec.at[ii].get(mode="promise_in_bounds")  # [c, k, d]
+    vals = jax.nn.relu(pv)
+    rec = jnp.einsum("ck,ckd->cd", vals, rows)
+    g = (-2.0 * inv_b) * (tt - rec)  # d loss / d x_hat
+    gpre = jnp.einsum("cd,ckd->ck", g, rows) * (pv > 0)  # relu' = 1 only where pv > 0 (as jax.nn.relu)
+    fi = ii.reshape(-1)
+    dwd = dwd.at[fi].add((vals[:, :, None] * g[:, None, :]).reshape(-1, d), mode="promise_in_bounds")
+    dwe = dwe.at[fi].add((gpre[:, :, None] * xx[:, None, :]).reshape(-1, d), mode="promise_in_bounds")
+    return (dwe, dwd), (rec, gpre, g)
+
+  zeros = jnp.zeros_like(w_dec)
+  (dwe, dwd), (rec, gpre, g) = jax.lax.scan(
+      body, (zeros, zeros), (_chunked(tgt, c), _chunked(xc, c), _chunked(pre_sel, c), _chunked(idx, c)))
+  return rec.reshape(b, d), gpre.reshape(b, k), dwe, dwd, g.reshape(b, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def topk_sq_err(apply_b_dec: bool, add_b_dec: bool, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel):
+  """Squared error of a TopK decode: (err, vals [B, k], x_hat [B, d]).
+
+  err = mean over tokens of ||target - x_hat||^2 with x_hat = sum_j relu(pre_sel) * W_dec[idx]
+  (+ b_dec when add_b_dec); x / target [B, d], idx / pre_sel [B, k]. pre_sel must be the
+  pre-activations (x - b_dec if apply_b_dec) @ W_enc + b_enc at idx, which the caller already has
+  from the dense encoder matmul: it is a cache of that function of (params, x), so it gets no
+  gradient of its own and the gradient reaches W_enc, b_enc, b_dec and x through it. Picks with
+  pre_sel <= 0 add nothing (padding may use any valid idx). vals and x_hat come back detached
+  (metrics / AuxK target).
+
+  err is a scalar, so the differentiated path computes its gradient already in the forward pass
+  (_topk_pass: ONE gather of the k decoder rows per token) and the backward only scales it; plain
+  autodiff gathers the rows of both matrices twice.
+  """
+  vals = jax.nn.relu(pre_sel)
+  rec = sparse_decode(vals, idx, w_dec)
+  x_hat = rec + b_dec if add_b_dec else rec
+  return ((target - x_hat) ** 2).sum(-1).mean(), vals, x_hat
+
+
+def _topk_sq_err_fwd(apply_b_dec, add_b_dec, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel):
+  xc = x - b_dec if apply_b_dec else x
+  tgt = target - b_dec if add_b_dec else target  # what the sparse decode must match
+  rec, gpre, dwe, dwd, g = _topk_pass(tgt, xc, pre_sel, idx, w_dec, 1.0 / x.shape[0])
+  d_b_enc = jnp.zeros_like(b_enc).at[idx.reshape(-1)].add(gpre.reshape(-1))
+  d_b_dec = g.sum(0) if add_b_dec else jnp.zeros_like(b_dec)
+  if apply_b_dec:  # pre = (x - b_dec) W_enc + b_enc: sum_t d pre_t / d b_dec = -W_enc @ d_b_enc
+    d_b_dec = d_b_dec - w_enc @ d_b_enc
+  grads = (dwe.T, d_b_enc, dwd, d_b_dec)
+  x_hat = rec + b_dec if add_b_dec else rec
+  return (((tgt - rec) ** 2).sum(-1).mean(), jax.nn.relu(pre_sel), x_hat), (grads, g, gpre, idx, w_enc)
+
+
+def _topk_sq_err_bwd(apply_b_dec, add_b_dec, res, cts):
+  grads, g, gpre, idx, w_enc = res
+  ct = cts[0]  # cotangent of err; vals and x_hat are detached
+  # d err / d x through the encoder; XLA drops this gather when x is not differentiated (training)
+  dx = sparse_decode(gpre, idx, w_enc.T)
+  return (*(ct * a for a in grads), ct * dx, -ct * g, None, None)
+
+
+topk_sq_err.defvjp(_topk_sq_err_fwd, _topk_sq_err_bwd)
 
 
 def _kth_largest(a, kk: int, n_iter: int = 40):
@@ -339,57 +375,14 @@ def _kth_largest(a, kk: int, n_iter: int = 40):
 def topk_train_loss_seeds(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
   """TopK loss for S seeds at once: params with seed axis, x [B, d] or [S, B, d], dead [S, n].
 
-  Same numbers as vmap(train_loss), but the sparse gathers / scatter-adds run on the seed-flattened
-  weights ([S*n, d] rows, indices offset by s*n): a vmapped gather has batching dims and is several
-  times slower on CPU. Returns (loss [S], aux with leading S); the gradient of loss.sum() is the
-  per-seed gradient (the seeds' params are disjoint).
+  The same numbers as vmap(train_loss), computed one seed after another (lax.map): a vmapped step
+  holds S [B, n] pre-activation arrays at once and its gathers / scatter-adds get batching dims,
+  which measured slower per seed than the single-seed step on CPU. Returns (loss [S], aux with
+  leading S); the gradient of loss.sum() is the per-seed gradient (the seeds' params are disjoint).
   """
-  n, d = cfg.n_latents, cfg.d_in
-  w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-  s_ = w_enc.shape[0]
-  x = jnp.broadcast_to(x, (s_,) + x.shape[-2:])
-  b = x.shape[1]
-  xc = x - b_dec[:, None, :] if cfg.apply_b_dec_to_input else x  # [S, B, d]
-  pre = jax.lax.stop_gradient(jnp.einsum("sbd,sdn->sbn", xc, w_enc) + b_enc[:, None, :])  # [S, B, n]
-  _, idx = jax.lax.top_k(pre, cfg.k)  # [S, B, k]
-  off = (jnp.arange(s_, dtype=idx.dtype) * n)[:, None, None]
-
-  def layer(ix, extra_row=False):
-    we = jnp.swapaxes(w_enc, 1, 2)  # [S, n, d]
-    be, wd = b_enc, w_dec
-    nn_ = n
-    if extra_row:  # an all-zero row n per seed for padded AuxK picks
-      we = jnp.concatenate([we, jnp.zeros((s_, 1, d), we.dtype)], 1)
-      wd = jnp.concatenate([wd, jnp.zeros((s_, 1, d), wd.dtype)], 1)
-      be = jnp.concatenate([be, jnp.zeros((s_, 1), be.dtype)], 1)
-      nn_ = n + 1
-    o = (jnp.arange(s_, dtype=ix.dtype) * nn_)[:, None, None]
-    flat_i = (ix + o).reshape(s_ * b, -1)
-    pre_sel = gather_dot(xc.reshape(s_ * b, d), flat_i, we.reshape(s_ * nn_, d))
-    vals = jax.nn.relu(pre_sel + jnp.take(be.reshape(-1), flat_i, mode="clip"))
-    rec = sparse_decode(vals, flat_i, wd.reshape(s_ * nn_, d))
-    return vals.reshape(s_, b, -1), rec.reshape(s_, b, d)
-
-  vals, rec = layer(idx)
-  x_hat = rec + b_dec[:, None, :]
-  fire_count = jnp.zeros((s_ * n,), jnp.int32).at[(idx + off).reshape(-1)].add(
-      (vals.reshape(-1) > 0).astype(jnp.int32)).reshape(s_, n)
-  resid = x - x_hat
-  mse_sum = (resid ** 2).sum(-1).mean(-1)  # [S]
-  loss = mse_sum
-  a_loss = jnp.zeros((s_,), jnp.float32)
-  if use_aux:
-    masked = jnp.where(dead[:, None, :], pre, -jnp.inf)
-    a_top, a_idx = jax.lax.top_k(masked, cfg.k_aux_eff)
-    a_idx = jnp.where(jnp.isfinite(a_top), a_idx, n)
-    _, a_rec = layer(a_idx, extra_row=True)
-    target = jax.lax.stop_gradient(resid)
-    a_mse = ((target - a_rec) ** 2).sum(-1).mean(-1)
-    a_loss = a_mse / jnp.maximum(((target - target.mean(1, keepdims=True)) ** 2).sum(-1).mean(-1), 1e-12)
-    a_loss = jnp.where(dead.any(-1), a_loss, 0.0)
-    loss = loss + cfg.aux_coeff * a_loss
-  aux = dict(mse=mse_sum / d, l0=(vals > 0).sum(-1).mean(-1), fire_count=fire_count, x_hat=x_hat, aux_loss=a_loss)
-  return loss, aux
+  if x.ndim == 3:
+    return jax.lax.map(lambda a: train_loss(cfg, a[0], a[1], a[2], use_aux), (params, x, dead))
+  return jax.lax.map(lambda a: train_loss(cfg, a[0], x, a[1], use_aux), (params, dead))
 
 
 def train_loss(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
@@ -403,28 +396,24 @@ def train_loss(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
   xc = x - params["b_dec"] if cfg.apply_b_dec_to_input else x
   aux = {}
   if arch == "topk":
-    # the dense encoder matmul (no gradient) is the only dense work: it picks the k latents,
-    # then sparse_layer recomputes those pre-activations so every gradient touches k rows only
+    # the dense encoder matmul (no gradient) is the only dense work: it picks the k latents and
+    # gives their pre-activations; topk_sq_err's gradients touch those k rows only
     pre = jax.lax.stop_gradient(xc @ params["W_enc"] + params["b_enc"])  # [B, n]
-    _, idx = jax.lax.top_k(pre, cfg.k)  # [B, k]
-    vals, rec = _topk_layer(xc, idx, params)
-    x_hat = rec + params["b_dec"]
+    pre_sel, idx = jax.lax.top_k(pre, cfg.k)  # [B, k]
+    w = [params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    mse_sum, vals, x_hat = topk_sq_err(cfg.apply_b_dec_to_input, True, *w, x, x, idx, pre_sel)
     fire_count = jnp.zeros((cfg.n_latents,), jnp.int32).at[idx.reshape(-1)].add(
         (vals.reshape(-1) > 0).astype(jnp.int32))
     l0 = (vals > 0).sum(-1).mean()
-    resid = x - x_hat
-    mse_sum = (resid ** 2).sum(-1).mean()
     loss = mse_sum
     aux["aux_loss"] = jnp.zeros((), jnp.float32)
     if use_aux:
       # AuxK: the k_aux largest DEAD latents model the detached residual; b_dec is not added again
-      masked = jnp.where(dead, pre, -jnp.inf)
-      a_top, a_idx = jax.lax.top_k(masked, cfg.k_aux_eff)
-      # fewer dead latents than k_aux: point the extra picks at an all-zero row n (contributes 0)
-      a_idx = jnp.where(jnp.isfinite(a_top), a_idx, cfg.n_latents)
-      _, a_rec = _topk_layer(xc, a_idx, params, n_rows=cfg.n_latents + 1)
-      target = jax.lax.stop_gradient(resid)
-      a_mse = ((target - a_rec) ** 2).sum(-1).mean()
+      a_top, a_idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), cfg.k_aux_eff)
+      # fewer dead latents than k_aux: the extra picks get pre-activation 0, i.e. add nothing
+      a_pre = jnp.where(jnp.isfinite(a_top), a_top, 0.0)
+      target = jax.lax.stop_gradient(x - x_hat)
+      a_mse = topk_sq_err(cfg.apply_b_dec_to_input, False, *w, x, target, a_idx, a_pre)[0]
       # normalised by the residual's variance (OpenAI / sparsify); zero when nothing is dead
       a_loss = a_mse / jnp.maximum(((target - target.mean(0)) ** 2).sum(-1).mean(), 1e-12)
       a_loss = jnp.where(dead.any(), a_loss, 0.0)
