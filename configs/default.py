@@ -33,48 +33,48 @@ from prunesae_jax.study.config import base_config
 
 
 def get_config():
-  """The default run's config (see the module docstring)."""
-  config = base_config()
-  config.name = 'default: Gemma 3 270M, builtin corpus'
-  config.model = 'gemma-3-270m'
-  config.dtype = 'float32'
-  config.layer = -1  # the middle layer: 9 of 18
+    """The default run's config (see the module docstring)."""
+    config = base_config()
+    config.name = 'default: Gemma 3 270M, builtin corpus'
+    config.model = 'gemma-3-270m'
+    config.dtype = 'float32'
+    config.layer = -1  # the middle layer: 9 of 18
 
-  # Budgets for a 2-core CPU (<= 15 minutes; measured 10m43s, 1013 CPU-seconds, 9.3 GB peak RSS,
-  # from an empty workdir with the zoo model already converted). There the 270M model's forward
-  # pass runs at ~100-300 tokens/s (the 262k-vocabulary unembedding dominates perplexity and the
-  # CE losses) and a step of 3 vmapped 5120-latent SAEs on 256 tokens takes ~0.4 s: SAE training
-  # is 58% of the run, the measures 21%, capture and perplexity 15%.
-  config.calibration.n_samples = 16
-  config.calibration.seq_len = 128
-  config.ppl.window = 256
-  config.ppl.stride = 256
-  config.ppl.max_tokens = 1024
-  config.ppl.batch_size = 4
+    # Budgets for a 2-core CPU (<= 15 minutes; measured 10m43s, 1013 CPU-seconds, 9.3 GB peak RSS,
+    # from an empty workdir with the zoo model already converted). There the 270M model's forward
+    # pass runs at ~100-300 tokens/s (the 262k-vocabulary unembedding dominates perplexity and the
+    # CE losses) and a step of 3 vmapped 5120-latent SAEs on 256 tokens takes ~0.4 s: SAE training
+    # is 58% of the run, the measures 21%, capture and perplexity 15%.
+    config.calibration.n_samples = 16
+    config.calibration.seq_len = 128
+    config.ppl.window = 256
+    config.ppl.stride = 256
+    config.ppl.max_tokens = 1024
+    config.ppl.batch_size = 4
 
-  config.pruning.methods = ('magnitude', 'wanda')
-  config.pruning.sparsities = (0.0, 0.3, 0.5)
+    config.pruning.methods = ('magnitude', 'wanda')
+    config.pruning.sparsities = (0.0, 0.3, 0.5)
 
-  config.sae.architecture = 'topk'
-  config.sae.expansion = 8
-  config.sae.k = 32
-  config.sae.n_tokens = 16384  # 130 sequences of 128 (BOS excluded)
-  config.sae.seq_len = 128
-  config.sae.batch_size = 256
-  config.sae.epochs = 3  # 193 steps
-  # Few steps: a higher learning rate than the 2e-4 / sqrt(n / 2^14) rule (3.6e-4) gets the
-  # SAEs further; on this budget they are still far from converged (see the seed floor).
-  config.sae.lr = 2e-3
-  config.sae.n_seeds = 3
-  config.sae.capture_batch = 16
+    config.sae.architecture = 'topk'
+    config.sae.expansion = 8
+    config.sae.k = 32
+    config.sae.n_tokens = 16384  # 130 sequences of 128 (BOS excluded)
+    config.sae.seq_len = 128
+    config.sae.batch_size = 256
+    config.sae.epochs = 3  # 193 steps
+    # Few steps: a higher learning rate than the 2e-4 / sqrt(n / 2^14) rule (3.6e-4) gets the
+    # SAEs further; on this budget they are still far from converged (see the seed floor).
+    config.sae.lr = 2e-3
+    config.sae.n_seeds = 3
+    config.sae.capture_batch = 16
 
-  config.analysis.tau = 0.7
-  config.analysis.taus = (0.6, 0.7, 0.8)
-  config.analysis.n_bootstrap = 1000
-  config.analysis.transfer_tokens = 256
-  config.analysis.causal_features = 8
-  config.analysis.causal_tokens = 512
-  config.analysis.causal_measure = 'attribution'
+    config.analysis.tau = 0.7
+    config.analysis.taus = (0.6, 0.7, 0.8)
+    config.analysis.n_bootstrap = 1000
+    config.analysis.transfer_tokens = 256
+    config.analysis.causal_features = 8
+    config.analysis.causal_tokens = 512
+    config.analysis.causal_measure = 'attribution'
 
-  config.transfer.source = 'dense'
-  return config
+    config.transfer.source = 'dense'
+    return config

@@ -34,12 +34,12 @@ from prunesae_jax.study.config import paper_base_config
 
 
 def get_config():
-  """The Gemma 2 2B paper config (see the module docstring)."""
-  config = paper_base_config()
-  config.name = 'paper: Gemma 2 2B, layer 12'
-  config.model = 'google/gemma-2-2b'
-  config.layer = 12
-  config.transfer.source = 'pretrained'
-  config.transfer.repo = 'google/gemma-scope-2b-pt-res'
-  config.transfer.path = 'layer_12/width_16k/average_l0_82/params.npz'
-  return config
+    """The Gemma 2 2B paper config (see the module docstring)."""
+    config = paper_base_config()
+    config.name = 'paper: Gemma 2 2B, layer 12'
+    config.model = 'google/gemma-2-2b'
+    config.layer = 12
+    config.transfer.source = 'pretrained'
+    config.transfer.repo = 'google/gemma-scope-2b-pt-res'
+    config.transfer.path = 'layer_12/width_16k/average_l0_82/params.npz'
+    return config

@@ -34,12 +34,12 @@ from prunesae_jax.study.config import paper_base_config
 
 
 def get_config():
-  """The Gemma 3 1B paper config (see the module docstring)."""
-  config = paper_base_config()
-  config.name = 'paper: Gemma 3 1B, layer 13'
-  config.model = 'google/gemma-3-1b-pt'
-  config.layer = 13
-  config.transfer.source = 'pretrained'
-  config.transfer.repo = 'google/gemma-scope-2-1b-pt'
-  config.transfer.path = 'resid_post/layer_13_width_16k_l0_medium'
-  return config
+    """The Gemma 3 1B paper config (see the module docstring)."""
+    config = paper_base_config()
+    config.name = 'paper: Gemma 3 1B, layer 13'
+    config.model = 'google/gemma-3-1b-pt'
+    config.layer = 13
+    config.transfer.source = 'pretrained'
+    config.transfer.repo = 'google/gemma-scope-2-1b-pt'
+    config.transfer.path = 'resid_post/layer_13_width_16k_l0_medium'
+    return config

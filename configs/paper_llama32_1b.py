@@ -31,10 +31,10 @@ from prunesae_jax.study.config import paper_base_config
 
 
 def get_config():
-  """The Llama 3.2 1B paper config (see the module docstring)."""
-  config = paper_base_config()
-  config.name = 'paper: Llama 3.2 1B, layer 8'
-  config.model = 'meta-llama/Llama-3.2-1B'
-  config.layer = 8
-  config.transfer.source = 'dense'
-  return config
+    """The Llama 3.2 1B paper config (see the module docstring)."""
+    config = paper_base_config()
+    config.name = 'paper: Llama 3.2 1B, layer 8'
+    config.model = 'meta-llama/Llama-3.2-1B'
+    config.layer = 8
+    config.transfer.source = 'dense'
+    return config

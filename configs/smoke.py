@@ -17,37 +17,37 @@ from prunesae_jax.study.config import base_config
 
 
 def get_config():
-  """The smoke run's config (see the module docstring)."""
-  config = base_config()
-  config.name = 'smoke: tiny random model'
-  config.model = 'tiny:gemma3_text'
-  config.dtype = 'float32'
-  config.layer = 1
+    """The smoke run's config (see the module docstring)."""
+    config = base_config()
+    config.name = 'smoke: tiny random model'
+    config.model = 'tiny:gemma3_text'
+    config.dtype = 'float32'
+    config.layer = 1
 
-  config.calibration.n_samples = 4
-  config.calibration.seq_len = 32
-  config.ppl.window = 64
-  config.ppl.stride = 32
-  config.ppl.max_tokens = 512
-  config.ppl.batch_size = 4
+    config.calibration.n_samples = 4
+    config.calibration.seq_len = 32
+    config.ppl.window = 64
+    config.ppl.stride = 32
+    config.ppl.max_tokens = 512
+    config.ppl.batch_size = 4
 
-  config.pruning.methods = ('magnitude', 'wanda')
-  config.pruning.sparsities = (0.0, 0.5)  # three conditions: dense, magnitude 50%, Wanda 50%
+    config.pruning.methods = ('magnitude', 'wanda')
+    config.pruning.sparsities = (0.0, 0.5)  # three conditions: dense, magnitude 50%, Wanda 50%
 
-  config.sae.expansion = 8
-  config.sae.k = 8
-  config.sae.n_tokens = 2048
-  config.sae.seq_len = 32
-  config.sae.batch_size = 256
-  config.sae.n_seeds = 2
-  config.sae.epochs = 4  # 32 steps of 256 tokens
-  config.sae.capture_batch = 8
+    config.sae.expansion = 8
+    config.sae.k = 8
+    config.sae.n_tokens = 2048
+    config.sae.seq_len = 32
+    config.sae.batch_size = 256
+    config.sae.n_seeds = 2
+    config.sae.epochs = 4  # 32 steps of 256 tokens
+    config.sae.capture_batch = 8
 
-  config.analysis.n_bootstrap = 50
-  config.analysis.transfer_tokens = 256
-  config.analysis.causal_features = 8
-  config.analysis.causal_tokens = 128
+    config.analysis.n_bootstrap = 50
+    config.analysis.transfer_tokens = 256
+    config.analysis.causal_features = 8
+    config.analysis.causal_tokens = 128
 
-  config.transfer.source = 'dense'
-  config.progress = False
-  return config
+    config.transfer.source = 'dense'
+    config.progress = False
+    return config

@@ -22,24 +22,24 @@ _BAD_INPUT = 2
 
 
 def _bad_input(message: str) -> None:
-  line = ' '.join(str(message).split())
-  sys.stderr.write(f'generate: {line}\n')
-  sys.exit(_BAD_INPUT)
+    line = ' '.join(str(message).split())
+    sys.stderr.write(f'generate: {line}\n')
+    sys.exit(_BAD_INPUT)
 
 
 def main(argv):
-  if len(argv) > 1:
-    _bad_input(f'unexpected arguments {argv[1:]}; accepted: --model, --prompt, --max_new_tokens, --dtype')
-  # Imported here so that --help and flag errors do not pay for importing JAX.
-  from prunesae_jax.models.generate import generate_text  # pylint: disable=g-import-not-at-top
-  start = time.time()
-  try:
-    text = generate_text(_MODEL.value, _PROMPT.value, _MAX_NEW_TOKENS.value, dtype=_DTYPE.value)
-  except (ValueError, ImportError, FileNotFoundError) as e:
-    _bad_input(e)
-  print(f'{_PROMPT.value}{text}')
-  sys.stderr.write(f'generate: {_MODEL.value}, {_MAX_NEW_TOKENS.value} new tokens, {time.time() - start:.1f} s\n')
+    if len(argv) > 1:
+        _bad_input(f'unexpected arguments {argv[1:]}; accepted: --model, --prompt, --max_new_tokens, --dtype')
+    # Imported here so that --help and flag errors do not pay for importing JAX.
+    from prunesae_jax.models.generate import generate_text  # pylint: disable=g-import-not-at-top
+    start = time.time()
+    try:
+        text = generate_text(_MODEL.value, _PROMPT.value, _MAX_NEW_TOKENS.value, dtype=_DTYPE.value)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        _bad_input(e)
+    print(f'{_PROMPT.value}{text}')
+    sys.stderr.write(f'generate: {_MODEL.value}, {_MAX_NEW_TOKENS.value} new tokens, {time.time() - start:.1f} s\n')
 
 
 if __name__ == '__main__':
-  app.run(main)
+    app.run(main)

@@ -25,39 +25,39 @@ _INTERRUPTED = 75  # EX_TEMPFAIL: try again
 
 
 def _bad_input(message: str) -> None:
-  line = ' '.join(str(message).split())
-  sys.stderr.write(f'run_study: {line}\n')
-  sys.exit(_BAD_INPUT)
+    line = ' '.join(str(message).split())
+    sys.stderr.write(f'run_study: {line}\n')
+    sys.exit(_BAD_INPUT)
 
 
 def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _bad_input(e)
-  except (ValueError, FileNotFoundError, SyntaxError, ImportError, AttributeError) as e:
-    # config_flags loads the config file while parsing: a broken file is bad input too.
-    _bad_input(f'{type(e).__name__}: {e}')
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _bad_input(e)
+    except (ValueError, FileNotFoundError, SyntaxError, ImportError, AttributeError) as e:
+        # config_flags loads the config file while parsing: a broken file is bad input too.
+        _bad_input(f'{type(e).__name__}: {e}')
 
 
 def main(argv):
-  if len(argv) > 1:
-    _bad_input(f'unexpected arguments {argv[1:]}; accepted: --config, --config.<field>, --workdir')
-  from prunesae_jax import study  # pylint: disable=g-import-not-at-top
-  from prunesae_jax.study.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from prunesae_jax.study.pipeline import StudyInterrupted  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  error = getattr(config, '_error', None)  # config_flags defers a config file's load error
-  if isinstance(error, BaseException):
-    _bad_input(f'--config={flags.FLAGS["config"].config_filename}: {error}')
-  try:
-    study.run(config, _WORKDIR.value)
-  except ConfigError as e:
-    _bad_input(e)
-  except StudyInterrupted as e:  # $PRUNESAE_STOP_AFTER_CONDITIONS: re-run to resume
-    sys.stderr.write(f'run_study: {e}\n')
-    sys.exit(_INTERRUPTED)
+    if len(argv) > 1:
+        _bad_input(f'unexpected arguments {argv[1:]}; accepted: --config, --config.<field>, --workdir')
+    from prunesae_jax import study  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.study.config import ConfigError  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.study.pipeline import StudyInterrupted  # pylint: disable=g-import-not-at-top
+    config = _CONFIG.value
+    error = getattr(config, '_error', None)  # config_flags defers a config file's load error
+    if isinstance(error, BaseException):
+        _bad_input(f'--config={flags.FLAGS["config"].config_filename}: {error}')
+    try:
+        study.run(config, _WORKDIR.value)
+    except ConfigError as e:
+        _bad_input(e)
+    except StudyInterrupted as e:  # $PRUNESAE_STOP_AFTER_CONDITIONS: re-run to resume
+        sys.stderr.write(f'run_study: {e}\n')
+        sys.exit(_INTERRUPTED)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=_parse_flags)

@@ -22,48 +22,48 @@ ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
-  """Architecture of a sparse autoencoder (hashable: usable as a jit static arg)."""
+    """Architecture of a sparse autoencoder (hashable: usable as a jit static arg)."""
 
-  d_in: int
-  n_latents: int
-  architecture: str = "topk"
-  k: int = 32  # active latents per token (topk) or per token on average (batchtopk)
-  k_aux: int | None = None  # AuxK latents; None -> d_in // 2 (OpenAI)
-  aux_coeff: float = 1.0 / 32.0
-  dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
-  l1_coeff: float = 5.0  # relu: decoder-norm-weighted L1
-  l0_coeff: float = 1.0  # jumprelu: L0 penalty
-  jumprelu_bandwidth: float = 0.001
-  jumprelu_init_threshold: float = 0.001
-  batchtopk_threshold_momentum: float = 0.99
-  apply_b_dec_to_input: bool = True  # Gemma Scope SAEs do not subtract b_dec
-  unit_norm_decoder: bool = True
+    d_in: int
+    n_latents: int
+    architecture: str = "topk"
+    k: int = 32  # active latents per token (topk) or per token on average (batchtopk)
+    k_aux: int | None = None  # AuxK latents; None -> d_in // 2 (OpenAI)
+    aux_coeff: float = 1.0 / 32.0
+    dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
+    l1_coeff: float = 5.0  # relu: decoder-norm-weighted L1
+    l0_coeff: float = 1.0  # jumprelu: L0 penalty
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
+    batchtopk_threshold_momentum: float = 0.99
+    apply_b_dec_to_input: bool = True  # Gemma Scope SAEs do not subtract b_dec
+    unit_norm_decoder: bool = True
 
-  def __post_init__(self):
-    if self.architecture not in ARCHITECTURES:
-      raise ValueError(f"architecture={self.architecture!r}; accepted: {ARCHITECTURES}")
-    if int(self.d_in) <= 0 or int(self.n_latents) <= 0:
-      raise ValueError(f"d_in={self.d_in}, n_latents={self.n_latents}; both must be positive integers")
-    if self.architecture in ("topk", "batchtopk") and not 0 < int(self.k) <= int(self.n_latents):
-      raise ValueError(f"k={self.k}; accepted: 1 <= k <= n_latents={self.n_latents}")
-    if self.k_aux is not None and not 0 < int(self.k_aux) <= int(self.n_latents):
-      raise ValueError(f"k_aux={self.k_aux}; accepted: 1 <= k_aux <= n_latents={self.n_latents}")
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r}; accepted: {ARCHITECTURES}")
+        if int(self.d_in) <= 0 or int(self.n_latents) <= 0:
+            raise ValueError(f"d_in={self.d_in}, n_latents={self.n_latents}; both must be positive integers")
+        if self.architecture in ("topk", "batchtopk") and not 0 < int(self.k) <= int(self.n_latents):
+            raise ValueError(f"k={self.k}; accepted: 1 <= k <= n_latents={self.n_latents}")
+        if self.k_aux is not None and not 0 < int(self.k_aux) <= int(self.n_latents):
+            raise ValueError(f"k_aux={self.k_aux}; accepted: 1 <= k_aux <= n_latents={self.n_latents}")
 
-  @property
-  def k_aux_eff(self) -> int:
-    return int(min(self.k_aux if self.k_aux is not None else max(self.d_in // 2, 1), self.n_latents))
+    @property
+    def k_aux_eff(self) -> int:
+        return int(min(self.k_aux if self.k_aux is not None else max(self.d_in // 2, 1), self.n_latents))
 
-  @property
-  def has_threshold(self) -> bool:
-    return self.architecture in ("batchtopk", "jumprelu")
+    @property
+    def has_threshold(self) -> bool:
+        return self.architecture in ("batchtopk", "jumprelu")
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ----------------------------------------------------------------------------- init
@@ -71,132 +71,132 @@ class SAEConfig:
 
 @functools.partial(jax.jit, static_argnames=("n_iter",))
 def geometric_median(x, n_iter: int = 100, eps: float = 1e-8):
-  """Weiszfeld's algorithm: the point minimising the summed L2 distance to the rows of x [N, d]."""
-  x = jnp.asarray(x, jnp.float32)
+    """Weiszfeld's algorithm: the point minimising the summed L2 distance to the rows of x [N, d]."""
+    x = jnp.asarray(x, jnp.float32)
 
-  def body(_, m):
-    w = 1.0 / jnp.maximum(jnp.linalg.norm(x - m, axis=-1), eps)  # [N]
-    return (w[:, None] * x).sum(0) / w.sum()
+    def body(_, m):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(x - m, axis=-1), eps)  # [N]
+        return (w[:, None] * x).sum(0) / w.sum()
 
-  return jax.lax.fori_loop(0, n_iter, body, x.mean(0))
+    return jax.lax.fori_loop(0, n_iter, body, x.mean(0))
 
 
 def _init_one(key, cfg: SAEConfig, b_dec):
-  w_dec = jax.random.normal(key, (cfg.n_latents, cfg.d_in), jnp.float32)
-  w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)  # unit-norm rows
-  p = {
-      "W_enc": w_dec.T,  # tied init
-      "b_enc": jnp.zeros((cfg.n_latents,), jnp.float32),
-      "W_dec": w_dec,
-      "b_dec": b_dec,
-  }
-  if cfg.architecture == "jumprelu":
-    p["threshold"] = jnp.full((cfg.n_latents,), cfg.jumprelu_init_threshold, jnp.float32)
-  elif cfg.architecture == "batchtopk":
-    p["threshold"] = jnp.zeros((cfg.n_latents,), jnp.float32)
-  return p
+    w_dec = jax.random.normal(key, (cfg.n_latents, cfg.d_in), jnp.float32)
+    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)  # unit-norm rows
+    p = {
+        "W_enc": w_dec.T,  # tied init
+        "b_enc": jnp.zeros((cfg.n_latents,), jnp.float32),
+        "W_dec": w_dec,
+        "b_dec": b_dec,
+    }
+    if cfg.architecture == "jumprelu":
+        p["threshold"] = jnp.full((cfg.n_latents,), cfg.jumprelu_init_threshold, jnp.float32)
+    elif cfg.architecture == "batchtopk":
+        p["threshold"] = jnp.zeros((cfg.n_latents,), jnp.float32)
+    return p
 
 
 def init(keys, cfg: SAEConfig, sample=None):
-  """Params with a leading seed axis S from keys [S] (typed keys or uint32 [S, 2]).
+    """Params with a leading seed axis S from keys [S] (typed keys or uint32 [S, 2]).
 
-  Tied init, unit-norm decoder rows; b_dec = geometric median of `sample` [N, d_in]
-  (the same for every seed, so seeds differ only in their random directions).
-  """
-  if sample is not None:
-    sample = jnp.asarray(sample, jnp.float32)
-    if sample.ndim != 2 or sample.shape[1] != cfg.d_in:
-      raise ValueError(f"sample shape {tuple(sample.shape)}; expected [N, d_in={cfg.d_in}]")
-    b_dec = geometric_median(sample)
-  else:
-    b_dec = jnp.zeros((cfg.d_in,), jnp.float32)
-  return _init_fn(cfg)(keys, b_dec)
+    Tied init, unit-norm decoder rows; b_dec = geometric median of `sample` [N, d_in]
+    (the same for every seed, so seeds differ only in their random directions).
+    """
+    if sample is not None:
+        sample = jnp.asarray(sample, jnp.float32)
+        if sample.ndim != 2 or sample.shape[1] != cfg.d_in:
+            raise ValueError(f"sample shape {tuple(sample.shape)}; expected [N, d_in={cfg.d_in}]")
+        b_dec = geometric_median(sample)
+    else:
+        b_dec = jnp.zeros((cfg.d_in,), jnp.float32)
+    return _init_fn(cfg)(keys, b_dec)
 
 
 @functools.lru_cache(maxsize=16)
 def _init_fn(cfg):
-  return jax.jit(jax.vmap(lambda k, b: _init_one(k, cfg, b), in_axes=(0, None)))
+    return jax.jit(jax.vmap(lambda k, b: _init_one(k, cfg, b), in_axes=(0, None)))
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def pre_acts(cfg: SAEConfig, params, x):
-  """Encoder pre-activations [B, n]."""
-  if cfg.apply_b_dec_to_input:
-    x = x - params["b_dec"]
-  return x @ params["W_enc"] + params["b_enc"]
+    """Encoder pre-activations [B, n]."""
+    if cfg.apply_b_dec_to_input:
+        x = x - params["b_dec"]
+    return x @ params["W_enc"] + params["b_enc"]
 
 
 def encode(cfg: SAEConfig, params, x):
-  """Latent activations z [B, n] (dense array; inference rules, not the training ones)."""
-  x = jnp.asarray(x, jnp.float32)
-  _check_d_in(cfg, x)
-  pre = pre_acts(cfg, params, x)
-  if cfg.architecture == "topk":
-    vals, idx = jax.lax.top_k(pre, cfg.k)
-    z = jnp.zeros_like(pre)
-    return z.at[jnp.arange(pre.shape[0])[:, None], idx].set(jax.nn.relu(vals))
-  if cfg.architecture == "batchtopk":
-    return jax.nn.relu(pre) * (pre > params["threshold"])
-  if cfg.architecture == "jumprelu":
-    return pre * (pre > params["threshold"])
-  return jax.nn.relu(pre)
+    """Latent activations z [B, n] (dense array; inference rules, not the training ones)."""
+    x = jnp.asarray(x, jnp.float32)
+    _check_d_in(cfg, x)
+    pre = pre_acts(cfg, params, x)
+    if cfg.architecture == "topk":
+        vals, idx = jax.lax.top_k(pre, cfg.k)
+        z = jnp.zeros_like(pre)
+        return z.at[jnp.arange(pre.shape[0])[:, None], idx].set(jax.nn.relu(vals))
+    if cfg.architecture == "batchtopk":
+        return jax.nn.relu(pre) * (pre > params["threshold"])
+    if cfg.architecture == "jumprelu":
+        return pre * (pre > params["threshold"])
+    return jax.nn.relu(pre)
 
 
 def encode_topk(cfg: SAEConfig, params, x):
-  """TopK codes as (vals [B, k], idx [B, k]) without the dense [B, n] latent array."""
-  if cfg.architecture != "topk":
-    raise ValueError(f"encode_topk needs architecture='topk', got {cfg.architecture!r}")
-  vals, idx = jax.lax.top_k(pre_acts(cfg, params, x), cfg.k)
-  return jax.nn.relu(vals), idx
+    """TopK codes as (vals [B, k], idx [B, k]) without the dense [B, n] latent array."""
+    if cfg.architecture != "topk":
+        raise ValueError(f"encode_topk needs architecture='topk', got {cfg.architecture!r}")
+    vals, idx = jax.lax.top_k(pre_acts(cfg, params, x), cfg.k)
+    return jax.nn.relu(vals), idx
 
 
 def decode(cfg: SAEConfig, params, z):
-  """x_hat [B, d_in] from dense latents z [B, n]."""
-  return z @ params["W_dec"] + params["b_dec"]
+    """x_hat [B, d_in] from dense latents z [B, n]."""
+    return z @ params["W_dec"] + params["b_dec"]
 
 
 def reconstruct(cfg: SAEConfig, params, x):
-  """x_hat [B, d_in] with the inference encoder."""
-  x = jnp.asarray(x, jnp.float32)
-  if cfg.architecture == "topk":
-    vals, idx = encode_topk(cfg, params, x)
-    return sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
-  return decode(cfg, params, encode(cfg, params, x))
+    """x_hat [B, d_in] with the inference encoder."""
+    x = jnp.asarray(x, jnp.float32)
+    if cfg.architecture == "topk":
+        vals, idx = encode_topk(cfg, params, x)
+        return sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
+    return decode(cfg, params, encode(cfg, params, x))
 
 
 def _check_d_in(cfg: SAEConfig, x):
-  if x.shape[-1] != cfg.d_in:
-    raise ValueError(f"activations have d_in={x.shape[-1]}; this SAE expects d_in={cfg.d_in}")
+    if x.shape[-1] != cfg.d_in:
+        raise ValueError(f"activations have d_in={x.shape[-1]}; this SAE expects d_in={cfg.d_in}")
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
 def fvu(x, x_hat):
-  """Fraction of variance unexplained, around the mean of x (not around zero)."""
-  x = jnp.asarray(x, jnp.float32)
-  resid = ((x - x_hat) ** 2).sum()
-  total = ((x - x.mean(0)) ** 2).sum()
-  return resid / jnp.maximum(total, 1e-30)
+    """Fraction of variance unexplained, around the mean of x (not around zero)."""
+    x = jnp.asarray(x, jnp.float32)
+    resid = ((x - x_hat) ** 2).sum()
+    total = ((x - x.mean(0)) ** 2).sum()
+    return resid / jnp.maximum(total, 1e-30)
 
 
 def evaluate(cfg: SAEConfig, params, x):
-  """Per-SAE metrics on x [B, d_in]: mse, fvu, l0, dead_frac (never fired in x), firing_rate [n]."""
-  x = jnp.asarray(x, jnp.float32)
-  _check_d_in(cfg, x)
-  z = encode(cfg, params, x)
-  x_hat = decode(cfg, params, z)
-  fired = z != 0
-  rate = fired.mean(0)
-  return {
-      "mse": ((x - x_hat) ** 2).mean(),
-      "fvu": fvu(x, x_hat),
-      "l0": fired.sum(-1).mean(),
-      "dead_frac": (rate == 0).mean(),
-      "firing_rate": rate,
-  }
+    """Per-SAE metrics on x [B, d_in]: mse, fvu, l0, dead_frac (never fired in x), firing_rate [n]."""
+    x = jnp.asarray(x, jnp.float32)
+    _check_d_in(cfg, x)
+    z = encode(cfg, params, x)
+    x_hat = decode(cfg, params, z)
+    fired = z != 0
+    rate = fired.mean(0)
+    return {
+        "mse": ((x - x_hat) ** 2).mean(),
+        "fvu": fvu(x, x_hat),
+        "l0": fired.sum(-1).mean(),
+        "dead_frac": (rate == 0).mean(),
+        "firing_rate": rate,
+    }
 
 
 # ----------------------------------------------------------------------------- training losses
@@ -204,275 +204,275 @@ def evaluate(cfg: SAEConfig, params, x):
 
 @jax.custom_vjp
 def _jump(pre, threshold, bandwidth):
-  return (pre > threshold).astype(pre.dtype)
+    return (pre > threshold).astype(pre.dtype)
 
 
 def _jump_fwd(pre, threshold, bandwidth):
-  return _jump(pre, threshold, bandwidth), (pre, threshold, bandwidth)
+    return _jump(pre, threshold, bandwidth), (pre, threshold, bandwidth)
 
 
 def _jump_bwd(res, g):
-  # straight-through with a rectangle kernel: d/dtheta H(pre - theta) ~ -K((pre - theta)/eps)/eps
-  pre, threshold, bandwidth = res
-  rect = (jnp.abs(pre - threshold) < bandwidth / 2).astype(pre.dtype) / bandwidth
-  return jnp.zeros_like(pre), (-g * rect).sum(0).reshape(threshold.shape), None
+    # straight-through with a rectangle kernel: d/dtheta H(pre - theta) ~ -K((pre - theta)/eps)/eps
+    pre, threshold, bandwidth = res
+    rect = (jnp.abs(pre - threshold) < bandwidth / 2).astype(pre.dtype) / bandwidth
+    return jnp.zeros_like(pre), (-g * rect).sum(0).reshape(threshold.shape), None
 
 
 _jump.defvjp(_jump_fwd, _jump_bwd)
 
 
 def _jumprelu_act(pre, threshold, bandwidth):
-  # gradient reaches pre through the identity factor only where the unit is open (as in Gemma Scope)
-  return jax.lax.stop_gradient(pre) * _jump(pre, threshold, bandwidth) + (
-      pre - jax.lax.stop_gradient(pre)) * (pre > threshold)
+    # gradient reaches pre through the identity factor only where the unit is open (as in Gemma Scope)
+    return jax.lax.stop_gradient(pre) * _jump(pre, threshold, bandwidth) + (
+        pre - jax.lax.stop_gradient(pre)) * (pre > threshold)
 
 
 def _chunked(a, c):
-  return a.reshape((a.shape[0] // c, c) + a.shape[1:])
+    return a.reshape((a.shape[0] // c, c) + a.shape[1:])
 
 
 def _chunk_size(b: int, k: int) -> int:
-  # a chunk gathers [c, k, d] rows: keep it cache-sized (c*k ~ 1024); c must divide the batch
-  c = max(1, min(b, 1024 // max(k, 1)))
-  while b % c:
-    c -= 1
-  return c
+    # a chunk gathers [c, k, d] rows: keep it cache-sized (c*k ~ 1024); c must divide the batch
+    c = max(1, min(b, 1024 // max(k, 1)))
+    while b % c:
+        c -= 1
+    return c
 
 
 @jax.custom_vjp
 def sparse_decode(vals, idx, w):
-  """out[b] = sum_j vals[b, j] * w[idx[b, j]]  ([B, k], [B, k], [n, d] -> [B, d]).
+    """out[b] = sum_j vals[b, j] * w[idx[b, j]]  ([B, k], [B, k], [n, d] -> [B, d]).
 
-  Decodes only the k active latents; the backward is a scatter-add into those k rows.
-  """
-  c = _chunk_size(*idx.shape)
+    Decodes only the k active latents; the backward is a scatter-add into those k rows.
+    """
+    c = _chunk_size(*idx.shape)
 
-  def f(_, a):
-    v, i = a
-    return None, (v[:, :, None] * jnp.take(w, i, axis=0, mode="clip")).sum(1)
+    def f(_, a):
+        v, i = a
+        return None, (v[:, :, None] * jnp.take(w, i, axis=0, mode="clip")).sum(1)
 
-  out = jax.lax.scan(f, None, (_chunked(vals, c), _chunked(idx, c)))[1]
-  return out.reshape(vals.shape[0], w.shape[1])
+    out = jax.lax.scan(f, None, (_chunked(vals, c), _chunked(idx, c)))[1]
+    return out.reshape(vals.shape[0], w.shape[1])
 
 
 def _sparse_decode_fwd(vals, idx, w):
-  return sparse_decode(vals, idx, w), (vals, idx, w)
+    return sparse_decode(vals, idx, w), (vals, idx, w)
 
 
 def _sparse_decode_bwd(res, g):
-  vals, idx, w = res
-  c = _chunk_size(*idx.shape)
+    vals, idx, w = res
+    c = _chunk_size(*idx.shape)
 
-  def f(dw, a):
-    v, i, gg = a
-    dv = (gg[:, None, :] * jnp.take(w, i, axis=0, mode="clip")).sum(-1)
-    upd = (v[:, :, None] * gg[:, None, :]).reshape(-1, w.shape[1])
-    return dw.at[i.reshape(-1)].add(upd, mode="promise_in_bounds"), dv
+    def f(dw, a):
+        v, i, gg = a
+        dv = (gg[:, None, :] * jnp.take(w, i, axis=0, mode="clip")).sum(-1)
+        upd = (v[:, :, None] * gg[:, None, :]).reshape(-1, w.shape[1])
+        return dw.at[i.reshape(-1)].add(upd, mode="promise_in_bounds"), dv
 
-  dw, dv = jax.lax.scan(f, jnp.zeros_like(w), (_chunked(vals, c), _chunked(idx, c), _chunked(g, c)))
-  return dv.reshape(vals.shape), None, dw
+    dw, dv = jax.lax.scan(f, jnp.zeros_like(w), (_chunked(vals, c), _chunked(idx, c), _chunked(g, c)))
+    return dv.reshape(vals.shape), None, dw
 
 
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
 def _topk_pass(tgt, xc, pre_sel, idx, w_dec, inv_b: float):
-  """Sparse decode of a TopK SAE and the gradient of its squared error, in ONE chunked pass.
+    """Sparse decode of a TopK SAE and the gradient of its squared error, in ONE chunked pass.
 
-  tgt [B, d] is what the decode must match (without b_dec), xc [B, d] the encoder input, pre_sel and
-  idx [B, k] the selected pre-activations and their rows of w_dec [n, d];
-  loss = inv_b * sum ||tgt - rec||^2. Each chunk of tokens gathers its k decoder rows once and uses
-  them for the decode AND for d loss / d vals (which needs only the chunk's own residual), then
-  scatter-adds both weight gradients. The encoder's rows are never gathered: pre_sel comes from the
-  dense encoder matmul, and the b_dec gradient through the encoder is W_enc @ d b_enc (see
-  topk_sq_err). XLA's CPU gather / scatter is slow unless the rows stay in cache, hence the chunks.
-  Returns rec [B, d], gpre [B, k] (d loss / d pre_sel), d W_enc^T [n, d], d W_dec [n, d], g [B, d]
-  (d loss / d rec).
-  """
-  b, k = idx.shape
-  d = w_dec.shape[1]
-  c = _chunk_size(b, k)
+    tgt [B, d] is what the decode must match (without b_dec), xc [B, d] the encoder input, pre_sel and
+    idx [B, k] the selected pre-activations and their rows of w_dec [n, d];
+    loss = inv_b * sum ||tgt - rec||^2. Each chunk of tokens gathers its k decoder rows once and uses
+    them for the decode AND for d loss / d vals (which needs only the chunk's own residual), then
+    scatter-adds both weight gradients. The encoder's rows are never gathered: pre_sel comes from the
+    dense encoder matmul, and the b_dec gradient through the encoder is W_enc @ d b_enc (see
+    topk_sq_err). XLA's CPU gather / scatter is slow unless the rows stay in cache, hence the chunks.
+    Returns rec [B, d], gpre [B, k] (d loss / d pre_sel), d W_enc^T [n, d], d W_dec [n, d], g [B, d]
+    (d loss / d rec).
+    """
+    b, k = idx.shape
+    d = w_dec.shape[1]
+    c = _chunk_size(b, k)
 
-  def body(carry, a):
-    dwe, dwd = carry
-    tt, xx, pv, ii = a
-    rows = w_dec.at[ii].get(mode="promise_in_bounds")  # [c, k, d]
-    vals = jax.nn.relu(pv)
-    rec = jnp.einsum("ck,ckd->cd", vals, rows)
-    g = (-2.0 * inv_b) * (tt - rec)  # d loss / d x_hat
-    gpre = jnp.einsum("cd,ckd->ck", g, rows) * (pv > 0)  # relu' = 1 only where pv > 0 (as jax.nn.relu)
-    fi = ii.reshape(-1)
-    dwd = dwd.at[fi].add((vals[:, :, None] * g[:, None, :]).reshape(-1, d), mode="promise_in_bounds")
-    dwe = dwe.at[fi].add((gpre[:, :, None] * xx[:, None, :]).reshape(-1, d), mode="promise_in_bounds")
-    return (dwe, dwd), (rec, gpre, g)
+    def body(carry, a):
+        dwe, dwd = carry
+        tt, xx, pv, ii = a
+        rows = w_dec.at[ii].get(mode="promise_in_bounds")  # [c, k, d]
+        vals = jax.nn.relu(pv)
+        rec = jnp.einsum("ck,ckd->cd", vals, rows)
+        g = (-2.0 * inv_b) * (tt - rec)  # d loss / d x_hat
+        gpre = jnp.einsum("cd,ckd->ck", g, rows) * (pv > 0)  # relu' = 1 only where pv > 0 (as jax.nn.relu)
+        fi = ii.reshape(-1)
+        dwd = dwd.at[fi].add((vals[:, :, None] * g[:, None, :]).reshape(-1, d), mode="promise_in_bounds")
+        dwe = dwe.at[fi].add((gpre[:, :, None] * xx[:, None, :]).reshape(-1, d), mode="promise_in_bounds")
+        return (dwe, dwd), (rec, gpre, g)
 
-  zeros = jnp.zeros_like(w_dec)
-  (dwe, dwd), (rec, gpre, g) = jax.lax.scan(
-      body, (zeros, zeros), (_chunked(tgt, c), _chunked(xc, c), _chunked(pre_sel, c), _chunked(idx, c)))
-  return rec.reshape(b, d), gpre.reshape(b, k), dwe, dwd, g.reshape(b, d)
+    zeros = jnp.zeros_like(w_dec)
+    (dwe, dwd), (rec, gpre, g) = jax.lax.scan(
+        body, (zeros, zeros), (_chunked(tgt, c), _chunked(xc, c), _chunked(pre_sel, c), _chunked(idx, c)))
+    return rec.reshape(b, d), gpre.reshape(b, k), dwe, dwd, g.reshape(b, d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def topk_sq_err(apply_b_dec: bool, add_b_dec: bool, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel):
-  """Squared error of a TopK decode: (err, vals [B, k], x_hat [B, d]).
+    """Squared error of a TopK decode: (err, vals [B, k], x_hat [B, d]).
 
-  err = mean over tokens of ||target - x_hat||^2 with x_hat = sum_j relu(pre_sel) * W_dec[idx]
-  (+ b_dec when add_b_dec); x / target [B, d], idx / pre_sel [B, k]. pre_sel must be the
-  pre-activations (x - b_dec if apply_b_dec) @ W_enc + b_enc at idx, which the caller already has
-  from the dense encoder matmul: it is a cache of that function of (params, x), so it gets no
-  gradient of its own and the gradient reaches W_enc, b_enc, b_dec and x through it. Picks with
-  pre_sel <= 0 add nothing (padding may use any valid idx). vals and x_hat come back detached
-  (metrics / AuxK target).
+    err = mean over tokens of ||target - x_hat||^2 with x_hat = sum_j relu(pre_sel) * W_dec[idx]
+    (+ b_dec when add_b_dec); x / target [B, d], idx / pre_sel [B, k]. pre_sel must be the
+    pre-activations (x - b_dec if apply_b_dec) @ W_enc + b_enc at idx, which the caller already has
+    from the dense encoder matmul: it is a cache of that function of (params, x), so it gets no
+    gradient of its own and the gradient reaches W_enc, b_enc, b_dec and x through it. Picks with
+    pre_sel <= 0 add nothing (padding may use any valid idx). vals and x_hat come back detached
+    (metrics / AuxK target).
 
-  err is a scalar, so the differentiated path computes its gradient already in the forward pass
-  (_topk_pass: ONE gather of the k decoder rows per token) and the backward only scales it; plain
-  autodiff gathers the rows of both matrices twice.
-  """
-  vals = jax.nn.relu(pre_sel)
-  rec = sparse_decode(vals, idx, w_dec)
-  x_hat = rec + b_dec if add_b_dec else rec
-  return ((target - x_hat) ** 2).sum(-1).mean(), vals, x_hat
+    err is a scalar, so the differentiated path computes its gradient already in the forward pass
+    (_topk_pass: ONE gather of the k decoder rows per token) and the backward only scales it; plain
+    autodiff gathers the rows of both matrices twice.
+    """
+    vals = jax.nn.relu(pre_sel)
+    rec = sparse_decode(vals, idx, w_dec)
+    x_hat = rec + b_dec if add_b_dec else rec
+    return ((target - x_hat) ** 2).sum(-1).mean(), vals, x_hat
 
 
 def _topk_sq_err_fwd(apply_b_dec, add_b_dec, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel):
-  xc = x - b_dec if apply_b_dec else x
-  tgt = target - b_dec if add_b_dec else target  # what the sparse decode must match
-  rec, gpre, dwe, dwd, g = _topk_pass(tgt, xc, pre_sel, idx, w_dec, 1.0 / x.shape[0])
-  d_b_enc = jnp.zeros_like(b_enc).at[idx.reshape(-1)].add(gpre.reshape(-1))
-  d_b_dec = g.sum(0) if add_b_dec else jnp.zeros_like(b_dec)
-  if apply_b_dec:  # pre = (x - b_dec) W_enc + b_enc: sum_t d pre_t / d b_dec = -W_enc @ d_b_enc
-    d_b_dec = d_b_dec - w_enc @ d_b_enc
-  grads = (dwe.T, d_b_enc, dwd, d_b_dec)
-  x_hat = rec + b_dec if add_b_dec else rec
-  return (((tgt - rec) ** 2).sum(-1).mean(), jax.nn.relu(pre_sel), x_hat), (grads, g, gpre, idx, w_enc)
+    xc = x - b_dec if apply_b_dec else x
+    tgt = target - b_dec if add_b_dec else target  # what the sparse decode must match
+    rec, gpre, dwe, dwd, g = _topk_pass(tgt, xc, pre_sel, idx, w_dec, 1.0 / x.shape[0])
+    d_b_enc = jnp.zeros_like(b_enc).at[idx.reshape(-1)].add(gpre.reshape(-1))
+    d_b_dec = g.sum(0) if add_b_dec else jnp.zeros_like(b_dec)
+    if apply_b_dec:  # pre = (x - b_dec) W_enc + b_enc: sum_t d pre_t / d b_dec = -W_enc @ d_b_enc
+        d_b_dec = d_b_dec - w_enc @ d_b_enc
+    grads = (dwe.T, d_b_enc, dwd, d_b_dec)
+    x_hat = rec + b_dec if add_b_dec else rec
+    return (((tgt - rec) ** 2).sum(-1).mean(), jax.nn.relu(pre_sel), x_hat), (grads, g, gpre, idx, w_enc)
 
 
 def _topk_sq_err_bwd(apply_b_dec, add_b_dec, res, cts):
-  grads, g, gpre, idx, w_enc = res
-  ct = cts[0]  # cotangent of err; vals and x_hat are detached
-  # d err / d x through the encoder; XLA drops this gather when x is not differentiated (training)
-  dx = sparse_decode(gpre, idx, w_enc.T)
-  return (*(ct * a for a in grads), ct * dx, -ct * g, None, None)
+    grads, g, gpre, idx, w_enc = res
+    ct = cts[0]  # cotangent of err; vals and x_hat are detached
+    # d err / d x through the encoder; XLA drops this gather when x is not differentiated (training)
+    dx = sparse_decode(gpre, idx, w_enc.T)
+    return (*(ct * a for a in grads), ct * dx, -ct * g, None, None)
 
 
 topk_sq_err.defvjp(_topk_sq_err_fwd, _topk_sq_err_bwd)
 
 
 def _kth_largest(a, kk: int, n_iter: int = 40):
-  """Value t with about kk entries of a >= t (bisection on the value; a full top_k over
-  B*n entries is a sort on CPU, counting is one cheap pass per iteration)."""
+    """Value t with about kk entries of a >= t (bisection on the value; a full top_k over
+    B*n entries is a sort on CPU, counting is one cheap pass per iteration)."""
 
-  def body(_, lohi):
-    lo, hi = lohi
-    mid = 0.5 * (lo + hi)
-    many = (a >= mid).sum() >= kk
-    return jnp.where(many, mid, lo), jnp.where(many, hi, mid)
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = 0.5 * (lo + hi)
+        many = (a >= mid).sum() >= kk
+        return jnp.where(many, mid, lo), jnp.where(many, hi, mid)
 
-  lo, _ = jax.lax.fori_loop(0, n_iter, body, (jnp.zeros((), a.dtype), a.max() * (1 + 1e-6) + 1e-30))
-  return lo
+    lo, _ = jax.lax.fori_loop(0, n_iter, body, (jnp.zeros((), a.dtype), a.max() * (1 + 1e-6) + 1e-30))
+    return lo
 
 
 def topk_train_loss_seeds(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
-  """TopK loss for S seeds at once: params with seed axis, x [B, d] or [S, B, d], dead [S, n].
+    """TopK loss for S seeds at once: params with seed axis, x [B, d] or [S, B, d], dead [S, n].
 
-  The same numbers as vmap(train_loss), computed one seed after another (lax.map): a vmapped step
-  holds S [B, n] pre-activation arrays at once and its gathers / scatter-adds get batching dims,
-  which measured slower per seed than the single-seed step on CPU. Returns (loss [S], aux with
-  leading S); the gradient of loss.sum() is the per-seed gradient (the seeds' params are disjoint).
-  """
-  if x.ndim == 3:
-    return jax.lax.map(lambda a: train_loss(cfg, a[0], a[1], a[2], use_aux), (params, x, dead))
-  return jax.lax.map(lambda a: train_loss(cfg, a[0], x, a[1], use_aux), (params, dead))
+    The same numbers as vmap(train_loss), computed one seed after another (lax.map): a vmapped step
+    holds S [B, n] pre-activation arrays at once and its gathers / scatter-adds get batching dims,
+    which measured slower per seed than the single-seed step on CPU. Returns (loss [S], aux with
+    leading S); the gradient of loss.sum() is the per-seed gradient (the seeds' params are disjoint).
+    """
+    if x.ndim == 3:
+        return jax.lax.map(lambda a: train_loss(cfg, a[0], a[1], a[2], use_aux), (params, x, dead))
+    return jax.lax.map(lambda a: train_loss(cfg, a[0], x, a[1], use_aux), (params, dead))
 
 
 def train_loss(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
-  """Loss and metrics for one SAE on a batch x [B, d_in]; dead [n] bool marks dead latents (AuxK).
+    """Loss and metrics for one SAE on a batch x [B, d_in]; dead [n] bool marks dead latents (AuxK).
 
-  Returns (loss, aux) where aux holds mse, l0, fire_count [n] (tokens that fired it), x_hat and,
-  for batchtopk, the batch's minimum active pre-activation (threshold estimate).
-  use_aux=False skips AuxK (the caller knows no latent is dead).
-  """
-  arch = cfg.architecture
-  xc = x - params["b_dec"] if cfg.apply_b_dec_to_input else x
-  aux = {}
-  if arch == "topk":
-    # the dense encoder matmul (no gradient) is the only dense work: it picks the k latents and
-    # gives their pre-activations; topk_sq_err's gradients touch those k rows only
-    pre = jax.lax.stop_gradient(xc @ params["W_enc"] + params["b_enc"])  # [B, n]
-    pre_sel, idx = jax.lax.top_k(pre, cfg.k)  # [B, k]
-    w = [params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
-    mse_sum, vals, x_hat = topk_sq_err(cfg.apply_b_dec_to_input, True, *w, x, x, idx, pre_sel)
-    fire_count = jnp.zeros((cfg.n_latents,), jnp.int32).at[idx.reshape(-1)].add(
-        (vals.reshape(-1) > 0).astype(jnp.int32))
-    l0 = (vals > 0).sum(-1).mean()
-    loss = mse_sum
-    aux["aux_loss"] = jnp.zeros((), jnp.float32)
-    if use_aux:
-      # AuxK: the k_aux largest DEAD latents model the detached residual; b_dec is not added again
-      a_top, a_idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), cfg.k_aux_eff)
-      # fewer dead latents than k_aux: the extra picks get pre-activation 0, i.e. add nothing
-      a_pre = jnp.where(jnp.isfinite(a_top), a_top, 0.0)
-      target = jax.lax.stop_gradient(x - x_hat)
-      a_mse = topk_sq_err(cfg.apply_b_dec_to_input, False, *w, x, target, a_idx, a_pre)[0]
-      # normalised by the residual's variance (OpenAI / sparsify); zero when nothing is dead
-      a_loss = a_mse / jnp.maximum(((target - target.mean(0)) ** 2).sum(-1).mean(), 1e-12)
-      a_loss = jnp.where(dead.any(), a_loss, 0.0)
-      loss = loss + cfg.aux_coeff * a_loss
-      aux["aux_loss"] = a_loss
-  if arch != "topk":
-    pre = xc @ params["W_enc"] + params["b_enc"]  # [B, n]
-    if arch == "batchtopk":
-      cut = _kth_largest(jax.lax.stop_gradient(jax.nn.relu(pre)), cfg.k * pre.shape[0])
-      mask = (pre >= cut) & (pre > 0)
-      z = jax.nn.relu(pre) * mask
-      aux["min_active"] = jnp.where(mask, pre, jnp.inf).min()
-    elif arch == "relu":
-      z = jax.nn.relu(pre)
-    else:  # jumprelu
-      z = _jumprelu_act(pre, params["threshold"], cfg.jumprelu_bandwidth)
-    x_hat = z @ params["W_dec"] + params["b_dec"]
-    fire_count = (z != 0).sum(0).astype(jnp.int32)
-    l0 = (z != 0).sum(-1).mean()
-    mse_sum = ((x - x_hat) ** 2).sum(-1).mean()
-    loss = mse_sum
-    if arch == "relu":
-      w_norm = jnp.linalg.norm(params["W_dec"], axis=-1)
-      sparsity = (z * w_norm).sum(-1).mean()
-      loss = loss + cfg.l1_coeff * sparsity
-    elif arch == "jumprelu":
-      l0_smooth = _jump(pre, params["threshold"], cfg.jumprelu_bandwidth).sum(-1).mean()
-      loss = loss + cfg.l0_coeff * l0_smooth
-  aux.update(mse=mse_sum / cfg.d_in, l0=l0, fire_count=fire_count, x_hat=x_hat)
-  return loss, aux
+    Returns (loss, aux) where aux holds mse, l0, fire_count [n] (tokens that fired it), x_hat and,
+    for batchtopk, the batch's minimum active pre-activation (threshold estimate).
+    use_aux=False skips AuxK (the caller knows no latent is dead).
+    """
+    arch = cfg.architecture
+    xc = x - params["b_dec"] if cfg.apply_b_dec_to_input else x
+    aux = {}
+    if arch == "topk":
+        # the dense encoder matmul (no gradient) is the only dense work: it picks the k latents and
+        # gives their pre-activations; topk_sq_err's gradients touch those k rows only
+        pre = jax.lax.stop_gradient(xc @ params["W_enc"] + params["b_enc"])  # [B, n]
+        pre_sel, idx = jax.lax.top_k(pre, cfg.k)  # [B, k]
+        w = [params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
+        mse_sum, vals, x_hat = topk_sq_err(cfg.apply_b_dec_to_input, True, *w, x, x, idx, pre_sel)
+        fire_count = jnp.zeros((cfg.n_latents,), jnp.int32).at[idx.reshape(-1)].add(
+            (vals.reshape(-1) > 0).astype(jnp.int32))
+        l0 = (vals > 0).sum(-1).mean()
+        loss = mse_sum
+        aux["aux_loss"] = jnp.zeros((), jnp.float32)
+        if use_aux:
+            # AuxK: the k_aux largest DEAD latents model the detached residual; b_dec is not added again
+            a_top, a_idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), cfg.k_aux_eff)
+            # fewer dead latents than k_aux: the extra picks get pre-activation 0, i.e. add nothing
+            a_pre = jnp.where(jnp.isfinite(a_top), a_top, 0.0)
+            target = jax.lax.stop_gradient(x - x_hat)
+            a_mse = topk_sq_err(cfg.apply_b_dec_to_input, False, *w, x, target, a_idx, a_pre)[0]
+            # normalised by the residual's variance (OpenAI / sparsify); zero when nothing is dead
+            a_loss = a_mse / jnp.maximum(((target - target.mean(0)) ** 2).sum(-1).mean(), 1e-12)
+            a_loss = jnp.where(dead.any(), a_loss, 0.0)
+            loss = loss + cfg.aux_coeff * a_loss
+            aux["aux_loss"] = a_loss
+    if arch != "topk":
+        pre = xc @ params["W_enc"] + params["b_enc"]  # [B, n]
+        if arch == "batchtopk":
+            cut = _kth_largest(jax.lax.stop_gradient(jax.nn.relu(pre)), cfg.k * pre.shape[0])
+            mask = (pre >= cut) & (pre > 0)
+            z = jax.nn.relu(pre) * mask
+            aux["min_active"] = jnp.where(mask, pre, jnp.inf).min()
+        elif arch == "relu":
+            z = jax.nn.relu(pre)
+        else:  # jumprelu
+            z = _jumprelu_act(pre, params["threshold"], cfg.jumprelu_bandwidth)
+        x_hat = z @ params["W_dec"] + params["b_dec"]
+        fire_count = (z != 0).sum(0).astype(jnp.int32)
+        l0 = (z != 0).sum(-1).mean()
+        mse_sum = ((x - x_hat) ** 2).sum(-1).mean()
+        loss = mse_sum
+        if arch == "relu":
+            w_norm = jnp.linalg.norm(params["W_dec"], axis=-1)
+            sparsity = (z * w_norm).sum(-1).mean()
+            loss = loss + cfg.l1_coeff * sparsity
+        elif arch == "jumprelu":
+            l0_smooth = _jump(pre, params["threshold"], cfg.jumprelu_bandwidth).sum(-1).mean()
+            loss = loss + cfg.l0_coeff * l0_smooth
+    aux.update(mse=mse_sum / cfg.d_in, l0=l0, fire_count=fire_count, x_hat=x_hat)
+    return loss, aux
 
 
 def remove_parallel_grad(w_dec, g):
-  """Drop the gradient component along each unit-norm decoder row (keeps rows on the sphere)."""
-  w = w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
-  return g - (g * w).sum(-1, keepdims=True) * w
+    """Drop the gradient component along each unit-norm decoder row (keeps rows on the sphere)."""
+    w = w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
+    return g - (g * w).sum(-1, keepdims=True) * w
 
 
 def normalize_decoder(w_dec):
-  return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
+    return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
 
 
 def lr_default(n_latents: int) -> float:
-  """2e-4 / sqrt(n_latents / 2^14) (OpenAI TopK scaling law)."""
-  return 2e-4 / math.sqrt(n_latents / 2**14)
+    """2e-4 / sqrt(n_latents / 2^14) (OpenAI TopK scaling law)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
 def fold_scale(params, scale):
-  """Params trained on x * scale -> params acting on raw x (exact reparametrisation).
+    """Params trained on x * scale -> params acting on raw x (exact reparametrisation).
 
-  pre = (x*c - b_dec) W_enc + b_enc = (x - b_dec/c)(c W_enc) + b_enc ; x_hat = (z W_dec + b_dec) / c
-  """
-  out = dict(params)
-  c = jnp.asarray(scale, jnp.float32)
-  out["W_enc"] = params["W_enc"] * c
-  out["W_dec"] = params["W_dec"] / c
-  out["b_dec"] = params["b_dec"] / c
-  return out
+    pre = (x*c - b_dec) W_enc + b_enc = (x - b_dec/c)(c W_enc) + b_enc ; x_hat = (z W_dec + b_dec) / c
+    """
+    out = dict(params)
+    c = jnp.asarray(scale, jnp.float32)
+    out["W_enc"] = params["W_enc"] * c
+    out["W_dec"] = params["W_dec"] / c
+    out["b_dec"] = params["b_dec"] / c
+    return out
 
 
 def to_numpy(tree):
-  return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(np.asarray, tree)

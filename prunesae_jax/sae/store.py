@@ -19,228 +19,228 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".npy")
-  with os.fdopen(fd, "wb") as f:
-    np.save(f, arr)
-  os.replace(tmp, path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:
-  if not np.isfinite(x).all():
-    bad = np.argwhere(~np.isfinite(x))[0]
-    raise ValueError(f"non-finite activation {x[tuple(bad)]} at {what} row {bad[0]}; activations must be finite")
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"non-finite activation {x[tuple(bad)]} at {what} row {bad[0]}; activations must be finite")
 
 
 class _Batches:
-  """Shared batching logic: needs self.n_tokens, self.d_in and self._take(sorted_rows)."""
+    """Shared batching logic: needs self.n_tokens, self.d_in and self._take(sorted_rows)."""
 
-  n_tokens: int
-  d_in: int
+    n_tokens: int
+    d_in: int
 
-  def __len__(self) -> int:
-    return self.n_tokens
+    def __len__(self) -> int:
+        return self.n_tokens
 
-  def _perm(self, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(self.n_tokens)
+    def _perm(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([int(seed), int(epoch)]).permutation(self.n_tokens)
 
-  def batch(self, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Batch number `step` of the seeded shuffled stream: float32 [batch_size, d_in]."""
-    if not 0 < batch_size <= self.n_tokens:
-      raise ValueError(f"batch_size={batch_size}; accepted: 1..n_tokens={self.n_tokens}")
-    per_epoch = self.n_tokens // batch_size  # drop the ragged tail of each epoch
-    epoch, j = divmod(int(step), per_epoch)
-    rows = self._perm(seed, epoch)[j * batch_size:(j + 1) * batch_size]
-    order = np.argsort(rows, kind="stable")  # sorted reads are much faster on a memmap
-    out = np.empty((batch_size, self.d_in), np.float32)
-    out[order] = self._take(rows[order])
-    return out
+    def batch(self, batch_size: int, seed: int, step: int) -> np.ndarray:
+        """Batch number `step` of the seeded shuffled stream: float32 [batch_size, d_in]."""
+        if not 0 < batch_size <= self.n_tokens:
+            raise ValueError(f"batch_size={batch_size}; accepted: 1..n_tokens={self.n_tokens}")
+        per_epoch = self.n_tokens // batch_size  # drop the ragged tail of each epoch
+        epoch, j = divmod(int(step), per_epoch)
+        rows = self._perm(seed, epoch)[j * batch_size:(j + 1) * batch_size]
+        order = np.argsort(rows, kind="stable")  # sorted reads are much faster on a memmap
+        out = np.empty((batch_size, self.d_in), np.float32)
+        out[order] = self._take(rows[order])
+        return out
 
-  def batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[np.ndarray]:
-    """Endless iterator of shuffled float32 batches [batch_size, d_in], starting at `start_step`."""
-    step = int(start_step)
-    while True:
-      yield self.batch(batch_size, seed, step)
-      step += 1
+    def batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[np.ndarray]:
+        """Endless iterator of shuffled float32 batches [batch_size, d_in], starting at `start_step`."""
+        step = int(start_step)
+        while True:
+            yield self.batch(batch_size, seed, step)
+            step += 1
 
-  def sample(self, n: int, seed: int = 0) -> np.ndarray:
-    """n rows drawn without replacement (all rows if n >= n_tokens), float32 [n, d_in]."""
-    n = min(int(n), self.n_tokens)
-    rows = np.sort(np.random.default_rng([int(seed), 2**31 - 1]).choice(self.n_tokens, n, replace=False))
-    return self._take(rows).astype(np.float32)
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """n rows drawn without replacement (all rows if n >= n_tokens), float32 [n, d_in]."""
+        n = min(int(n), self.n_tokens)
+        rows = np.sort(np.random.default_rng([int(seed), 2**31 - 1]).choice(self.n_tokens, n, replace=False))
+        return self._take(rows).astype(np.float32)
 
-  def read(self, start: int, stop: int) -> np.ndarray:
-    return self._take(np.arange(start, min(stop, self.n_tokens))).astype(np.float32)
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._take(np.arange(start, min(stop, self.n_tokens))).astype(np.float32)
 
 
 class ArrayStore(_Batches):
-  """In-memory activations [N, d_in] with the ActivationStore reading API."""
+    """In-memory activations [N, d_in] with the ActivationStore reading API."""
 
-  def __init__(self, x, metadata: dict | None = None):
-    x = np.asarray(x, np.float32)
-    if x.ndim != 2:
-      raise ValueError(f"activations shape {x.shape}; expected [n_tokens, d_in]")
-    _check_finite(x, "in-memory activations")
-    self.x = x
-    self.n_tokens, self.d_in = x.shape
-    self.metadata = dict(metadata or {}, n_tokens=self.n_tokens, d_in=self.d_in, dtype="float32")
+    def __init__(self, x, metadata: dict | None = None):
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"activations shape {x.shape}; expected [n_tokens, d_in]")
+        _check_finite(x, "in-memory activations")
+        self.x = x
+        self.n_tokens, self.d_in = x.shape
+        self.metadata = dict(metadata or {}, n_tokens=self.n_tokens, d_in=self.d_in, dtype="float32")
 
-  def _take(self, rows):
-    return self.x[rows]
+    def _take(self, rows):
+        return self.x[rows]
 
 
 class ActivationStore(_Batches):
-  """Disk-backed sharded activation store (see module docstring). `ActivationStore(path)` opens one."""
+    """Disk-backed sharded activation store (see module docstring). `ActivationStore(path)` opens one."""
 
-  def __init__(self, path: str):
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.exists(meta_path):
-      raise FileNotFoundError(f"no activation store at {path!r} (missing metadata.json)")
-    with open(meta_path) as f:
-      self.metadata = json.load(f)
-    self.path = path
-    self.d_in = int(self.metadata["d_in"])
-    self.dtype = self.metadata["dtype"]
-    self._shard_rows = [int(r) for r in self.metadata["shard_rows"]]
-    self._starts = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
-    self.n_tokens = int(self._starts[-1])
-    self._maps = [None] * len(self._shard_rows)
+    def __init__(self, path: str):
+        meta_path = os.path.join(path, "metadata.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"no activation store at {path!r} (missing metadata.json)")
+        with open(meta_path) as f:
+            self.metadata = json.load(f)
+        self.path = path
+        self.d_in = int(self.metadata["d_in"])
+        self.dtype = self.metadata["dtype"]
+        self._shard_rows = [int(r) for r in self.metadata["shard_rows"]]
+        self._starts = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
+        self.n_tokens = int(self._starts[-1])
+        self._maps = [None] * len(self._shard_rows)
 
-  def _shard(self, i: int) -> np.ndarray:
-    if self._maps[i] is None:
-      self._maps[i] = np.load(os.path.join(self.path, f"shard_{i:05d}.npy"), mmap_mode="r")
-    return self._maps[i]
+    def _shard(self, i: int) -> np.ndarray:
+        if self._maps[i] is None:
+            self._maps[i] = np.load(os.path.join(self.path, f"shard_{i:05d}.npy"), mmap_mode="r")
+        return self._maps[i]
 
-  def _take(self, rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, np.int64)
-    out = np.empty((len(rows), self.d_in), np.float32)
-    shard_of = np.searchsorted(self._starts, rows, side="right") - 1
-    for i in np.unique(shard_of):
-      sel = shard_of == i
-      raw = self._shard(int(i))[rows[sel] - self._starts[i]]
-      if self.dtype == "bfloat16":
-        raw = raw.view(ml_dtypes.bfloat16)
-      out[sel] = raw.astype(np.float32)
-    return out
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.d_in), np.float32)
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for i in np.unique(shard_of):
+            sel = shard_of == i
+            raw = self._shard(int(i))[rows[sel] - self._starts[i]]
+            if self.dtype == "bfloat16":
+                raw = raw.view(ml_dtypes.bfloat16)
+            out[sel] = raw.astype(np.float32)
+        return out
 
-  @staticmethod
-  def create(path: str, d_in: int, dtype: str = "float16", metadata: dict | None = None,
-             shard_tokens: int = 2**18) -> "StoreWriter":
-    """A writer for a new store at `path` (must not hold a store already)."""
-    return StoreWriter(path, d_in, dtype, metadata, shard_tokens)
+    @staticmethod
+    def create(path: str, d_in: int, dtype: str = "float16", metadata: dict | None = None,
+               shard_tokens: int = 2**18) -> "StoreWriter":
+        """A writer for a new store at `path` (must not hold a store already)."""
+        return StoreWriter(path, d_in, dtype, metadata, shard_tokens)
 
 
 class StoreWriter:
-  """Appends activations shard by shard; metadata.json is written last, so a store is complete or absent."""
+    """Appends activations shard by shard; metadata.json is written last, so a store is complete or absent."""
 
-  def __init__(self, path, d_in, dtype, metadata, shard_tokens):
-    if dtype not in DTYPES:
-      raise ValueError(f"dtype={dtype!r}; accepted: {DTYPES}")
-    if os.path.exists(os.path.join(path, "metadata.json")):
-      raise ValueError(f"an activation store already exists at {path!r}; choose a new path")
-    os.makedirs(path, exist_ok=True)
-    self.path, self.d_in, self.dtype = path, int(d_in), dtype
-    self.metadata = dict(metadata or {})
-    self.shard_tokens = int(shard_tokens)
-    self._buf: list[np.ndarray] = []
-    self._buffered = 0
-    self._shard_rows: list[int] = []
-    self._sumsq = 0.0
-    self._sum_norm = 0.0
+    def __init__(self, path, d_in, dtype, metadata, shard_tokens):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; accepted: {DTYPES}")
+        if os.path.exists(os.path.join(path, "metadata.json")):
+            raise ValueError(f"an activation store already exists at {path!r}; choose a new path")
+        os.makedirs(path, exist_ok=True)
+        self.path, self.d_in, self.dtype = path, int(d_in), dtype
+        self.metadata = dict(metadata or {})
+        self.shard_tokens = int(shard_tokens)
+        self._buf: list[np.ndarray] = []
+        self._buffered = 0
+        self._shard_rows: list[int] = []
+        self._sumsq = 0.0
+        self._sum_norm = 0.0
 
-  def append(self, x) -> None:
-    x = np.asarray(x, np.float32)
-    if x.ndim != 2 or x.shape[1] != self.d_in:
-      raise ValueError(f"activations shape {x.shape}; this store expects [N, d_in={self.d_in}]")
-    _check_finite(x, f"capture (after {sum(self._shard_rows) + self._buffered} stored tokens)")
-    self._sum_norm += float(np.linalg.norm(x, axis=1).sum())
-    self._buf.append(x)
-    self._buffered += len(x)
-    while self._buffered >= self.shard_tokens:
-      self._flush(self.shard_tokens)
+    def append(self, x) -> None:
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"activations shape {x.shape}; this store expects [N, d_in={self.d_in}]")
+        _check_finite(x, f"capture (after {sum(self._shard_rows) + self._buffered} stored tokens)")
+        self._sum_norm += float(np.linalg.norm(x, axis=1).sum())
+        self._buf.append(x)
+        self._buffered += len(x)
+        while self._buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
 
-  def _flush(self, n: int) -> None:
-    allx = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
-    head, tail = allx[:n], allx[n:]
-    if self.dtype == "float16":
-      enc = head.astype(np.float16)
-    elif self.dtype == "bfloat16":
-      enc = head.astype(ml_dtypes.bfloat16).view(np.uint16)
-    else:
-      enc = head
-    _atomic_save_npy(os.path.join(self.path, f"shard_{len(self._shard_rows):05d}.npy"), enc)
-    self._shard_rows.append(len(head))
-    self._buf = [tail] if len(tail) else []
-    self._buffered = len(tail)
+    def _flush(self, n: int) -> None:
+        allx = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
+        head, tail = allx[:n], allx[n:]
+        if self.dtype == "float16":
+            enc = head.astype(np.float16)
+        elif self.dtype == "bfloat16":
+            enc = head.astype(ml_dtypes.bfloat16).view(np.uint16)
+        else:
+            enc = head
+        _atomic_save_npy(os.path.join(self.path, f"shard_{len(self._shard_rows):05d}.npy"), enc)
+        self._shard_rows.append(len(head))
+        self._buf = [tail] if len(tail) else []
+        self._buffered = len(tail)
 
-  def close(self) -> ActivationStore:
-    if self._buffered:
-      self._flush(self._buffered)
-    n = sum(self._shard_rows)
-    if n == 0:
-      raise ValueError(f"no activations were appended to the store at {self.path!r}")
-    meta = dict(self.metadata, n_tokens=n, d_in=self.d_in, dtype=self.dtype, shard_rows=self._shard_rows,
-                mean_norm=self._sum_norm / n)
-    _atomic_write_json(os.path.join(self.path, "metadata.json"), meta)
-    return ActivationStore(self.path)
+    def close(self) -> ActivationStore:
+        if self._buffered:
+            self._flush(self._buffered)
+        n = sum(self._shard_rows)
+        if n == 0:
+            raise ValueError(f"no activations were appended to the store at {self.path!r}")
+        meta = dict(self.metadata, n_tokens=n, d_in=self.d_in, dtype=self.dtype, shard_rows=self._shard_rows,
+                    mean_norm=self._sum_norm / n)
+        _atomic_write_json(os.path.join(self.path, "metadata.json"), meta)
+        return ActivationStore(self.path)
 
 
 def capture_activations(model_cfg, params, token_batches, layer: int, path: str | None = None, masks=None,
                         attention_masks=None, model_id: str = "", mask_id: str = "dense",
                         exclude_bos: bool = True, dtype: str = "float16", batch_size: int = 8,
                         shard_tokens: int = 2**18):
-  """Capture resid_post of block `layer` for every real token and store it.
+    """Capture resid_post of block `layer` for every real token and store it.
 
-  token_batches: int32 [n_seq, T] (or a list of such arrays); attention_masks: matching 0/1 arrays
-  or None (all real). masks: pruning masks applied to params first (None = dense). BOS positions
-  (position 0) are skipped when exclude_bos, as their huge norm dominates SAE training.
-  path=None returns an in-memory ArrayStore (the one-pass capture+train mode); otherwise an
-  ActivationStore on disk with layer/model_id/mask_id/token count in its metadata.
-  """
-  import jax  # noqa: PLC0415  (model stage only needed here)
-  from prunesae_jax import models  # noqa: PLC0415
+    token_batches: int32 [n_seq, T] (or a list of such arrays); attention_masks: matching 0/1 arrays
+    or None (all real). masks: pruning masks applied to params first (None = dense). BOS positions
+    (position 0) are skipped when exclude_bos, as their huge norm dominates SAE training.
+    path=None returns an in-memory ArrayStore (the one-pass capture+train mode); otherwise an
+    ActivationStore on disk with layer/model_id/mask_id/token count in its metadata.
+    """
+    import jax  # noqa: PLC0415  (model stage only needed here)
+    from prunesae_jax import models  # noqa: PLC0415
 
-  if masks is not None:
-    from prunesae_jax.pruning.masks import apply_masks  # noqa: PLC0415
-    params = apply_masks(params, masks)
-  if not 0 <= int(layer) < model_cfg.num_layers:
-    raise ValueError(f"layer={layer}; accepted: 0..{model_cfg.num_layers - 1}")
-  toks = token_batches if isinstance(token_batches, (list, tuple)) else [token_batches]
-  toks = np.concatenate([np.asarray(t, np.int32) for t in toks])
-  if attention_masks is None:
-    am = np.ones_like(toks)
-  else:
-    ams = attention_masks if isinstance(attention_masks, (list, tuple)) else [attention_masks]
-    am = np.concatenate([np.asarray(a, np.int32) for a in ams])
-    if am.shape != toks.shape:
-      raise ValueError(f"attention_masks shape {am.shape} differs from tokens shape {toks.shape}")
-  fn = jax.jit(lambda p, t, m: models.resid_post(model_cfg, p, t, m, layers=(int(layer),))[int(layer)])
-  meta = dict(layer=int(layer), model_id=model_id, mask_id=mask_id, exclude_bos=exclude_bos,
-              seq_len=int(toks.shape[1]), n_sequences=int(toks.shape[0]))
-  writer = None if path is None else ActivationStore.create(path, model_cfg.hidden_size, dtype, meta, shard_tokens)
-  chunks = []
-  for s in range(0, len(toks), batch_size):
-    t, m = toks[s:s + batch_size], am[s:s + batch_size]
-    h = np.asarray(fn(params, t, m), np.float32)  # [b, T, D]
-    keep = m.astype(bool).copy()
-    if exclude_bos:
-      keep[:, 0] = False
-    rows = h[keep]
-    if writer is None:
-      _check_finite(rows, f"capture batch starting at sequence {s}")
-      chunks.append(rows)
+    if masks is not None:
+        from prunesae_jax.pruning.masks import apply_masks  # noqa: PLC0415
+        params = apply_masks(params, masks)
+    if not 0 <= int(layer) < model_cfg.num_layers:
+        raise ValueError(f"layer={layer}; accepted: 0..{model_cfg.num_layers - 1}")
+    toks = token_batches if isinstance(token_batches, (list, tuple)) else [token_batches]
+    toks = np.concatenate([np.asarray(t, np.int32) for t in toks])
+    if attention_masks is None:
+        am = np.ones_like(toks)
     else:
-      writer.append(rows)
-  if writer is None:
-    return ArrayStore(np.concatenate(chunks), meta)
-  return writer.close()
+        ams = attention_masks if isinstance(attention_masks, (list, tuple)) else [attention_masks]
+        am = np.concatenate([np.asarray(a, np.int32) for a in ams])
+        if am.shape != toks.shape:
+            raise ValueError(f"attention_masks shape {am.shape} differs from tokens shape {toks.shape}")
+    fn = jax.jit(lambda p, t, m: models.resid_post(model_cfg, p, t, m, layers=(int(layer),))[int(layer)])
+    meta = dict(layer=int(layer), model_id=model_id, mask_id=mask_id, exclude_bos=exclude_bos,
+                seq_len=int(toks.shape[1]), n_sequences=int(toks.shape[0]))
+    writer = None if path is None else ActivationStore.create(path, model_cfg.hidden_size, dtype, meta, shard_tokens)
+    chunks = []
+    for s in range(0, len(toks), batch_size):
+        t, m = toks[s:s + batch_size], am[s:s + batch_size]
+        h = np.asarray(fn(params, t, m), np.float32)  # [b, T, D]
+        keep = m.astype(bool).copy()
+        if exclude_bos:
+            keep[:, 0] = False
+        rows = h[keep]
+        if writer is None:
+            _check_finite(rows, f"capture batch starting at sequence {s}")
+            chunks.append(rows)
+        else:
+            writer.append(rows)
+    if writer is None:
+        return ArrayStore(np.concatenate(chunks), meta)
+    return writer.close()

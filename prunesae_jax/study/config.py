@@ -95,382 +95,382 @@ _N_M = re.compile(r'^(\d+):(\d+)$')
 
 
 class ConfigError(ValueError):
-  """A config value the study cannot run with (the launcher exits with status 2 on it)."""
+    """A config value the study cannot run with (the launcher exits with status 2 on it)."""
 
 
 class ConfigPathError(ConfigError, FileNotFoundError):
-  """A local path named in the config does not exist."""
+    """A local path named in the config does not exist."""
 
 
 def data_source(source: str = 'builtin', split: str = 'train', text_field: str = 'text',
                 hf_config: str = '', hf_split: str = '') -> ml_collections.ConfigDict:
-  """One text source of the study (the fields of prunesae_jax.data.CorpusSpec; '' = default)."""
-  return ml_collections.ConfigDict({'source': source, 'split': split, 'text_field': text_field,
-                                    'hf_config': hf_config, 'hf_split': hf_split})
+    """One text source of the study (the fields of prunesae_jax.data.CorpusSpec; '' = default)."""
+    return ml_collections.ConfigDict({'source': source, 'split': split, 'text_field': text_field,
+                                      'hf_config': hf_config, 'hf_split': hf_split})
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field the study reads, with the default run's values (see the module docstring)."""
-  c = ml_collections.ConfigDict()
-  c.name = 'default'
-  c.model = 'gemma-3-270m'
-  c.dtype = 'float32'
-  c.layer = -1
-  c.seed = 0
+    """Every field the study reads, with the default run's values (see the module docstring)."""
+    c = ml_collections.ConfigDict()
+    c.name = 'default'
+    c.model = 'gemma-3-270m'
+    c.dtype = 'float32'
+    c.layer = -1
+    c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.train = data_source('builtin', 'train')
-  c.data.calibration = data_source('builtin', 'calibration')
-  c.data.eval = data_source('builtin', 'evaluation')
+    c.data = ml_collections.ConfigDict()
+    c.data.train = data_source('builtin', 'train')
+    c.data.calibration = data_source('builtin', 'calibration')
+    c.data.eval = data_source('builtin', 'evaluation')
 
-  c.calibration = ml_collections.ConfigDict({'n_samples': 32, 'seq_len': 128})
-  c.ppl = ml_collections.ConfigDict(
-      {'window': 256, 'stride': 128, 'max_tokens': 8192, 'batch_size': 8})
+    c.calibration = ml_collections.ConfigDict({'n_samples': 32, 'seq_len': 128})
+    c.ppl = ml_collections.ConfigDict(
+        {'window': 256, 'stride': 128, 'max_tokens': 8192, 'batch_size': 8})
 
-  c.pruning = ml_collections.ConfigDict()
-  c.pruning.methods = ('magnitude', 'wanda')
-  c.pruning.sparsities = (0.0, 0.3, 0.5)
-  # The paper's revision: one global magnitude threshold; Wanda compared per output row as in the
-  # Wanda reference (set 'per_matrix' for the revision's variant).
-  c.pruning.group = ml_collections.ConfigDict(
-      {'magnitude': 'global', 'wanda': 'per_row', 'sparsegpt': ''})
-  c.pruning.block_sequential = True
+    c.pruning = ml_collections.ConfigDict()
+    c.pruning.methods = ('magnitude', 'wanda')
+    c.pruning.sparsities = (0.0, 0.3, 0.5)
+    # The paper's revision: one global magnitude threshold; Wanda compared per output row as in the
+    # Wanda reference (set 'per_matrix' for the revision's variant).
+    c.pruning.group = ml_collections.ConfigDict(
+        {'magnitude': 'global', 'wanda': 'per_row', 'sparsegpt': ''})
+    c.pruning.block_sequential = True
 
-  c.sae = ml_collections.ConfigDict()
-  c.sae.architecture = 'topk'
-  c.sae.expansion = 8
-  c.sae.k = 32
-  c.sae.n_tokens = 65536
-  c.sae.seq_len = 128
-  c.sae.batch_size = 1024
-  c.sae.lr = 0.0
-  c.sae.n_seeds = 3
-  c.sae.seed = 0
-  c.sae.aux_k_coef = 1.0 / 32
-  c.sae.dead_tokens = 10_000_000
-  c.sae.capture_batch = 16
-  c.sae.epochs = 1
-  c.sae.store_dtype = 'float32'
-  c.sae.checkpoint_every = 0
+    c.sae = ml_collections.ConfigDict()
+    c.sae.architecture = 'topk'
+    c.sae.expansion = 8
+    c.sae.k = 32
+    c.sae.n_tokens = 65536
+    c.sae.seq_len = 128
+    c.sae.batch_size = 1024
+    c.sae.lr = 0.0
+    c.sae.n_seeds = 3
+    c.sae.seed = 0
+    c.sae.aux_k_coef = 1.0 / 32
+    c.sae.dead_tokens = 10_000_000
+    c.sae.capture_batch = 16
+    c.sae.epochs = 1
+    c.sae.store_dtype = 'float32'
+    c.sae.checkpoint_every = 0
 
-  c.analysis = ml_collections.ConfigDict()
-  c.analysis.tau = 0.7
-  c.analysis.taus = (0.6, 0.7, 0.8)
-  c.analysis.n_bootstrap = 1000
-  c.analysis.ci = 0.95
-  c.analysis.n_quintiles = 5
-  c.analysis.seed = 0
-  c.analysis.transfer_tokens = 4096
-  c.analysis.causal_features = 64
-  c.analysis.causal_tokens = 2048
-  c.analysis.causal_measure = 'attribution'
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.tau = 0.7
+    c.analysis.taus = (0.6, 0.7, 0.8)
+    c.analysis.n_bootstrap = 1000
+    c.analysis.ci = 0.95
+    c.analysis.n_quintiles = 5
+    c.analysis.seed = 0
+    c.analysis.transfer_tokens = 4096
+    c.analysis.causal_features = 64
+    c.analysis.causal_tokens = 2048
+    c.analysis.causal_measure = 'attribution'
 
-  c.transfer = ml_collections.ConfigDict(
-      {'source': 'dense', 'repo': '', 'path': ''})
+    c.transfer = ml_collections.ConfigDict(
+        {'source': 'dense', 'repo': '', 'path': ''})
 
-  c.mesh = ml_collections.ConfigDict({'seed': 1, 'data': -1})
-  c.progress = True
-  return c
+    c.mesh = ml_collections.ConfigDict({'seed': 1, 'data': -1})
+    c.progress = True
+    return c
 
 
 # --------------------------------------------------------------------------- validation
 
 def _fail(field: str, value: Any, accepted: str) -> None:
-  raise ConfigError(f'config.{field}={value!r} is not valid; accepted: {accepted}')
+    raise ConfigError(f'config.{field}={value!r} is not valid; accepted: {accepted}')
 
 
 def _check_keys(cfg: Any, schema: Any, prefix: str = '') -> None:
-  """Rejects fields the schema does not know (a typo would otherwise be silently ignored)."""
-  for k in cfg.keys():
-    if k not in schema:
-      name = f'{prefix}{k}'
-      raise ConfigError(f'unknown config field {name!r}; accepted: {", ".join(sorted(schema.keys()))}')
-    if isinstance(schema[k], ml_collections.ConfigDict):
-      if not isinstance(cfg[k], (ml_collections.ConfigDict, Mapping)):
-        _fail(f'{prefix}{k}', cfg[k], 'a ConfigDict of ' + ', '.join(sorted(schema[k].keys())))
-      if f'{prefix}{k}' == 'pruning.group':  # a map method -> group: any subset of the methods
-        for m in cfg[k].keys():
-          _choice(m, f'pruning.group.{m}', METHODS)
-        continue
-      _check_keys(cfg[k], schema[k], f'{prefix}{k}.')
-  for k in schema.keys():
-    if k not in cfg:
-      raise ConfigError(f'config field {prefix + k!r} is missing; start configs from '
-                       'prunesae_jax.study.config.base_config()')
+    """Rejects fields the schema does not know (a typo would otherwise be silently ignored)."""
+    for k in cfg.keys():
+        if k not in schema:
+            name = f'{prefix}{k}'
+            raise ConfigError(f'unknown config field {name!r}; accepted: {", ".join(sorted(schema.keys()))}')
+        if isinstance(schema[k], ml_collections.ConfigDict):
+            if not isinstance(cfg[k], (ml_collections.ConfigDict, Mapping)):
+                _fail(f'{prefix}{k}', cfg[k], 'a ConfigDict of ' + ', '.join(sorted(schema[k].keys())))
+            if f'{prefix}{k}' == 'pruning.group':  # a map method -> group: any subset of the methods
+                for m in cfg[k].keys():
+                    _choice(m, f'pruning.group.{m}', METHODS)
+                continue
+            _check_keys(cfg[k], schema[k], f'{prefix}{k}.')
+    for k in schema.keys():
+        if k not in cfg:
+            raise ConfigError(f'config field {prefix + k!r} is missing; start configs from '
+                             'prunesae_jax.study.config.base_config()')
 
 
 def _int(cfg: Any, field: str, lo: int | None = None, hi: int | None = None) -> int:
-  v = cfg
-  for part in field.split('.'):
-    v = v[part]
-  ok = isinstance(v, int) and not isinstance(v, bool)
-  if ok and lo is not None and v < lo:
-    ok = False
-  if ok and hi is not None and v > hi:
-    ok = False
-  if not ok:
-    rng = f'an int >= {lo}' if hi is None else f'an int in [{lo}, {hi}]'
-    _fail(field, v, rng)
-  return v
+    v = cfg
+    for part in field.split('.'):
+        v = v[part]
+    ok = isinstance(v, int) and not isinstance(v, bool)
+    if ok and lo is not None and v < lo:
+        ok = False
+    if ok and hi is not None and v > hi:
+        ok = False
+    if not ok:
+        rng = f'an int >= {lo}' if hi is None else f'an int in [{lo}, {hi}]'
+        _fail(field, v, rng)
+    return v
 
 
 def _float(cfg: Any, field: str, lo: float, hi: float, lo_open=False, hi_open=False) -> float:
-  v = cfg
-  for part in field.split('.'):
-    v = v[part]
-  ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-  if ok:
-    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-  if not ok:
-    _fail(field, v, f'a number in {"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}')
-  return float(v)
+    v = cfg
+    for part in field.split('.'):
+        v = v[part]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ok:
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        _fail(field, v, f'a number in {"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}')
+    return float(v)
 
 
 def _choice(value: Any, field: str, accepted: tuple[str, ...]) -> str:
-  if not isinstance(value, str) or value not in accepted:
-    _fail(field, value, ' | '.join(accepted))
-  return value
+    if not isinstance(value, str) or value not in accepted:
+        _fail(field, value, ' | '.join(accepted))
+    return value
 
 
 def _check_model(spec: Any) -> None:
-  if not isinstance(spec, str) or not spec:
-    _fail('model', spec, 'a non-empty string')
-  if spec.startswith('tiny:'):
-    _choice(spec, 'model', tuple(f'tiny:{f}' for f in TINY_FAMILIES))
-    return
-  if spec in MODEL_ZOO:
-    return
-  path = os.path.expanduser(spec)
-  looks_local = spec.endswith('.gguf') or spec.startswith(('/', '.', '~')) or os.path.exists(path)
-  if looks_local:
-    if spec.endswith('.gguf') and os.path.isfile(path):
-      return
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')):
-      return
-    raise ConfigPathError(f'config.model={spec!r}: no HF folder with config.json or .gguf file '
-                            'there; accepted: a zoo name, a local HF folder or .gguf, a hub id '
-                            "'org/name', or 'tiny:<family>'")
-  if _HUB_ID.match(spec):
-    return
-  _fail('model', spec, f'a zoo name ({", ".join(MODEL_ZOO)}), a local HF folder or .gguf file, '
-        f"a hub id 'org/name', or 'tiny:<family>' with family in {', '.join(TINY_FAMILIES)}")
+    if not isinstance(spec, str) or not spec:
+        _fail('model', spec, 'a non-empty string')
+    if spec.startswith('tiny:'):
+        _choice(spec, 'model', tuple(f'tiny:{f}' for f in TINY_FAMILIES))
+        return
+    if spec in MODEL_ZOO:
+        return
+    path = os.path.expanduser(spec)
+    looks_local = spec.endswith('.gguf') or spec.startswith(('/', '.', '~')) or os.path.exists(path)
+    if looks_local:
+        if spec.endswith('.gguf') and os.path.isfile(path):
+            return
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')):
+            return
+        raise ConfigPathError(f'config.model={spec!r}: no HF folder with config.json or .gguf file '
+                                'there; accepted: a zoo name, a local HF folder or .gguf, a hub id '
+                                "'org/name', or 'tiny:<family>'")
+    if _HUB_ID.match(spec):
+        return
+    _fail('model', spec, f'a zoo name ({", ".join(MODEL_ZOO)}), a local HF folder or .gguf file, '
+          f"a hub id 'org/name', or 'tiny:<family>' with family in {', '.join(TINY_FAMILIES)}")
 
 
 def _check_group(method: str, group: Any) -> None:
-  field = f'pruning.group.{method}'
-  accepted = METHOD_GROUPS[method]
-  if isinstance(group, str):
-    m = _N_M.match(group)
-    if m and 0 < int(m.group(1)) < int(m.group(2)):
-      return
-    if group in accepted or (group == '' and not accepted):
-      return
-  names = ' | '.join(accepted) if accepted else "'' (sparsegpt selects per block of 128 inputs)"
-  _fail(field, group, f"{names} | 'N:M' with 0 < N < M (e.g. '2:4')")
+    field = f'pruning.group.{method}'
+    accepted = METHOD_GROUPS[method]
+    if isinstance(group, str):
+        m = _N_M.match(group)
+        if m and 0 < int(m.group(1)) < int(m.group(2)):
+            return
+        if group in accepted or (group == '' and not accepted):
+            return
+    names = ' | '.join(accepted) if accepted else "'' (sparsegpt selects per block of 128 inputs)"
+    _fail(field, group, f"{names} | 'N:M' with 0 < N < M (e.g. '2:4')")
 
 
 def _check_data_source(cfg: Any, which: str) -> None:
-  d = cfg.data[which]
-  field = f'data.{which}'
-  for k in ('source', 'text_field'):
-    if not isinstance(d[k], str) or not d[k]:
-      _fail(f'{field}.{k}', d[k], 'a non-empty string')
-  for k in ('hf_config', 'hf_split'):
-    if not isinstance(d[k], str):
-      _fail(f'{field}.{k}', d[k], "a string ('' = the default)")
-  _choice(d.split, f'{field}.split', DATA_SPLITS)
-  src = d.source
-  if src == 'builtin' or src in DATA_PRESETS or (src.startswith('hf:') and len(src) > 3):
-    return
-  if os.path.isdir(os.path.expanduser(src)):
-    return
-  if os.path.isfile(os.path.expanduser(src)):
-    if not src.lower().endswith(DATA_SUFFIXES):
-      _fail(f'{field}.source', src, 'a file ending in ' + ' / '.join(DATA_SUFFIXES))
-    return
-  if os.sep in src or src.startswith(('.', '~')) or os.path.splitext(src)[1]:
-    raise ConfigPathError(f'config.{field}.source={src!r} does not exist; accepted: a local '
-                          '.txt/.jsonl/.parquet file or folder')
-  _fail(f'{field}.source', src, "'builtin', " + ', '.join(repr(p) for p in DATA_PRESETS) +
-        ", 'hf:<hub name>', or a local .txt/.jsonl/.parquet file or folder")
+    d = cfg.data[which]
+    field = f'data.{which}'
+    for k in ('source', 'text_field'):
+        if not isinstance(d[k], str) or not d[k]:
+            _fail(f'{field}.{k}', d[k], 'a non-empty string')
+    for k in ('hf_config', 'hf_split'):
+        if not isinstance(d[k], str):
+            _fail(f'{field}.{k}', d[k], "a string ('' = the default)")
+    _choice(d.split, f'{field}.split', DATA_SPLITS)
+    src = d.source
+    if src == 'builtin' or src in DATA_PRESETS or (src.startswith('hf:') and len(src) > 3):
+        return
+    if os.path.isdir(os.path.expanduser(src)):
+        return
+    if os.path.isfile(os.path.expanduser(src)):
+        if not src.lower().endswith(DATA_SUFFIXES):
+            _fail(f'{field}.source', src, 'a file ending in ' + ' / '.join(DATA_SUFFIXES))
+        return
+    if os.sep in src or src.startswith(('.', '~')) or os.path.splitext(src)[1]:
+        raise ConfigPathError(f'config.{field}.source={src!r} does not exist; accepted: a local '
+                              '.txt/.jsonl/.parquet file or folder')
+    _fail(f'{field}.source', src, "'builtin', " + ', '.join(repr(p) for p in DATA_PRESETS) +
+          ", 'hf:<hub name>', or a local .txt/.jsonl/.parquet file or folder")
 
 
 def validate(config: Any) -> ml_collections.ConfigDict:
-  """Checks every field before any work starts; returns the config unchanged.
+    """Checks every field before any work starts; returns the config unchanged.
 
-  Raises ConfigError, a ValueError (ConfigPathError, also a FileNotFoundError, for missing local
-  paths), with one line naming the offending
-  value and what is accepted. The layer's upper bound needs the model: see `validate_layer`.
-  """
-  if not isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-    raise ConfigError(f'config must be an ml_collections.ConfigDict, got {type(config).__name__}')
-  _check_keys(config, base_config())
+    Raises ConfigError, a ValueError (ConfigPathError, also a FileNotFoundError, for missing local
+    paths), with one line naming the offending
+    value and what is accepted. The layer's upper bound needs the model: see `validate_layer`.
+    """
+    if not isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        raise ConfigError(f'config must be an ml_collections.ConfigDict, got {type(config).__name__}')
+    _check_keys(config, base_config())
 
-  if not isinstance(config.name, str):
-    _fail('name', config.name, 'a string')
-  _check_model(config.model)
-  _choice(config.dtype, 'dtype', DTYPES)
-  layer = config.layer
-  if not isinstance(layer, int) or isinstance(layer, bool) or layer < -1:
-    _fail('layer', layer, 'an int >= 0, or -1 for the middle layer')
-  _int(config, 'seed', 0)
+    if not isinstance(config.name, str):
+        _fail('name', config.name, 'a string')
+    _check_model(config.model)
+    _choice(config.dtype, 'dtype', DTYPES)
+    layer = config.layer
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < -1:
+        _fail('layer', layer, 'an int >= 0, or -1 for the middle layer')
+    _int(config, 'seed', 0)
 
-  for which in ('train', 'calibration', 'eval'):
-    _check_data_source(config, which)
+    for which in ('train', 'calibration', 'eval'):
+        _check_data_source(config, which)
 
-  _int(config, 'calibration.n_samples', 1)
-  _int(config, 'calibration.seq_len', 2)
-  window = _int(config, 'ppl.window', 2)
-  _int(config, 'ppl.stride', 1, window)
-  _int(config, 'ppl.max_tokens', 0)
-  _int(config, 'ppl.batch_size', 1)
+    _int(config, 'calibration.n_samples', 1)
+    _int(config, 'calibration.seq_len', 2)
+    window = _int(config, 'ppl.window', 2)
+    _int(config, 'ppl.stride', 1, window)
+    _int(config, 'ppl.max_tokens', 0)
+    _int(config, 'ppl.batch_size', 1)
 
-  methods = config.pruning.methods
-  if not isinstance(methods, (tuple, list)) or not methods:
-    _fail('pruning.methods', methods, 'a non-empty tuple of ' + ' | '.join(METHODS))
-  for m in methods:
-    _choice(m, 'pruning.methods', METHODS)
-  if len(set(methods)) != len(methods):
-    _fail('pruning.methods', tuple(methods), 'a tuple without duplicates')
-  sparsities = config.pruning.sparsities
-  if not isinstance(sparsities, (tuple, list)) or not sparsities:
-    _fail('pruning.sparsities', sparsities, 'a non-empty tuple of numbers in [0, 1)')
-  for s in sparsities:
-    if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s < 1.0:
-      _fail('pruning.sparsities', tuple(sparsities), 'a tuple of numbers in [0, 1), e.g. (0.0, 0.3, 0.5)')
-  if len({round(float(s), 9) for s in sparsities}) != len(sparsities):
-    _fail('pruning.sparsities', tuple(sparsities), 'a tuple without duplicates')
-  for m in methods:
-    if m not in config.pruning.group:
-      _fail('pruning.group', dict(config.pruning.group), f'a group for every method, {m!r} included')
-    _check_group(m, config.pruning.group[m])
-    nm = _N_M.match(config.pruning.group[m])
-    if nm:
-      ratio = int(nm.group(1)) / int(nm.group(2))
-      bad = [s for s in sparsities if s != 0 and abs(s - ratio) > 1e-9]
-      if bad:
-        _fail('pruning.sparsities', tuple(sparsities), f'0.0 and {ratio} only, since '
-              f'pruning.group.{m}={config.pruning.group[m]!r} fixes the sparsity')
-  if not isinstance(config.pruning.block_sequential, bool):
-    _fail('pruning.block_sequential', config.pruning.block_sequential, 'True | False')
+    methods = config.pruning.methods
+    if not isinstance(methods, (tuple, list)) or not methods:
+        _fail('pruning.methods', methods, 'a non-empty tuple of ' + ' | '.join(METHODS))
+    for m in methods:
+        _choice(m, 'pruning.methods', METHODS)
+    if len(set(methods)) != len(methods):
+        _fail('pruning.methods', tuple(methods), 'a tuple without duplicates')
+    sparsities = config.pruning.sparsities
+    if not isinstance(sparsities, (tuple, list)) or not sparsities:
+        _fail('pruning.sparsities', sparsities, 'a non-empty tuple of numbers in [0, 1)')
+    for s in sparsities:
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s < 1.0:
+            _fail('pruning.sparsities', tuple(sparsities), 'a tuple of numbers in [0, 1), e.g. (0.0, 0.3, 0.5)')
+    if len({round(float(s), 9) for s in sparsities}) != len(sparsities):
+        _fail('pruning.sparsities', tuple(sparsities), 'a tuple without duplicates')
+    for m in methods:
+        if m not in config.pruning.group:
+            _fail('pruning.group', dict(config.pruning.group), f'a group for every method, {m!r} included')
+        _check_group(m, config.pruning.group[m])
+        nm = _N_M.match(config.pruning.group[m])
+        if nm:
+            ratio = int(nm.group(1)) / int(nm.group(2))
+            bad = [s for s in sparsities if s != 0 and abs(s - ratio) > 1e-9]
+            if bad:
+                _fail('pruning.sparsities', tuple(sparsities), f'0.0 and {ratio} only, since '
+                      f'pruning.group.{m}={config.pruning.group[m]!r} fixes the sparsity')
+    if not isinstance(config.pruning.block_sequential, bool):
+        _fail('pruning.block_sequential', config.pruning.block_sequential, 'True | False')
 
-  _choice(config.sae.architecture, 'sae.architecture', SAE_ARCHITECTURES)
-  _int(config, 'sae.expansion', 1)
-  _int(config, 'sae.k', 1)
-  _int(config, 'sae.n_tokens', 1)
-  _int(config, 'sae.seq_len', 2)
-  _int(config, 'sae.batch_size', 1)
-  if config.sae.batch_size > config.sae.n_tokens:
-    _fail('sae.batch_size', config.sae.batch_size, f'at most sae.n_tokens={config.sae.n_tokens}')
-  _float(config, 'sae.lr', 0.0, 1.0)
-  _int(config, 'sae.n_seeds', 2)
-  _int(config, 'sae.seed', 0)
-  _float(config, 'sae.aux_k_coef', 0.0, float('inf'))
-  _int(config, 'sae.dead_tokens', 1)
-  _int(config, 'sae.capture_batch', 1)
-  _int(config, 'sae.epochs', 1)
-  _choice(config.sae.store_dtype, 'sae.store_dtype', ('float32', 'float16', 'bfloat16'))
-  _int(config, 'sae.checkpoint_every', 0)
+    _choice(config.sae.architecture, 'sae.architecture', SAE_ARCHITECTURES)
+    _int(config, 'sae.expansion', 1)
+    _int(config, 'sae.k', 1)
+    _int(config, 'sae.n_tokens', 1)
+    _int(config, 'sae.seq_len', 2)
+    _int(config, 'sae.batch_size', 1)
+    if config.sae.batch_size > config.sae.n_tokens:
+        _fail('sae.batch_size', config.sae.batch_size, f'at most sae.n_tokens={config.sae.n_tokens}')
+    _float(config, 'sae.lr', 0.0, 1.0)
+    _int(config, 'sae.n_seeds', 2)
+    _int(config, 'sae.seed', 0)
+    _float(config, 'sae.aux_k_coef', 0.0, float('inf'))
+    _int(config, 'sae.dead_tokens', 1)
+    _int(config, 'sae.capture_batch', 1)
+    _int(config, 'sae.epochs', 1)
+    _choice(config.sae.store_dtype, 'sae.store_dtype', ('float32', 'float16', 'bfloat16'))
+    _int(config, 'sae.checkpoint_every', 0)
 
-  _float(config, 'analysis.tau', 0.0, 1.0, lo_open=True)
-  taus = config.analysis.taus
-  if not isinstance(taus, (tuple, list)) or not taus or not all(
-      isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 < t <= 1.0 for t in taus):
-    _fail('analysis.taus', taus, 'a non-empty tuple of numbers in (0, 1]')
-  if len(set(taus)) != len(taus):
-    _fail('analysis.taus', tuple(taus), 'a tuple without duplicates')
-  _int(config, 'analysis.n_bootstrap', 0)
-  _float(config, 'analysis.ci', 0.0, 1.0, lo_open=True, hi_open=True)
-  _int(config, 'analysis.n_quintiles', 2)
-  _int(config, 'analysis.seed', 0)
-  _int(config, 'analysis.transfer_tokens', 1)
-  _int(config, 'analysis.causal_features', 0)
-  _int(config, 'analysis.causal_tokens', 1)
-  _choice(config.analysis.causal_measure, 'analysis.causal_measure', ('exact', 'attribution'))
-  if config.analysis.causal_measure == 'exact' and config.analysis.causal_features < 3:
-    _fail('analysis.causal_features', config.analysis.causal_features,
-          "an int >= 3 when analysis.causal_measure='exact'")
+    _float(config, 'analysis.tau', 0.0, 1.0, lo_open=True)
+    taus = config.analysis.taus
+    if not isinstance(taus, (tuple, list)) or not taus or not all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 < t <= 1.0 for t in taus):
+        _fail('analysis.taus', taus, 'a non-empty tuple of numbers in (0, 1]')
+    if len(set(taus)) != len(taus):
+        _fail('analysis.taus', tuple(taus), 'a tuple without duplicates')
+    _int(config, 'analysis.n_bootstrap', 0)
+    _float(config, 'analysis.ci', 0.0, 1.0, lo_open=True, hi_open=True)
+    _int(config, 'analysis.n_quintiles', 2)
+    _int(config, 'analysis.seed', 0)
+    _int(config, 'analysis.transfer_tokens', 1)
+    _int(config, 'analysis.causal_features', 0)
+    _int(config, 'analysis.causal_tokens', 1)
+    _choice(config.analysis.causal_measure, 'analysis.causal_measure', ('exact', 'attribution'))
+    if config.analysis.causal_measure == 'exact' and config.analysis.causal_features < 3:
+        _fail('analysis.causal_features', config.analysis.causal_features,
+              "an int >= 3 when analysis.causal_measure='exact'")
 
-  t = config.transfer
-  _choice(t.source, 'transfer.source', TRANSFER_SOURCES)
-  if not isinstance(t.repo, str) or not isinstance(t.path, str):
-    _fail('transfer.repo', (t.repo, t.path), 'strings')
-  if t.source == 'pretrained' and not t.path:
-    _fail('transfer.path', t.path, "the dictionary's file or folder (inside transfer.repo, or local)")
-  if t.source == 'pretrained' and not t.repo and not os.path.exists(os.path.expanduser(t.path)):
-    raise ConfigPathError(f'config.transfer.path={t.path!r} does not exist and transfer.repo is '
-                            "''; accepted: a local dictionary path, or an HF repo id in transfer.repo")
+    t = config.transfer
+    _choice(t.source, 'transfer.source', TRANSFER_SOURCES)
+    if not isinstance(t.repo, str) or not isinstance(t.path, str):
+        _fail('transfer.repo', (t.repo, t.path), 'strings')
+    if t.source == 'pretrained' and not t.path:
+        _fail('transfer.path', t.path, "the dictionary's file or folder (inside transfer.repo, or local)")
+    if t.source == 'pretrained' and not t.repo and not os.path.exists(os.path.expanduser(t.path)):
+        raise ConfigPathError(f'config.transfer.path={t.path!r} does not exist and transfer.repo is '
+                                "''; accepted: a local dictionary path, or an HF repo id in transfer.repo")
 
-  for ax in ('seed', 'data'):
-    v = config.mesh[ax]
-    if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
-      _fail(f'mesh.{ax}', v, 'an int >= 1, or -1 for all remaining devices')
-  if config.mesh.seed == -1 and config.mesh.data == -1:
-    _fail('mesh', dict(config.mesh), 'at most one axis set to -1')
-  if not isinstance(config.progress, bool):
-    _fail('progress', config.progress, 'True | False')
-  return config
+    for ax in ('seed', 'data'):
+        v = config.mesh[ax]
+        if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+            _fail(f'mesh.{ax}', v, 'an int >= 1, or -1 for all remaining devices')
+    if config.mesh.seed == -1 and config.mesh.data == -1:
+        _fail('mesh', dict(config.mesh), 'at most one axis set to -1')
+    if not isinstance(config.progress, bool):
+        _fail('progress', config.progress, 'True | False')
+    return config
 
 
 def resolve_layer(config: Any, num_layers: int) -> int:
-  """The 0-based resid_post layer: config.layer, or num_layers // 2 when it is -1."""
-  return num_layers // 2 if config.layer == -1 else int(config.layer)
+    """The 0-based resid_post layer: config.layer, or num_layers // 2 when it is -1."""
+    return num_layers // 2 if config.layer == -1 else int(config.layer)
 
 
 def validate_layer(config: Any, num_layers: int, d_model: int | None = None) -> int:
-  """Checks config.layer (and sae.k against the dictionary size) once the model is known."""
-  layer = resolve_layer(config, num_layers)
-  if not 0 <= layer < num_layers:
-    _fail('layer', config.layer, f'an int in [0, {num_layers - 1}] for {config.model} '
-          f'({num_layers} layers), or -1 for the middle layer')
-  if d_model is not None and config.sae.k > config.sae.expansion * d_model:
-    _fail('sae.k', config.sae.k, f'at most sae.expansion x hidden size = '
-          f'{config.sae.expansion * d_model}')
-  return layer
+    """Checks config.layer (and sae.k against the dictionary size) once the model is known."""
+    layer = resolve_layer(config, num_layers)
+    if not 0 <= layer < num_layers:
+        _fail('layer', config.layer, f'an int in [0, {num_layers - 1}] for {config.model} '
+              f'({num_layers} layers), or -1 for the middle layer')
+    if d_model is not None and config.sae.k > config.sae.expansion * d_model:
+        _fail('sae.k', config.sae.k, f'at most sae.expansion x hidden size = '
+              f'{config.sae.expansion * d_model}')
+    return layer
 
 
 def paper_base_config() -> ml_collections.ConfigDict:
-  """The paper's grid, shared by configs/paper_*.py; each sets model, layer and transfer.
+    """The paper's grid, shared by configs/paper_*.py; each sets model, layer and transfer.
 
-  Magnitude and Wanda at 0 (dense) and six pruned levels 10-60 %; 8x TopK SAEs on ~1.5M
-  FineWeb-Edu tokens; tau = 0.7 (robustness at 0.6 / 0.8); calibration 128 x 2048 tokens
-  (~262K, the Wanda reference's budget; the paper used ~300K FineWeb-Edu tokens); perplexity on
-  WikiText-2 raw test, window 1024, stride 512, BOS prepended, bf16 weights.
-  """
-  c = base_config()
-  c.dtype = 'bfloat16'
-  # FineWeb-Edu sample-10BT, split into disjoint SAE-training and calibration documents by hash.
-  c.data.train = data_source('fineweb-edu', 'train')
-  c.data.calibration = data_source('fineweb-edu', 'calibration')
-  # WikiText-2 raw: our 'evaluation' split is its test split.
-  c.data.eval = data_source('wikitext-2', 'evaluation')
-  c.calibration.n_samples = 128
-  c.calibration.seq_len = 2048
-  c.ppl.window = 1024
-  c.ppl.stride = 512
-  c.ppl.max_tokens = 0
-  c.ppl.batch_size = 8
-  c.pruning.methods = ('magnitude', 'wanda')
-  c.pruning.sparsities = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-  c.pruning.group = ml_collections.ConfigDict(
-      {'magnitude': 'global', 'wanda': 'per_row', 'sparsegpt': ''})
-  c.pruning.block_sequential = True
-  c.sae.architecture = 'topk'
-  c.sae.expansion = 8
-  c.sae.k = 64
-  c.sae.n_tokens = 1_500_000
-  c.sae.seq_len = 1024
-  c.sae.batch_size = 4096
-  c.sae.lr = 0.0
-  c.sae.n_seeds = 3
-  c.sae.capture_batch = 8
-  c.analysis.tau = 0.7
-  c.analysis.taus = (0.6, 0.7, 0.8)
-  c.analysis.n_bootstrap = 1000
-  c.analysis.transfer_tokens = 65536
-  c.analysis.causal_features = 256
-  c.analysis.causal_tokens = 16384
-  c.analysis.causal_measure = 'exact'
-  c.mesh.seed = 1
-  c.mesh.data = -1
-  return c
+    Magnitude and Wanda at 0 (dense) and six pruned levels 10-60 %; 8x TopK SAEs on ~1.5M
+    FineWeb-Edu tokens; tau = 0.7 (robustness at 0.6 / 0.8); calibration 128 x 2048 tokens
+    (~262K, the Wanda reference's budget; the paper used ~300K FineWeb-Edu tokens); perplexity on
+    WikiText-2 raw test, window 1024, stride 512, BOS prepended, bf16 weights.
+    """
+    c = base_config()
+    c.dtype = 'bfloat16'
+    # FineWeb-Edu sample-10BT, split into disjoint SAE-training and calibration documents by hash.
+    c.data.train = data_source('fineweb-edu', 'train')
+    c.data.calibration = data_source('fineweb-edu', 'calibration')
+    # WikiText-2 raw: our 'evaluation' split is its test split.
+    c.data.eval = data_source('wikitext-2', 'evaluation')
+    c.calibration.n_samples = 128
+    c.calibration.seq_len = 2048
+    c.ppl.window = 1024
+    c.ppl.stride = 512
+    c.ppl.max_tokens = 0
+    c.ppl.batch_size = 8
+    c.pruning.methods = ('magnitude', 'wanda')
+    c.pruning.sparsities = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    c.pruning.group = ml_collections.ConfigDict(
+        {'magnitude': 'global', 'wanda': 'per_row', 'sparsegpt': ''})
+    c.pruning.block_sequential = True
+    c.sae.architecture = 'topk'
+    c.sae.expansion = 8
+    c.sae.k = 64
+    c.sae.n_tokens = 1_500_000
+    c.sae.seq_len = 1024
+    c.sae.batch_size = 4096
+    c.sae.lr = 0.0
+    c.sae.n_seeds = 3
+    c.sae.capture_batch = 8
+    c.analysis.tau = 0.7
+    c.analysis.taus = (0.6, 0.7, 0.8)
+    c.analysis.n_bootstrap = 1000
+    c.analysis.transfer_tokens = 65536
+    c.analysis.causal_features = 256
+    c.analysis.causal_tokens = 16384
+    c.analysis.causal_measure = 'exact'
+    c.mesh.seed = 1
+    c.mesh.data = -1
+    return c

@@ -57,725 +57,725 @@ STOP_ENV = 'PRUNESAE_STOP_AFTER_CONDITIONS'
 
 
 class StudyInterrupted(RuntimeError):
-  """Raised when $PRUNESAE_STOP_AFTER_CONDITIONS stops a run early; re-run to resume."""
+    """Raised when $PRUNESAE_STOP_AFTER_CONDITIONS stops a run early; re-run to resume."""
 
 
 class ByteTokenizer:
-  """UTF-8 bytes folded into a tiny vocabulary, for the random 'tiny:<family>' models.
+    """UTF-8 bytes folded into a tiny vocabulary, for the random 'tiny:<family>' models.
 
-  Ids 0..2 are pad / BOS / EOS (prunesae_jax.testing.tiny_config's special ids); byte b maps to
-  3 + b % (vocab_size - 3).
-  """
+    Ids 0..2 are pad / BOS / EOS (prunesae_jax.testing.tiny_config's special ids); byte b maps to
+    3 + b % (vocab_size - 3).
+    """
 
-  def __init__(self, vocab_size: int, bos_token_id: int = 1):
-    if vocab_size < 4:
-      raise ValueError(f'vocab_size={vocab_size}; accepted: >= 4')
-    self.vocab_size = vocab_size
-    self.bos_token_id = bos_token_id
+    def __init__(self, vocab_size: int, bos_token_id: int = 1):
+        if vocab_size < 4:
+            raise ValueError(f'vocab_size={vocab_size}; accepted: >= 4')
+        self.vocab_size = vocab_size
+        self.bos_token_id = bos_token_id
 
-  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    del add_special_tokens
-    return [3 + b % (self.vocab_size - 3) for b in text.encode('utf-8')]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        del add_special_tokens
+        return [3 + b % (self.vocab_size - 3) for b in text.encode('utf-8')]
 
 
 @dataclasses.dataclass
 class _Model:
-  spec: str
-  cfg: Any
-  params: Any
-  tokenizer: Any
-  key: str  # identifies the weights and tokenizer in stage keys
-  layer: int
+    spec: str
+    cfg: Any
+    params: Any
+    tokenizer: Any
+    key: str  # identifies the weights and tokenizer in stage keys
+    layer: int
 
 
 def conditions_of(config) -> list[tuple[str, float]]:
-  """[('dense', 0.0), (method, sparsity), ...]: dense first, then methods x sorted sparsities > 0."""
-  sparsities = sorted(float(s) for s in config.pruning.sparsities if float(s) > 0)
-  return [('dense', 0.0)] + [(m, s) for m in config.pruning.methods for s in sparsities]
+    """[('dense', 0.0), (method, sparsity), ...]: dense first, then methods x sorted sparsities > 0."""
+    sparsities = sorted(float(s) for s in config.pruning.sparsities if float(s) > 0)
+    return [('dense', 0.0)] + [(m, s) for m in config.pruning.methods for s in sparsities]
 
 
 def _progress(config, iterable, **kw):
-  if not config.progress:
-    return iterable
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kw)
+    if not config.progress:
+        return iterable
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kw)
 
 
 def _say(config, line: str) -> None:
-  """One line of progress: above the progress bars when they are on, else to the log."""
-  if config.progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    tqdm.write(line, file=sys.stderr)
-  else:
-    logging.info('%s', line)
+    """One line of progress: above the progress bars when they are on, else to the log."""
+    if config.progress:
+        from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+        tqdm.write(line, file=sys.stderr)
+    else:
+        logging.info('%s', line)
 
 
 class _Timings(dict):
-  """Wall-clock seconds per stage of this invocation, for timings.json (not results.json)."""
+    """Wall-clock seconds per stage of this invocation, for timings.json (not results.json)."""
 
-  def add(self, name: str, seconds: float) -> None:
-    self[name] = round(self.get(name, 0.0) + seconds, 3)
+    def add(self, name: str, seconds: float) -> None:
+        self[name] = round(self.get(name, 0.0) + seconds, 3)
 
 
 # --------------------------------------------------------------------------- model and tokens
 
 def _cast_params(params, dtype: str):
-  dt = jnp.dtype(dtype)
-  return jax.tree.map(
-      lambda x: x.astype(dt) if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
-      else x, params)
+    dt = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda x: x.astype(dt) if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
+        else x, params)
 
 
 def _load_model(config) -> _Model:
-  """(cfg, params, tokenizer) of config.model, cast to config.dtype."""
-  from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
-  spec = config.model
-  if spec.startswith('tiny:'):
-    from prunesae_jax.testing import tiny_config  # pylint: disable=g-import-not-at-top
-    cfg = dataclasses.replace(tiny_config(spec[5:]), dtype=config.dtype)
-    params = _cast_params(decoder.init_params(cfg, config.seed), config.dtype)
-    tok = ByteTokenizer(cfg.vocab_size, cfg.bos_token_id)
-    key = {'tiny': spec, 'seed': config.seed, 'dtype': config.dtype}
-  else:
-    from prunesae_jax.models import convert  # pylint: disable=g-import-not-at-top
-    from prunesae_jax.study.config import MODEL_ZOO  # pylint: disable=g-import-not-at-top
-    if spec in MODEL_ZOO:
-      from prunesae_jax.models.zoo import load_zoo  # pylint: disable=g-import-not-at-top
-      cfg, params, tok = load_zoo(spec, dtype=config.dtype)
+    """(cfg, params, tokenizer) of config.model, cast to config.dtype."""
+    from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+    spec = config.model
+    if spec.startswith('tiny:'):
+        from prunesae_jax.testing import tiny_config  # pylint: disable=g-import-not-at-top
+        cfg = dataclasses.replace(tiny_config(spec[5:]), dtype=config.dtype)
+        params = _cast_params(decoder.init_params(cfg, config.seed), config.dtype)
+        tok = ByteTokenizer(cfg.vocab_size, cfg.bos_token_id)
+        key = {'tiny': spec, 'seed': config.seed, 'dtype': config.dtype}
     else:
-      cfg, params = convert.load(spec, dtype=config.dtype)
-      tok = _hf_tokenizer(spec)
-    cfg = dataclasses.replace(cfg, dtype=config.dtype)
-    params = _cast_params(params, config.dtype)
-    key = {'model': os.path.abspath(os.path.expanduser(spec)) if os.path.exists(
-        os.path.expanduser(spec)) else spec, 'dtype': config.dtype}
-  layer = validate_layer(config, cfg.num_layers, cfg.hidden_size)
-  return _Model(spec, cfg, params, tok, stable_hash(key), layer)
+        from prunesae_jax.models import convert  # pylint: disable=g-import-not-at-top
+        from prunesae_jax.study.config import MODEL_ZOO  # pylint: disable=g-import-not-at-top
+        if spec in MODEL_ZOO:
+            from prunesae_jax.models.zoo import load_zoo  # pylint: disable=g-import-not-at-top
+            cfg, params, tok = load_zoo(spec, dtype=config.dtype)
+        else:
+            cfg, params = convert.load(spec, dtype=config.dtype)
+            tok = _hf_tokenizer(spec)
+        cfg = dataclasses.replace(cfg, dtype=config.dtype)
+        params = _cast_params(params, config.dtype)
+        key = {'model': os.path.abspath(os.path.expanduser(spec)) if os.path.exists(
+            os.path.expanduser(spec)) else spec, 'dtype': config.dtype}
+    layer = validate_layer(config, cfg.num_layers, cfg.hidden_size)
+    return _Model(spec, cfg, params, tok, stable_hash(key), layer)
 
 
 def _hf_tokenizer(spec: str):
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-  path = os.path.expanduser(spec)
-  if path.lower().endswith('.gguf'):
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                         gguf_file=os.path.basename(path))
-  if not os.path.isdir(path):
-    from prunesae_jax.models.convert import download_hub  # pylint: disable=g-import-not-at-top
-    path = download_hub(spec)
-  return AutoTokenizer.from_pretrained(path)
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    path = os.path.expanduser(spec)
+    if path.lower().endswith('.gguf'):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                             gguf_file=os.path.basename(path))
+    if not os.path.isdir(path):
+        from prunesae_jax.models.convert import download_hub  # pylint: disable=g-import-not-at-top
+        path = download_hub(spec)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _corpus(source_cfg) -> Any:
-  from prunesae_jax.data import CorpusSpec  # pylint: disable=g-import-not-at-top
-  return CorpusSpec(source=source_cfg.source, text_field=source_cfg.text_field,
-                    hf_config=source_cfg.hf_config or None, hf_split=source_cfg.hf_split or None)
+    from prunesae_jax.data import CorpusSpec  # pylint: disable=g-import-not-at-top
+    return CorpusSpec(source=source_cfg.source, text_field=source_cfg.text_field,
+                      hf_config=source_cfg.hf_config or None, hf_split=source_cfg.hf_split or None)
 
 
 def _n_seqs(n_tokens: int, seq_len: int) -> int:
-  # BOS is never an SAE training or measurement token: seq_len - 1 usable tokens per row.
-  return max(1, -(-n_tokens // (seq_len - 1)))
+    # BOS is never an SAE training or measurement token: seq_len - 1 usable tokens per row.
+    return max(1, -(-n_tokens // (seq_len - 1)))
 
 
 def _tokens_stage(config, model: _Model, cache: StageCache, timings: _Timings) -> tuple[str, dict]:
-  """Calibration rows, the perplexity stream, SAE training rows and held-out rows, as int32."""
-  from prunesae_jax import data  # pylint: disable=g-import-not-at-top
-  sae, ana = config.sae, config.analysis
-  n_train = _n_seqs(sae.n_tokens, sae.seq_len)
-  n_held = _n_seqs(max(ana.transfer_tokens, ana.causal_tokens), sae.seq_len)
-  spec = {'data': config.data.to_dict(), 'calibration': config.calibration.to_dict(),
-          'ppl_max_tokens': config.ppl.max_tokens, 'n_train': n_train, 'n_held': n_held,
-          'seq_len': sae.seq_len}
-  key = cache.key('tokens', spec, [model.key])
-  if not cache.done('tokens', key):
-    t0 = time.perf_counter()
-    tok, bos = model.tokenizer, model.cfg.bos_token_id
-    out = {
-        'calibration': data.take_tokens(_corpus(config.data.calibration), tok,
-                                        config.calibration.n_samples, config.calibration.seq_len,
-                                        split=config.data.calibration.split, bos_id=bos),
-        'eval_stream': data.token_stream(_corpus(config.data.eval), tok,
-                                         split=config.data.eval.split,
-                                         max_tokens=config.ppl.max_tokens or None),
-        'train': data.take_tokens(_corpus(config.data.train), tok, n_train, sae.seq_len,
-                                  split=config.data.train.split, bos_id=bos),
-        'heldout': data.take_tokens(_corpus(config.data.eval), tok, n_held, sae.seq_len,
-                                    split=config.data.eval.split, bos_id=bos),
-    }
-    with cache.writing('tokens', key, spec) as tmp:
-      atomic_write_npz(tmp / 'tokens.npz', out)
-    timings.add('tokens', time.perf_counter() - t0)
-  return key, cache.read_npz('tokens', key, 'tokens.npz')
+    """Calibration rows, the perplexity stream, SAE training rows and held-out rows, as int32."""
+    from prunesae_jax import data  # pylint: disable=g-import-not-at-top
+    sae, ana = config.sae, config.analysis
+    n_train = _n_seqs(sae.n_tokens, sae.seq_len)
+    n_held = _n_seqs(max(ana.transfer_tokens, ana.causal_tokens), sae.seq_len)
+    spec = {'data': config.data.to_dict(), 'calibration': config.calibration.to_dict(),
+            'ppl_max_tokens': config.ppl.max_tokens, 'n_train': n_train, 'n_held': n_held,
+            'seq_len': sae.seq_len}
+    key = cache.key('tokens', spec, [model.key])
+    if not cache.done('tokens', key):
+        t0 = time.perf_counter()
+        tok, bos = model.tokenizer, model.cfg.bos_token_id
+        out = {
+            'calibration': data.take_tokens(_corpus(config.data.calibration), tok,
+                                            config.calibration.n_samples, config.calibration.seq_len,
+                                            split=config.data.calibration.split, bos_id=bos),
+            'eval_stream': data.token_stream(_corpus(config.data.eval), tok,
+                                             split=config.data.eval.split,
+                                             max_tokens=config.ppl.max_tokens or None),
+            'train': data.take_tokens(_corpus(config.data.train), tok, n_train, sae.seq_len,
+                                      split=config.data.train.split, bos_id=bos),
+            'heldout': data.take_tokens(_corpus(config.data.eval), tok, n_held, sae.seq_len,
+                                        split=config.data.eval.split, bos_id=bos),
+        }
+        with cache.writing('tokens', key, spec) as tmp:
+            atomic_write_npz(tmp / 'tokens.npz', out)
+        timings.add('tokens', time.perf_counter() - t0)
+    return key, cache.read_npz('tokens', key, 'tokens.npz')
 
 
 # --------------------------------------------------------------------------- prune, ppl, capture
 
 def _group_args(config, method: str) -> dict[str, Any]:
-  group = config.pruning.group[method] if method in config.pruning.group else ''
-  if ':' in group:
-    n, m = group.split(':')
-    return {'group': None, 'nm': (int(n), int(m))}
-  return {'group': group or None, 'nm': None}
+    group = config.pruning.group[method] if method in config.pruning.group else ''
+    if ':' in group:
+        n, m = group.split(':')
+        return {'group': None, 'nm': (int(n), int(m))}
+    return {'group': group or None, 'nm': None}
 
 
 def _prune_stage(config, model: _Model, method: str, sparsity: float, tokens_key: str,
                  tokens: dict, cache: StageCache, timings: _Timings) -> tuple[str, Any, dict]:
-  """(key, pruned params, sparsity report) of one condition; the dense condition is the model."""
-  if method == 'dense':
-    return model.key, model.params, {'overall': 0.0, 'per_kind': {'attention': 0.0, 'mlp': 0.0}}
-  from prunesae_jax import pruning  # pylint: disable=g-import-not-at-top
-  args = _group_args(config, method)
-  spec = {'method': method, 'sparsity': sparsity, **args,
-          'block_sequential': config.pruning.block_sequential}
-  upstream = [model.key] + ([tokens_key] if method != 'magnitude' else [])
-  key = cache.key('prune', spec, upstream)
-  if not cache.done('prune', key):
-    t0 = time.perf_counter()
-    res = pruning.prune(model.cfg, model.params, method,
-                        None if args['nm'] else sparsity, group=args['group'], nm=args['nm'],
-                        calib_tokens=tokens['calibration'] if method != 'magnitude' else None,
-                        sequential=config.pruning.block_sequential, progress=config.progress,
-                        batch_size=max(1, min(8, config.calibration.n_samples)))
-    with cache.writing('prune', key, spec) as tmp:
-      pruning.save_masks(tmp / 'masks.npz', res.masks)
-      if method == 'sparsegpt':  # SparseGPT also updates the kept weights
-        atomic_write_npz(tmp / 'weights.npz', _prunable_weights(res.params))
-      report = {k: v for k, v in res.report.items() if k != 'seconds'}
-      atomic_write_json(tmp / 'report.json', report)
-    timings.add('prune', time.perf_counter() - t0)
-  masks = pruning.load_masks(cache.path('prune', key) / 'masks.npz', model.params)
-  params = model.params
-  if method == 'sparsegpt':
-    params = _with_prunable_weights(params, cache.read_npz('prune', key, 'weights.npz'))
-  params = jax.jit(pruning.apply_masks)(params, masks)
-  return key, params, cache.read_json('prune', key, 'report.json')
+    """(key, pruned params, sparsity report) of one condition; the dense condition is the model."""
+    if method == 'dense':
+        return model.key, model.params, {'overall': 0.0, 'per_kind': {'attention': 0.0, 'mlp': 0.0}}
+    from prunesae_jax import pruning  # pylint: disable=g-import-not-at-top
+    args = _group_args(config, method)
+    spec = {'method': method, 'sparsity': sparsity, **args,
+            'block_sequential': config.pruning.block_sequential}
+    upstream = [model.key] + ([tokens_key] if method != 'magnitude' else [])
+    key = cache.key('prune', spec, upstream)
+    if not cache.done('prune', key):
+        t0 = time.perf_counter()
+        res = pruning.prune(model.cfg, model.params, method,
+                            None if args['nm'] else sparsity, group=args['group'], nm=args['nm'],
+                            calib_tokens=tokens['calibration'] if method != 'magnitude' else None,
+                            sequential=config.pruning.block_sequential, progress=config.progress,
+                            batch_size=max(1, min(8, config.calibration.n_samples)))
+        with cache.writing('prune', key, spec) as tmp:
+            pruning.save_masks(tmp / 'masks.npz', res.masks)
+            if method == 'sparsegpt':  # SparseGPT also updates the kept weights
+                atomic_write_npz(tmp / 'weights.npz', _prunable_weights(res.params))
+            report = {k: v for k, v in res.report.items() if k != 'seconds'}
+            atomic_write_json(tmp / 'report.json', report)
+        timings.add('prune', time.perf_counter() - t0)
+    masks = pruning.load_masks(cache.path('prune', key) / 'masks.npz', model.params)
+    params = model.params
+    if method == 'sparsegpt':
+        params = _with_prunable_weights(params, cache.read_npz('prune', key, 'weights.npz'))
+    params = jax.jit(pruning.apply_masks)(params, masks)
+    return key, params, cache.read_json('prune', key, 'report.json')
 
 
 def _prunable_weights(params) -> dict[str, np.ndarray]:
-  from prunesae_jax.models.config import PRUNABLE  # pylint: disable=g-import-not-at-top
-  return {f'{i}.{n}': np.asarray(lp[n]) for i, lp in enumerate(params['layers']) for n in PRUNABLE}
+    from prunesae_jax.models.config import PRUNABLE  # pylint: disable=g-import-not-at-top
+    return {f'{i}.{n}': np.asarray(lp[n]) for i, lp in enumerate(params['layers']) for n in PRUNABLE}
 
 
 def _with_prunable_weights(params, weights: dict[str, np.ndarray]):
-  layers = []
-  for i, lp in enumerate(params['layers']):
-    lp = dict(lp)
-    for name in list(lp):
-      if f'{i}.{name}' in weights:
-        lp[name] = jnp.asarray(weights[f'{i}.{name}'], lp[name].dtype)
-    layers.append(lp)
-  return {**params, 'layers': layers}
+    layers = []
+    for i, lp in enumerate(params['layers']):
+        lp = dict(lp)
+        for name in list(lp):
+            if f'{i}.{name}' in weights:
+                lp[name] = jnp.asarray(weights[f'{i}.{name}'], lp[name].dtype)
+        layers.append(lp)
+    return {**params, 'layers': layers}
 
 
 def _ppl_stage(config, model: _Model, params, prune_key: str, tokens_key: str, tokens: dict,
                cache: StageCache, timings: _Timings) -> dict:
-  from prunesae_jax.pruning.perplexity import strided_nll  # pylint: disable=g-import-not-at-top
-  spec = {'ppl': config.ppl.to_dict()}
-  key = cache.key('ppl', spec, [prune_key, tokens_key])
-  if not cache.done('ppl', key):
-    t0 = time.perf_counter()
-    nll, count = strided_nll(model.cfg, params, tokens['eval_stream'], window=config.ppl.window,
-                             stride=config.ppl.stride, batch_size=config.ppl.batch_size,
-                             bos_token_id=model.cfg.bos_token_id)
-    with cache.writing('ppl', key, spec) as tmp:
-      atomic_write_json(tmp / 'ppl.json', {'nll': nll, 'n_tokens': count,
-                                           'ppl': math.exp(nll / count)})
-    timings.add('ppl', time.perf_counter() - t0)
-  return cache.read_json('ppl', key, 'ppl.json')
+    from prunesae_jax.pruning.perplexity import strided_nll  # pylint: disable=g-import-not-at-top
+    spec = {'ppl': config.ppl.to_dict()}
+    key = cache.key('ppl', spec, [prune_key, tokens_key])
+    if not cache.done('ppl', key):
+        t0 = time.perf_counter()
+        nll, count = strided_nll(model.cfg, params, tokens['eval_stream'], window=config.ppl.window,
+                                 stride=config.ppl.stride, batch_size=config.ppl.batch_size,
+                                 bos_token_id=model.cfg.bos_token_id)
+        with cache.writing('ppl', key, spec) as tmp:
+            atomic_write_json(tmp / 'ppl.json', {'nll': nll, 'n_tokens': count,
+                                                 'ppl': math.exp(nll / count)})
+        timings.add('ppl', time.perf_counter() - t0)
+    return cache.read_json('ppl', key, 'ppl.json')
 
 
 def _batches(rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-  for a in range(0, rows.shape[0], batch_size):
-    yield rows[a:a + batch_size]
+    for a in range(0, rows.shape[0], batch_size):
+        yield rows[a:a + batch_size]
 
 
 def _acts_stage(config, model: _Model, params, prune_key: str, tokens_key: str, tokens: dict,
                 cache: StageCache, timings: _Timings, label: str) -> tuple[str, Any]:
-  """resid_post of model.layer on the SAE training rows, BOS excluded, in an ActivationStore.
+    """resid_post of model.layer on the SAE training rows, BOS excluded, in an ActivationStore.
 
-  The same store sae.store.capture_activations writes, filled batch by batch here so that the
-  capture has a progress bar.
-  """
-  from prunesae_jax.sae.store import ActivationStore  # pylint: disable=g-import-not-at-top
-  spec = {'layer': model.layer, 'dtype': config.sae.store_dtype}
-  key = cache.key('acts', spec, [prune_key, tokens_key])
-  if not cache.done('acts', key):
-    t0 = time.perf_counter()
-    rows = tokens['train']
-    bsz = config.sae.capture_batch
-    meta = {'layer': model.layer, 'model_id': model.spec, 'mask_id': prune_key,
-            'exclude_bos': True, 'seq_len': int(rows.shape[1]), 'n_sequences': int(rows.shape[0])}
-    with cache.writing('acts', key, spec) as tmp:
-      writer = ActivationStore.create(str(tmp / 'store'), model.cfg.hidden_size,
-                                      config.sae.store_dtype, meta)
-      for batch in _progress(config, _batches(rows, bsz), total=-(-rows.shape[0] // bsz),
-                             desc=f'capture {label}', unit='batch', leave=False):
-        h = _resid(model.cfg, params, batch, model.layer, bsz)  # [b, T, D]
-        writer.append(h[:, 1:].reshape(-1, h.shape[-1]))  # BOS is never an SAE token
-      writer.close()
-    timings.add('capture', time.perf_counter() - t0)
-  return key, ActivationStore(str(cache.path('acts', key) / 'store'))
+    The same store sae.store.capture_activations writes, filled batch by batch here so that the
+    capture has a progress bar.
+    """
+    from prunesae_jax.sae.store import ActivationStore  # pylint: disable=g-import-not-at-top
+    spec = {'layer': model.layer, 'dtype': config.sae.store_dtype}
+    key = cache.key('acts', spec, [prune_key, tokens_key])
+    if not cache.done('acts', key):
+        t0 = time.perf_counter()
+        rows = tokens['train']
+        bsz = config.sae.capture_batch
+        meta = {'layer': model.layer, 'model_id': model.spec, 'mask_id': prune_key,
+                'exclude_bos': True, 'seq_len': int(rows.shape[1]), 'n_sequences': int(rows.shape[0])}
+        with cache.writing('acts', key, spec) as tmp:
+            writer = ActivationStore.create(str(tmp / 'store'), model.cfg.hidden_size,
+                                            config.sae.store_dtype, meta)
+            for batch in _progress(config, _batches(rows, bsz), total=-(-rows.shape[0] // bsz),
+                                   desc=f'capture {label}', unit='batch', leave=False):
+                h = _resid(model.cfg, params, batch, model.layer, bsz)  # [b, T, D]
+                writer.append(h[:, 1:].reshape(-1, h.shape[-1]))  # BOS is never an SAE token
+            writer.close()
+        timings.add('capture', time.perf_counter() - t0)
+    return key, ActivationStore(str(cache.path('acts', key) / 'store'))
 
 
 # --------------------------------------------------------------------------- SAE training
 
 def condition_seed(config, method: str, sparsity: float) -> int:
-  """The first SAE seed of a condition: sae.seed for dense, a stable offset for pruned ones.
+    """The first SAE seed of a condition: sae.seed for dense, a stable offset for pruned ones.
 
-  Every condition's SAEs start from inits no other condition uses, so survival (dense vs pruned)
-  is measured across different inits exactly like the seed floor (dense vs dense): with shared
-  inits an under-trained pruned SAE would "match" its dense twin through the init alone.
-  """
-  if method == 'dense':
-    return config.sae.seed
-  h = int(stable_hash({'method': method, 'sparsity': round(float(sparsity), 9)}, 6), 16)
-  return config.sae.seed + config.sae.n_seeds * (1 + h % 100_000)
+    Every condition's SAEs start from inits no other condition uses, so survival (dense vs pruned)
+    is measured across different inits exactly like the seed floor (dense vs dense): with shared
+    inits an under-trained pruned SAE would "match" its dense twin through the init alone.
+    """
+    if method == 'dense':
+        return config.sae.seed
+    h = int(stable_hash({'method': method, 'sparsity': round(float(sparsity), 9)}, 6), 16)
+    return config.sae.seed + config.sae.n_seeds * (1 + h % 100_000)
 
 
 def _sae_configs(config, model: _Model, n_tokens: int, seed: int | None = None):
-  from prunesae_jax.sae.core import SAEConfig  # pylint: disable=g-import-not-at-top
-  from prunesae_jax.sae.train import TrainConfig  # pylint: disable=g-import-not-at-top
-  sae = config.sae
-  d = model.cfg.hidden_size
-  sae_cfg = SAEConfig(d_in=d, n_latents=sae.expansion * d, architecture=sae.architecture,
-                      k=sae.k, aux_coeff=sae.aux_k_coef, dead_tokens=sae.dead_tokens)
-  batch = min(sae.batch_size, n_tokens)
-  n_steps = max(1, (n_tokens * sae.epochs) // batch)
-  train_cfg = TrainConfig(n_seeds=sae.n_seeds, seed=sae.seed if seed is None else seed,
-                          batch_size=batch, n_steps=n_steps,
-                          lr=sae.lr or None, warmup_steps=max(1, min(100, n_steps // 10)),
-                          checkpoint_every=sae.checkpoint_every,
-                          eval_tokens=min(16384, n_tokens), progress=config.progress)
-  return sae_cfg, train_cfg
+    from prunesae_jax.sae.core import SAEConfig  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.sae.train import TrainConfig  # pylint: disable=g-import-not-at-top
+    sae = config.sae
+    d = model.cfg.hidden_size
+    sae_cfg = SAEConfig(d_in=d, n_latents=sae.expansion * d, architecture=sae.architecture,
+                        k=sae.k, aux_coeff=sae.aux_k_coef, dead_tokens=sae.dead_tokens)
+    batch = min(sae.batch_size, n_tokens)
+    n_steps = max(1, (n_tokens * sae.epochs) // batch)
+    train_cfg = TrainConfig(n_seeds=sae.n_seeds, seed=sae.seed if seed is None else seed,
+                            batch_size=batch, n_steps=n_steps,
+                            lr=sae.lr or None, warmup_steps=max(1, min(100, n_steps // 10)),
+                            checkpoint_every=sae.checkpoint_every,
+                            eval_tokens=min(16384, n_tokens), progress=config.progress)
+    return sae_cfg, train_cfg
 
 
 def _mesh(config):
-  n = jax.device_count()
-  if n == 1:
-    return None
-  from prunesae_jax.sharding import make_mesh  # pylint: disable=g-import-not-at-top
-  seed, data = config.mesh.seed, config.mesh.data
-  seed = n // data if seed == -1 else seed
-  data = n // seed if data == -1 else data
-  if seed * data != n:
-    raise ConfigError(f'config.mesh=(seed={config.mesh.seed}, data={config.mesh.data}) does not '
-                      f'fit {n} devices; accepted: seed x data = {n}')
-  return make_mesh(seed, data)
+    n = jax.device_count()
+    if n == 1:
+        return None
+    from prunesae_jax.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+    seed, data = config.mesh.seed, config.mesh.data
+    seed = n // data if seed == -1 else seed
+    data = n // seed if data == -1 else data
+    if seed * data != n:
+        raise ConfigError(f'config.mesh=(seed={config.mesh.seed}, data={config.mesh.data}) does not '
+                          f'fit {n} devices; accepted: seed x data = {n}')
+    return make_mesh(seed, data)
 
 
 def _sae_stage(config, model: _Model, acts_key: str, store, cache: StageCache,
                timings: _Timings, label: str, seed: int) -> tuple[str, dict, dict]:
-  """S seeds trained in one vmapped run; (key, params with seed axis in raw units, metrics)."""
-  from prunesae_jax.sae.train import train as train_saes  # pylint: disable=g-import-not-at-top
-  sae_cfg, train_cfg = _sae_configs(config, model, store.n_tokens, seed)
-  spec = {'sae': sae_cfg.to_dict(), 'train': dataclasses.asdict(train_cfg) | {'progress': None}}
-  key = cache.key('sae', spec, [acts_key])
-  if not cache.done('sae', key):
-    t0 = time.perf_counter()
-    # Checkpoints live outside the stage folder so that a killed run resumes its training.
-    work = cache.root / 'sae' / f'{key}.train'
-    _say(config, f'[sae] {label}: {train_cfg.n_seeds} seeds x {sae_cfg.n_latents} latents, '
-         f'{train_cfg.n_steps} steps of {train_cfg.batch_size} tokens')
-    res = train_saes(sae_cfg, train_cfg, store,
-                          workdir=str(work) if train_cfg.checkpoint_every else None,
-                          mesh=_mesh(config))
-    final = {k: np.asarray(v).tolist() for k, v in _final_metrics(res.final).items()}
-    with cache.writing('sae', key, spec) as tmp:
-      atomic_write_npz(tmp / 'params.npz', {k: np.asarray(v) for k, v in res.params.items()})
-      atomic_write_json(tmp / 'final.json', final)
-    if work.exists():
-      import shutil  # pylint: disable=g-import-not-at-top
-      shutil.rmtree(work, ignore_errors=True)
-    timings.add('sae', time.perf_counter() - t0)
-  return (key, cache.read_npz('sae', key, 'params.npz'), cache.read_json('sae', key, 'final.json'))
+    """S seeds trained in one vmapped run; (key, params with seed axis in raw units, metrics)."""
+    from prunesae_jax.sae.train import train as train_saes  # pylint: disable=g-import-not-at-top
+    sae_cfg, train_cfg = _sae_configs(config, model, store.n_tokens, seed)
+    spec = {'sae': sae_cfg.to_dict(), 'train': dataclasses.asdict(train_cfg) | {'progress': None}}
+    key = cache.key('sae', spec, [acts_key])
+    if not cache.done('sae', key):
+        t0 = time.perf_counter()
+        # Checkpoints live outside the stage folder so that a killed run resumes its training.
+        work = cache.root / 'sae' / f'{key}.train'
+        _say(config, f'[sae] {label}: {train_cfg.n_seeds} seeds x {sae_cfg.n_latents} latents, '
+             f'{train_cfg.n_steps} steps of {train_cfg.batch_size} tokens')
+        res = train_saes(sae_cfg, train_cfg, store,
+                              workdir=str(work) if train_cfg.checkpoint_every else None,
+                              mesh=_mesh(config))
+        final = {k: np.asarray(v).tolist() for k, v in _final_metrics(res.final).items()}
+        with cache.writing('sae', key, spec) as tmp:
+            atomic_write_npz(tmp / 'params.npz', {k: np.asarray(v) for k, v in res.params.items()})
+            atomic_write_json(tmp / 'final.json', final)
+        if work.exists():
+            import shutil  # pylint: disable=g-import-not-at-top
+            shutil.rmtree(work, ignore_errors=True)
+        timings.add('sae', time.perf_counter() - t0)
+    return (key, cache.read_npz('sae', key, 'params.npz'), cache.read_json('sae', key, 'final.json'))
 
 
 def _final_metrics(final) -> dict[str, np.ndarray]:
-  """fvu / l0 / dead_frac per seed from TrainResult.final (a dict of [S] or a list of dicts)."""
-  if isinstance(final, dict):
-    return {k: np.asarray(final[k]).reshape(-1) for k in ('fvu', 'l0', 'dead_frac') if k in final}
-  return {k: np.asarray([f[k] for f in final]).reshape(-1) for k in ('fvu', 'l0', 'dead_frac')
-          if all(k in f for f in final)}
+    """fvu / l0 / dead_frac per seed from TrainResult.final (a dict of [S] or a list of dicts)."""
+    if isinstance(final, dict):
+        return {k: np.asarray(final[k]).reshape(-1) for k in ('fvu', 'l0', 'dead_frac') if k in final}
+    return {k: np.asarray([f[k] for f in final]).reshape(-1) for k in ('fvu', 'l0', 'dead_frac')
+            if all(k in f for f in final)}
 
 
 # --------------------------------------------------------------------------- measures
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _tail_nll(cfg, layer: int, chunk: int, params, h, tokens):
-  """Mean next-token NLL when blocks layer+1.. run on h [B,T,D] (the resid_post of `layer`)."""
-  from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
-  for i in range(layer + 1, cfg.num_layers):
-    h = decoder.block(cfg, params['layers'][i], i, h)
-  B, T, D = h.shape
-  hs, tg = h[:, :-1], tokens[:, 1:]
-  n = T - 1
-  pad = (-n) % chunk
-  hs = jnp.pad(hs, ((0, 0), (0, pad), (0, 0)))
-  tg = jnp.pad(tg, ((0, 0), (0, pad)))
-  w = jnp.pad(jnp.ones((B, n), jnp.float32), ((0, 0), (0, pad)))
-  hc = hs.reshape(B, -1, chunk, D).swapaxes(0, 1)
-  tc = tg.reshape(B, -1, chunk).swapaxes(0, 1)
-  wc = w.reshape(B, -1, chunk).swapaxes(0, 1)
+    """Mean next-token NLL when blocks layer+1.. run on h [B,T,D] (the resid_post of `layer`)."""
+    from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+    for i in range(layer + 1, cfg.num_layers):
+        h = decoder.block(cfg, params['layers'][i], i, h)
+    B, T, D = h.shape
+    hs, tg = h[:, :-1], tokens[:, 1:]
+    n = T - 1
+    pad = (-n) % chunk
+    hs = jnp.pad(hs, ((0, 0), (0, pad), (0, 0)))
+    tg = jnp.pad(tg, ((0, 0), (0, pad)))
+    w = jnp.pad(jnp.ones((B, n), jnp.float32), ((0, 0), (0, pad)))
+    hc = hs.reshape(B, -1, chunk, D).swapaxes(0, 1)
+    tc = tg.reshape(B, -1, chunk).swapaxes(0, 1)
+    wc = w.reshape(B, -1, chunk).swapaxes(0, 1)
 
-  @jax.checkpoint  # never keep [B, chunk, V] logits for the backward pass
-  def one(args):
-    hh, tt, ww = args
-    logits = decoder.unembed(cfg, params, hh)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - tgt) * ww)
+    @jax.checkpoint  # never keep [B, chunk, V] logits for the backward pass
+    def one(args):
+        hh, tt, ww = args
+        logits = decoder.unembed(cfg, params, hh)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - tgt) * ww)
 
-  return jnp.sum(jax.lax.map(one, (hc, tc, wc))) / (B * n)
+    return jnp.sum(jax.lax.map(one, (hc, tc, wc))) / (B * n)
 
 
 def _resid(cfg, params, rows: np.ndarray, layer: int, batch: int) -> np.ndarray:
-  """resid_post of `layer` [n, T, D] float32, in batches."""
-  from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
-  out = [np.asarray(decoder.resid_post(cfg, params, jnp.asarray(b), layers=(layer,))[layer],
-                    np.float32) for b in _batches(rows, batch)]
-  return np.concatenate(out)
+    """resid_post of `layer` [n, T, D] float32, in batches."""
+    from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+    out = [np.asarray(decoder.resid_post(cfg, params, jnp.asarray(b), layers=(layer,))[layer],
+                      np.float32) for b in _batches(rows, batch)]
+    return np.concatenate(out)
 
 
 def _single(params: dict, s: int = 0) -> dict:
-  return {k: jnp.asarray(v[s]) for k, v in params.items()}
+    return {k: jnp.asarray(v[s]) for k, v in params.items()}
 
 
 def _dictionary(config, model: _Model, dense_sae: dict, cache: StageCache):
-  """(SAEConfig, params without seed axis, name) of the fixed dictionary for RQ3."""
-  from prunesae_jax.sae.io import load_sae  # pylint: disable=g-import-not-at-top
-  if config.transfer.source == 'dense':
-    sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
-    return sae_cfg, _single(dense_sae), 'dense SAE (seed 0)'
-  t = config.transfer
-  path = os.path.expanduser(t.path)
-  if t.repo:
-    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-    local = snapshot_download(t.repo, allow_patterns=[f'{t.path.rstrip("/")}*',
-                                                      f'{t.path.rstrip("/")}/*'])
-    path = os.path.join(local, t.path)
-  sae_cfg, params = load_sae(path)
-  if sae_cfg.d_in != model.cfg.hidden_size:
-    raise ConfigError(f'config.transfer.path={t.path!r} has d_in={sae_cfg.d_in}; accepted: a '
-                      f'dictionary for d_model={model.cfg.hidden_size} ({model.spec})')
-  return sae_cfg, {k: jnp.asarray(v) for k, v in params.items()}, f'{t.repo}/{t.path}'.strip('/')
+    """(SAEConfig, params without seed axis, name) of the fixed dictionary for RQ3."""
+    from prunesae_jax.sae.io import load_sae  # pylint: disable=g-import-not-at-top
+    if config.transfer.source == 'dense':
+        sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
+        return sae_cfg, _single(dense_sae), 'dense SAE (seed 0)'
+    t = config.transfer
+    path = os.path.expanduser(t.path)
+    if t.repo:
+        from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+        local = snapshot_download(t.repo, allow_patterns=[f'{t.path.rstrip("/")}*',
+                                                          f'{t.path.rstrip("/")}/*'])
+        path = os.path.join(local, t.path)
+    sae_cfg, params = load_sae(path)
+    if sae_cfg.d_in != model.cfg.hidden_size:
+        raise ConfigError(f'config.transfer.path={t.path!r} has d_in={sae_cfg.d_in}; accepted: a '
+                          f'dictionary for d_model={model.cfg.hidden_size} ({model.spec})')
+    return sae_cfg, {k: jnp.asarray(v) for k, v in params.items()}, f'{t.repo}/{t.path}'.strip('/')
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(sae_cfg, params, x):
-  from prunesae_jax.sae import core  # pylint: disable=g-import-not-at-top
-  return core.encode(sae_cfg, params, x)
+    from prunesae_jax.sae import core  # pylint: disable=g-import-not-at-top
+    return core.encode(sae_cfg, params, x)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(sae_cfg, params, z):
-  from prunesae_jax.sae import core  # pylint: disable=g-import-not-at-top
-  return core.decode(sae_cfg, params, z)
+    from prunesae_jax.sae import core  # pylint: disable=g-import-not-at-top
+    return core.decode(sae_cfg, params, z)
 
 
 def _encode_all(sae_cfg, params, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-  return np.concatenate([np.asarray(_encode(sae_cfg, params, jnp.asarray(x[a:a + batch])))
-                         for a in range(0, x.shape[0], batch)])
+    return np.concatenate([np.asarray(_encode(sae_cfg, params, jnp.asarray(x[a:a + batch])))
+                           for a in range(0, x.shape[0], batch)])
 
 
 def _firing_rates(config, model, dense_sae: dict, dense_params, tokens: dict) -> np.ndarray:
-  """[S, n] firing rate of each dense seed's features on held-out dense activations."""
-  from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
-  sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
-  rows = tokens['heldout']
-  x = _resid(model.cfg, dense_params, rows, model.layer, config.sae.capture_batch)[:, 1:]
-  x = x.reshape(-1, x.shape[-1])[:config.analysis.transfer_tokens]
-  S = dense_sae['W_dec'].shape[0]
-  return np.stack([measures.firing_rate(_encode_all(sae_cfg, _single(dense_sae, s), x))
-                   for s in range(S)])
+    """[S, n] firing rate of each dense seed's features on held-out dense activations."""
+    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
+    sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
+    rows = tokens['heldout']
+    x = _resid(model.cfg, dense_params, rows, model.layer, config.sae.capture_batch)[:, 1:]
+    x = x.reshape(-1, x.shape[-1])[:config.analysis.transfer_tokens]
+    S = dense_sae['W_dec'].shape[0]
+    return np.stack([measures.firing_rate(_encode_all(sae_cfg, _single(dense_sae, s), x))
+                     for s in range(S)])
 
 
 def _causal_spec(config, model: _Model) -> dict:
-  ana = config.analysis
-  return {'causal_features': ana.causal_features, 'causal_tokens': ana.causal_tokens,
-          'seed': ana.seed, 'layer': model.layer}
+    ana = config.analysis
+    return {'causal_features': ana.causal_features, 'causal_tokens': ana.causal_tokens,
+            'seed': ana.seed, 'layer': model.layer}
 
 
 def _causal_key(config, model: _Model, dense_sae_key: str, tokens_key: str) -> str:
-  return StageCache.key('causal', _causal_spec(config, model), [dense_sae_key, tokens_key])
+    return StageCache.key('causal', _causal_spec(config, model), [dense_sae_key, tokens_key])
 
 
 def _causal_stage(config, model: _Model, dense_sae_key: str, dense_sae: dict, tokens_key: str,
                   tokens: dict, cache: StageCache, timings: _Timings) -> dict:
-  """RQ5 effects of the dense SAE's (seed 0) features on the dense model's loss."""
-  from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
-  from prunesae_jax.sae import core  # pylint: disable=g-import-not-at-top
-  ana = config.analysis
-  spec = _causal_spec(config, model)
-  key = _causal_key(config, model, dense_sae_key, tokens_key)
-  if not cache.done('causal', key):
-    t0 = time.perf_counter()
-    sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
-    p = _single(dense_sae)
-    n_rows = _n_seqs(ana.causal_tokens, config.sae.seq_len)
-    rows = jnp.asarray(tokens['heldout'][:n_rows])
-    h = jnp.asarray(_resid(model.cfg, model.params, np.asarray(rows), model.layer,
-                           config.sae.capture_batch), model.params['embed'].dtype)
-    B, T, D = h.shape
-    x = h[:, 1:].reshape(-1, D).astype(jnp.float32)
-    codes = core.encode(sae_cfg, p, x)
-    err = x - core.decode(sae_cfg, p, codes)  # keeps the clean loss equal to the model's
-    chunk = min(128, T - 1)
+    """RQ5 effects of the dense SAE's (seed 0) features on the dense model's loss."""
+    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.sae import core  # pylint: disable=g-import-not-at-top
+    ana = config.analysis
+    spec = _causal_spec(config, model)
+    key = _causal_key(config, model, dense_sae_key, tokens_key)
+    if not cache.done('causal', key):
+        t0 = time.perf_counter()
+        sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
+        p = _single(dense_sae)
+        n_rows = _n_seqs(ana.causal_tokens, config.sae.seq_len)
+        rows = jnp.asarray(tokens['heldout'][:n_rows])
+        h = jnp.asarray(_resid(model.cfg, model.params, np.asarray(rows), model.layer,
+                               config.sae.capture_batch), model.params['embed'].dtype)
+        B, T, D = h.shape
+        x = h[:, 1:].reshape(-1, D).astype(jnp.float32)
+        codes = core.encode(sae_cfg, p, x)
+        err = x - core.decode(sae_cfg, p, codes)  # keeps the clean loss equal to the model's
+        chunk = min(128, T - 1)
 
-    def loss_fn(c):
-      x_new = (core.decode(sae_cfg, p, c) + err).astype(h.dtype).reshape(B, T - 1, D)
-      return _tail_nll(model.cfg, model.layer, chunk, model.params, h.at[:, 1:].set(x_new), rows)
+        def loss_fn(c):
+            x_new = (core.decode(sae_cfg, p, c) + err).astype(h.dtype).reshape(B, T - 1, D)
+            return _tail_nll(model.cfg, model.layer, chunk, model.params, h.at[:, 1:].set(x_new), rows)
 
-    eff = measures.causal_effects(loss_fn, codes, n_exact=ana.causal_features, seed=ana.seed)
-    with cache.writing('causal', key, spec) as tmp:
-      atomic_write_json(tmp / 'causal.json', {
-          'clean_loss': eff.clean_loss, 'estimate': eff.estimate.tolist(),
-          'exact_idx': eff.exact_idx.tolist(), 'exact': eff.exact.tolist(),
-          'pearson': eff.pearson, 'spearman': eff.spearman})
-    timings.add('causal', time.perf_counter() - t0)
-  return cache.read_json('causal', key, 'causal.json')
+        eff = measures.causal_effects(loss_fn, codes, n_exact=ana.causal_features, seed=ana.seed)
+        with cache.writing('causal', key, spec) as tmp:
+            atomic_write_json(tmp / 'causal.json', {
+                'clean_loss': eff.clean_loss, 'estimate': eff.estimate.tolist(),
+                'exact_idx': eff.exact_idx.tolist(), 'exact': eff.exact.tolist(),
+                'pearson': eff.pearson, 'spearman': eff.spearman})
+        timings.add('causal', time.perf_counter() - t0)
+    return cache.read_json('causal', key, 'causal.json')
 
 
 def _heldout_resid(config, model: _Model, params, tokens: dict) -> np.ndarray:
-  """[N, D] resid_post of the held-out transfer tokens, BOS excluded."""
-  rows = tokens['heldout'][:_n_seqs(config.analysis.transfer_tokens, config.sae.seq_len)]
-  x = _resid(model.cfg, params, rows, model.layer, config.sae.capture_batch)[:, 1:]
-  return x.reshape(-1, x.shape[-1])
+    """[N, D] resid_post of the held-out transfer tokens, BOS excluded."""
+    rows = tokens['heldout'][:_n_seqs(config.analysis.transfer_tokens, config.sae.seq_len)]
+    x = _resid(model.cfg, params, rows, model.layer, config.sae.capture_batch)[:, 1:]
+    return x.reshape(-1, x.shape[-1])
 
 
 class _DenseReference(dict):
-  """The dense condition's reference data. The costly entries (firing rates, causal effects,
-  the transfer dictionary) are computed on first use, so a re-run whose measures are all cached
-  never computes them."""
+    """The dense condition's reference data. The costly entries (firing rates, causal effects,
+    the transfer dictionary) are computed on first use, so a re-run whose measures are all cached
+    never computes them."""
 
-  def __init__(self, timings: _Timings, makers: dict):
-    super().__init__()
-    self._timings = timings
-    self._makers = makers
+    def __init__(self, timings: _Timings, makers: dict):
+        super().__init__()
+        self._timings = timings
+        self._makers = makers
 
-  def __missing__(self, name: str):
-    if name not in self._makers:
-      raise KeyError(name)
-    t0 = time.perf_counter()
-    value = self[name] = self._makers.pop(name)()
-    if name != 'causal':  # the causal stage keeps its own timing
-      self._timings.add('measures', time.perf_counter() - t0)
-    return value
+    def __missing__(self, name: str):
+        if name not in self._makers:
+            raise KeyError(name)
+        t0 = time.perf_counter()
+        value = self[name] = self._makers.pop(name)()
+        if name != 'causal':  # the causal stage keeps its own timing
+            self._timings.add('measures', time.perf_counter() - t0)
+        return value
 
 
 def _iv(interval) -> dict[str, float]:
-  return {'estimate': float(interval.estimate), 'low': float(interval.low),
-          'high': float(interval.high)}
+    return {'estimate': float(interval.estimate), 'low': float(interval.low),
+            'high': float(interval.high)}
 
 
 def _transfer(config, model: _Model, params, dictionary, dense_codes_x, tokens: dict) -> dict:
-  """RQ3: the fixed dictionary on this condition's held-out activations."""
-  from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
-  sae_cfg, p, name = dictionary
-  ana = config.analysis
-  n_rows = _n_seqs(ana.transfer_tokens, config.sae.seq_len)
-  rows = tokens['heldout'][:n_rows]
-  h_all = _resid(model.cfg, params, rows, model.layer, config.sae.capture_batch)  # [n, T, D]
-  B, T, D = h_all.shape
-  x = h_all[:, 1:].reshape(-1, D)
-  codes = _encode_all(sae_cfg, p, x)
-  x_hat = np.asarray(_decode(sae_cfg, p, jnp.asarray(codes)))
-  dense_codes = _encode_all(sae_cfg, p, dense_codes_x)
-  chunk = min(128, T - 1)
-  dt = params['embed'].dtype
-  losses = {'clean': 0.0, 'spliced': 0.0, 'zero': 0.0}
-  bsz = config.sae.capture_batch
-  for a in range(0, B, bsz):
-    h = jnp.asarray(h_all[a:a + bsz], dt)
-    tk = jnp.asarray(rows[a:a + bsz])
-    xh = jnp.asarray(x_hat.reshape(B, T - 1, D)[a:a + bsz], dt)
-    w = h.shape[0] / B
-    losses['clean'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params, h, tk))
-    losses['spliced'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params,
-                                             h.at[:, 1:].set(xh), tk))
-    losses['zero'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params,
-                                          h.at[:, 1:].set(0), tk))
-  return {
-      'dictionary': name, 'fvu': measures.fvu(x, x_hat), 'l0': measures.l0(codes),
-      'jaccard': measures.jaccard_active(dense_codes, codes), 'ce_clean': losses['clean'],
-      'ce_spliced': losses['spliced'], 'ce_zero': losses['zero'],
-      'ce_recovered': measures.ce_loss_recovered(losses['clean'], losses['spliced'],
-                                                 losses['zero']),
-  }
+    """RQ3: the fixed dictionary on this condition's held-out activations."""
+    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
+    sae_cfg, p, name = dictionary
+    ana = config.analysis
+    n_rows = _n_seqs(ana.transfer_tokens, config.sae.seq_len)
+    rows = tokens['heldout'][:n_rows]
+    h_all = _resid(model.cfg, params, rows, model.layer, config.sae.capture_batch)  # [n, T, D]
+    B, T, D = h_all.shape
+    x = h_all[:, 1:].reshape(-1, D)
+    codes = _encode_all(sae_cfg, p, x)
+    x_hat = np.asarray(_decode(sae_cfg, p, jnp.asarray(codes)))
+    dense_codes = _encode_all(sae_cfg, p, dense_codes_x)
+    chunk = min(128, T - 1)
+    dt = params['embed'].dtype
+    losses = {'clean': 0.0, 'spliced': 0.0, 'zero': 0.0}
+    bsz = config.sae.capture_batch
+    for a in range(0, B, bsz):
+        h = jnp.asarray(h_all[a:a + bsz], dt)
+        tk = jnp.asarray(rows[a:a + bsz])
+        xh = jnp.asarray(x_hat.reshape(B, T - 1, D)[a:a + bsz], dt)
+        w = h.shape[0] / B
+        losses['clean'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params, h, tk))
+        losses['spliced'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params,
+                                                 h.at[:, 1:].set(xh), tk))
+        losses['zero'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params,
+                                              h.at[:, 1:].set(0), tk))
+    return {
+        'dictionary': name, 'fvu': measures.fvu(x, x_hat), 'l0': measures.l0(codes),
+        'jaccard': measures.jaccard_active(dense_codes, codes), 'ce_clean': losses['clean'],
+        'ce_spliced': losses['spliced'], 'ce_zero': losses['zero'],
+        'ce_recovered': measures.ce_loss_recovered(losses['clean'], losses['spliced'],
+                                                   losses['zero']),
+    }
 
 
 def _measures_stage(config, model: _Model, method: str, sparsity: float, params, keys: dict,
                     sae: dict, dense: dict, tokens: dict, cache: StageCache,
                     timings: _Timings) -> dict:
-  """RQ1-RQ5 of one condition against the dense condition, as plain JSON."""
-  from prunesae_jax.analysis import matching, measures, stats  # pylint: disable=g-import-not-at-top
-  ana = config.analysis
-  spec = {'analysis': ana.to_dict(), 'transfer': config.transfer.to_dict(),
-          'method': method, 'sparsity': sparsity, 'version': MEASURES_VERSION}
-  key = cache.key('measures', spec, [keys['sae'], keys['dense_sae'], keys['prune'],
-                                     keys['tokens'], keys['causal']])
-  if cache.done('measures', key):
-    return cache.read_json('measures', key, 'measures.json')
-  t0 = time.perf_counter()
-  boot = dict(n_boot=max(ana.n_bootstrap, 1), ci=ana.ci, seed=ana.seed)
-  W = np.asarray(sae['W_dec'])
-  W_dense = np.asarray(dense['sae']['W_dec'])
-  taus = [float(t) for t in ana.taus]
-  st = measures.seed_stability(W, tau=ana.tau, taus=taus, **boot)
-  stability = {'shared': _iv(st.shared), 'divergence': _iv(st.divergence),
-               'n_pairs': int(len(st.pair_indices)), 'kendalls_w': float(st.kendalls_w),
-               'by_tau': {str(t): float(np.mean(st.fractions[i])) for i, t in enumerate(taus)}}
-  out: dict[str, Any] = {'stability': stability, 'fragility': None, 'causal': None}
+    """RQ1-RQ5 of one condition against the dense condition, as plain JSON."""
+    from prunesae_jax.analysis import matching, measures, stats  # pylint: disable=g-import-not-at-top
+    ana = config.analysis
+    spec = {'analysis': ana.to_dict(), 'transfer': config.transfer.to_dict(),
+            'method': method, 'sparsity': sparsity, 'version': MEASURES_VERSION}
+    key = cache.key('measures', spec, [keys['sae'], keys['dense_sae'], keys['prune'],
+                                       keys['tokens'], keys['causal']])
+    if cache.done('measures', key):
+        return cache.read_json('measures', key, 'measures.json')
+    t0 = time.perf_counter()
+    boot = dict(n_boot=max(ana.n_bootstrap, 1), ci=ana.ci, seed=ana.seed)
+    W = np.asarray(sae['W_dec'])
+    W_dense = np.asarray(dense['sae']['W_dec'])
+    taus = [float(t) for t in ana.taus]
+    st = measures.seed_stability(W, tau=ana.tau, taus=taus, **boot)
+    stability = {'shared': _iv(st.shared), 'divergence': _iv(st.divergence),
+                 'n_pairs': int(len(st.pair_indices)), 'kendalls_w': float(st.kendalls_w),
+                 'by_tau': {str(t): float(np.mean(st.fractions[i])) for i, t in enumerate(taus)}}
+    out: dict[str, Any] = {'stability': stability, 'fragility': None, 'causal': None}
 
-  if method == 'dense':
-    # Dense vs dense over distinct seed pairs is the seed floor itself.
-    # mean max cosine: a threshold-free companion of the matched fraction.
-    cos = [float(np.mean(matching.max_cosine(W[i], W[j])[0])) for i, j in st.pair_indices]
-    out['survival'] = {**stability['shared'], 'fractions': st.fractions[taus.index(ana.tau)].tolist()
-                       if ana.tau in taus else None, 'by_tau': stability['by_tau'],
-                       'mean_max_cos': float(np.mean(cos))}
-  else:
-    # RQ2 over every (dense seed, pruned seed) pair, as measures.feature_survival(pairing='all')
-    # does, with one MNN match per pair re-thresholded at every tau (feature_survival would
-    # match each pair again per tau).
-    pairs = [(i, j) for i in range(W_dense.shape[0]) for j in range(W.shape[0])]
-    matches = [matching.mnn_match(W_dense[i], W[j], ana.tau) for i, j in pairs]
-    fractions = np.array([r.matched_fraction for r in matches])
-    per_feature = np.zeros(W_dense.shape[:2])
-    max_cos_all = np.zeros(W_dense.shape[:2])
-    for (i, _), r in zip(pairs, matches):
-      per_feature[i] += r.matched / W.shape[0]
-      max_cos_all[i] += r.max_cos_a / W.shape[0]
-    by_tau = {str(t): float(np.mean([r.fraction_at(t) for r in matches])) for t in taus}
-    out['survival'] = {**_iv(stats.bootstrap_ci(fractions, None, **boot)),
-                       'fractions': fractions.tolist(), 'by_tau': by_tau,
-                       'mean_max_cos': float(np.mean(max_cos_all))}
-    fr = measures.fragility(per_feature, dense['rates'], n_bins=ana.n_quintiles, **boot)
-    q_ci = []
-    for q in range(fr.per_seed.shape[1]):
-      col = fr.per_seed[:, q]
-      q_ci.append([float(v) for v in stats.bootstrap_ci(col, None, **boot)[1:]]
-                  if col.size >= 2 else None)
-    out['fragility'] = {'per_quintile': fr.per_quintile.tolist(), 'per_quintile_ci': q_ci,
-                        'effect': _iv(fr.effect), 'rho_quintile': float(fr.rho_quintile),
-                        'rho_feature': _iv(fr.rho_feature)}
-    causal = dense['causal']
-    if ana.causal_measure == 'exact':
-      idx = np.asarray(causal['exact_idx'], np.int64)
-      effect = np.asarray(causal['exact'], np.float64)
+    if method == 'dense':
+        # Dense vs dense over distinct seed pairs is the seed floor itself.
+        # mean max cosine: a threshold-free companion of the matched fraction.
+        cos = [float(np.mean(matching.max_cosine(W[i], W[j])[0])) for i, j in st.pair_indices]
+        out['survival'] = {**stability['shared'], 'fractions': st.fractions[taus.index(ana.tau)].tolist()
+                           if ana.tau in taus else None, 'by_tau': stability['by_tau'],
+                           'mean_max_cos': float(np.mean(cos))}
     else:
-      idx = np.arange(len(causal['estimate']))
-      effect = np.asarray(causal['estimate'], np.float64)
-    max_cos = max_cos_all[0][idx]
-    corr = measures.survival_causal_correlation(max_cos, effect, **boot)
-    # At most 512 points in the scatter (a seeded subset), the correlation uses all of them.
-    keep = np.sort(np.random.default_rng(ana.seed).permutation(idx.size)[:512])
-    out['causal'] = {'n_features': int(idx.size), 'measure': ana.causal_measure,
-                     'correlation': _iv(corr), 'max_cos': max_cos[keep].tolist(),
-                     'effect': effect[keep].tolist()}
-  out['transfer'] = _transfer(config, model, params, dense['dictionary'], dense['dict_x'], tokens)
-  with cache.writing('measures', key, spec) as tmp:
-    atomic_write_json(tmp / 'measures.json', out)
-  timings.add('measures', time.perf_counter() - t0)
-  return cache.read_json('measures', key, 'measures.json')
+        # RQ2 over every (dense seed, pruned seed) pair, as measures.feature_survival(pairing='all')
+        # does, with one MNN match per pair re-thresholded at every tau (feature_survival would
+        # match each pair again per tau).
+        pairs = [(i, j) for i in range(W_dense.shape[0]) for j in range(W.shape[0])]
+        matches = [matching.mnn_match(W_dense[i], W[j], ana.tau) for i, j in pairs]
+        fractions = np.array([r.matched_fraction for r in matches])
+        per_feature = np.zeros(W_dense.shape[:2])
+        max_cos_all = np.zeros(W_dense.shape[:2])
+        for (i, _), r in zip(pairs, matches):
+            per_feature[i] += r.matched / W.shape[0]
+            max_cos_all[i] += r.max_cos_a / W.shape[0]
+        by_tau = {str(t): float(np.mean([r.fraction_at(t) for r in matches])) for t in taus}
+        out['survival'] = {**_iv(stats.bootstrap_ci(fractions, None, **boot)),
+                           'fractions': fractions.tolist(), 'by_tau': by_tau,
+                           'mean_max_cos': float(np.mean(max_cos_all))}
+        fr = measures.fragility(per_feature, dense['rates'], n_bins=ana.n_quintiles, **boot)
+        q_ci = []
+        for q in range(fr.per_seed.shape[1]):
+            col = fr.per_seed[:, q]
+            q_ci.append([float(v) for v in stats.bootstrap_ci(col, None, **boot)[1:]]
+                        if col.size >= 2 else None)
+        out['fragility'] = {'per_quintile': fr.per_quintile.tolist(), 'per_quintile_ci': q_ci,
+                            'effect': _iv(fr.effect), 'rho_quintile': float(fr.rho_quintile),
+                            'rho_feature': _iv(fr.rho_feature)}
+        causal = dense['causal']
+        if ana.causal_measure == 'exact':
+            idx = np.asarray(causal['exact_idx'], np.int64)
+            effect = np.asarray(causal['exact'], np.float64)
+        else:
+            idx = np.arange(len(causal['estimate']))
+            effect = np.asarray(causal['estimate'], np.float64)
+        max_cos = max_cos_all[0][idx]
+        corr = measures.survival_causal_correlation(max_cos, effect, **boot)
+        # At most 512 points in the scatter (a seeded subset), the correlation uses all of them.
+        keep = np.sort(np.random.default_rng(ana.seed).permutation(idx.size)[:512])
+        out['causal'] = {'n_features': int(idx.size), 'measure': ana.causal_measure,
+                         'correlation': _iv(corr), 'max_cos': max_cos[keep].tolist(),
+                         'effect': effect[keep].tolist()}
+    out['transfer'] = _transfer(config, model, params, dense['dictionary'], dense['dict_x'], tokens)
+    with cache.writing('measures', key, spec) as tmp:
+        atomic_write_json(tmp / 'measures.json', out)
+    timings.add('measures', time.perf_counter() - t0)
+    return cache.read_json('measures', key, 'measures.json')
 
 
 # --------------------------------------------------------------------------- the grid
 
 def _stop_after() -> int | None:
-  v = os.environ.get(STOP_ENV)
-  if not v:
-    return None
-  if not v.isdigit():
-    raise ConfigError(f'${STOP_ENV}={v!r}; accepted: a non-negative integer')
-  return int(v)
+    v = os.environ.get(STOP_ENV)
+    if not v:
+        return None
+    if not v.isdigit():
+        raise ConfigError(f'${STOP_ENV}={v!r}; accepted: a non-negative integer')
+    return int(v)
 
 
 def _run_model(config, cache: StageCache, timings: _Timings) -> tuple[dict, list[dict]]:
-  t0 = time.perf_counter()
-  model = _load_model(config)
-  timings.add('load_model', time.perf_counter() - t0)
-  tokens_key, tokens = _tokens_stage(config, model, cache, timings)
-  grid = conditions_of(config)
-  stop = _stop_after()
-  dense: dict[str, Any] = {}
-  conds = []
-  bar = _progress(config, grid, desc=f'{model.spec} conditions', unit='cond')
-  for n_done, (method, sparsity) in enumerate(bar):
-    label = 'dense' if method == 'dense' else f'{method} {sparsity:.0%}'
-    if stop is not None and n_done >= stop:
-      raise StudyInterrupted(f'stopped after {n_done} conditions (${STOP_ENV}={stop}); '
-                             're-run to resume')
-    prune_key, params, prune_report = _prune_stage(config, model, method, sparsity, tokens_key,
-                                                   tokens, cache, timings)
-    ppl = _ppl_stage(config, model, params, prune_key, tokens_key, tokens, cache, timings)
-    acts_key, store = _acts_stage(config, model, params, prune_key, tokens_key, tokens, cache,
-                                  timings, label)
-    sae_key, sae, final = _sae_stage(config, model, acts_key, store, cache, timings, label,
-                                     condition_seed(config, method, sparsity))
-    if method == 'dense':
-      dense = _DenseReference(timings, {
-          # Default arguments bind this iteration's values (the loop rebinds sae / params).
-          'rates': lambda sae=sae, params=params: _firing_rates(config, model, sae, params, tokens),
-          'causal': lambda sae=sae, sae_key=sae_key: _causal_stage(
-              config, model, sae_key, sae, tokens_key, tokens, cache, timings),
-          'dictionary': lambda sae=sae: _dictionary(config, model, sae, cache),
-          'dict_x': lambda params=params: _heldout_resid(config, model, params, tokens),
-      })
-      dense.update(sae=sae, sae_key=sae_key, ppl=ppl['ppl'],
-                   causal_key=_causal_key(config, model, sae_key, tokens_key))
-    keys = {'sae': sae_key, 'dense_sae': dense['sae_key'], 'prune': prune_key,
-            'tokens': tokens_key, 'causal': dense['causal_key']}
-    m = _measures_stage(config, model, method, sparsity, params, keys, sae, dense, tokens, cache,
-                        timings)
-    cond = {
-        'model': model.spec, 'layer': model.layer, 'method': method, 'sparsity': sparsity,
-        'achieved_sparsity': float(prune_report.get('overall', 0.0)),
-        'achieved_by_kind': prune_report.get('per_kind'),
-        'group': None if method == 'dense' else (config.pruning.group[method] or None),
-        'ppl': ppl['ppl'], 'delta_log_ppl': math.log(ppl['ppl']) - math.log(dense['ppl']),
-        **m, 'sae': final,
-    }
-    conds.append(cond)
-    _say(config, report_lib.format_condition(cond))
-  info = {'family': model.cfg.family, 'num_layers': model.cfg.num_layers,
-          'd_model': model.cfg.hidden_size, 'layer': model.layer,
-          'n_latents': config.sae.expansion * model.cfg.hidden_size, 'dense_ppl': dense['ppl']}
-  return info, conds
+    t0 = time.perf_counter()
+    model = _load_model(config)
+    timings.add('load_model', time.perf_counter() - t0)
+    tokens_key, tokens = _tokens_stage(config, model, cache, timings)
+    grid = conditions_of(config)
+    stop = _stop_after()
+    dense: dict[str, Any] = {}
+    conds = []
+    bar = _progress(config, grid, desc=f'{model.spec} conditions', unit='cond')
+    for n_done, (method, sparsity) in enumerate(bar):
+        label = 'dense' if method == 'dense' else f'{method} {sparsity:.0%}'
+        if stop is not None and n_done >= stop:
+            raise StudyInterrupted(f'stopped after {n_done} conditions (${STOP_ENV}={stop}); '
+                                   're-run to resume')
+        prune_key, params, prune_report = _prune_stage(config, model, method, sparsity, tokens_key,
+                                                       tokens, cache, timings)
+        ppl = _ppl_stage(config, model, params, prune_key, tokens_key, tokens, cache, timings)
+        acts_key, store = _acts_stage(config, model, params, prune_key, tokens_key, tokens, cache,
+                                      timings, label)
+        sae_key, sae, final = _sae_stage(config, model, acts_key, store, cache, timings, label,
+                                         condition_seed(config, method, sparsity))
+        if method == 'dense':
+            dense = _DenseReference(timings, {
+                # Default arguments bind this iteration's values (the loop rebinds sae / params).
+                'rates': lambda sae=sae, params=params: _firing_rates(config, model, sae, params, tokens),
+                'causal': lambda sae=sae, sae_key=sae_key: _causal_stage(
+                    config, model, sae_key, sae, tokens_key, tokens, cache, timings),
+                'dictionary': lambda sae=sae: _dictionary(config, model, sae, cache),
+                'dict_x': lambda params=params: _heldout_resid(config, model, params, tokens),
+            })
+            dense.update(sae=sae, sae_key=sae_key, ppl=ppl['ppl'],
+                         causal_key=_causal_key(config, model, sae_key, tokens_key))
+        keys = {'sae': sae_key, 'dense_sae': dense['sae_key'], 'prune': prune_key,
+                'tokens': tokens_key, 'causal': dense['causal_key']}
+        m = _measures_stage(config, model, method, sparsity, params, keys, sae, dense, tokens, cache,
+                            timings)
+        cond = {
+            'model': model.spec, 'layer': model.layer, 'method': method, 'sparsity': sparsity,
+            'achieved_sparsity': float(prune_report.get('overall', 0.0)),
+            'achieved_by_kind': prune_report.get('per_kind'),
+            'group': None if method == 'dense' else (config.pruning.group[method] or None),
+            'ppl': ppl['ppl'], 'delta_log_ppl': math.log(ppl['ppl']) - math.log(dense['ppl']),
+            **m, 'sae': final,
+        }
+        conds.append(cond)
+        _say(config, report_lib.format_condition(cond))
+    info = {'family': model.cfg.family, 'num_layers': model.cfg.num_layers,
+            'd_model': model.cfg.hidden_size, 'layer': model.layer,
+            'n_latents': config.sae.expansion * model.cfg.hidden_size, 'dense_ppl': dense['ppl']}
+    return info, conds
 
 
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Runs (or resumes) the study; writes results.json, timings.json, tables, figures, report.md.
+    """Runs (or resumes) the study; writes results.json, timings.json, tables, figures, report.md.
 
-  Returns the results dict (schema in prunesae_jax/study/report.py). Raises ConfigError (a
-  ValueError) before any work for a bad config, and StudyInterrupted when
-  $PRUNESAE_STOP_AFTER_CONDITIONS stops it early.
-  """
-  validate(config)
-  t0 = time.perf_counter()
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  atomic_write_json(workdir / 'config.json', config)
-  cache = StageCache(workdir)
-  timings = _Timings()
-  info, conds = _run_model(config, cache, timings)
-  prov = provenance(config)
-  prov.pop('config')
-  results = {
-      'schema': report_lib.SCHEMA, 'name': config.name, 'config': to_jsonable(config),
-      'provenance': prov, 'models': {config.model: info}, 'conditions': conds,
-  }
-  pruned = [c for c in conds if c['method'] != 'dense']
-  taus = [str(float(t)) for t in config.analysis.taus]
-  if len(pruned) >= 2 and len(taus) >= 2:
-    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
-    scores = np.array([[c['survival']['by_tau'][t] for c in pruned] for t in taus])
-    results['tau_agreement'] = {'taus': [float(t) for t in taus],
-                                'kendalls_w': float(measures.tau_agreement(scores))}
-  results['claims'] = report_lib.summarize_claims(results)
-  results = to_jsonable(results)
-  atomic_write_json(workdir / 'results.json', results)
-  t_report = time.perf_counter()
-  report_lib.write_report(results, workdir, timings={'total_s': time.perf_counter() - t0})
-  timings.add('report', time.perf_counter() - t_report)
-  timings['total_s'] = round(time.perf_counter() - t0, 3)
-  atomic_write_json(workdir / 'timings.json', timings)
-  return results
+    Returns the results dict (schema in prunesae_jax/study/report.py). Raises ConfigError (a
+    ValueError) before any work for a bad config, and StudyInterrupted when
+    $PRUNESAE_STOP_AFTER_CONDITIONS stops it early.
+    """
+    validate(config)
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(workdir / 'config.json', config)
+    cache = StageCache(workdir)
+    timings = _Timings()
+    info, conds = _run_model(config, cache, timings)
+    prov = provenance(config)
+    prov.pop('config')
+    results = {
+        'schema': report_lib.SCHEMA, 'name': config.name, 'config': to_jsonable(config),
+        'provenance': prov, 'models': {config.model: info}, 'conditions': conds,
+    }
+    pruned = [c for c in conds if c['method'] != 'dense']
+    taus = [str(float(t)) for t in config.analysis.taus]
+    if len(pruned) >= 2 and len(taus) >= 2:
+        from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
+        scores = np.array([[c['survival']['by_tau'][t] for c in pruned] for t in taus])
+        results['tau_agreement'] = {'taus': [float(t) for t in taus],
+                                    'kendalls_w': float(measures.tau_agreement(scores))}
+    results['claims'] = report_lib.summarize_claims(results)
+    results = to_jsonable(results)
+    atomic_write_json(workdir / 'results.json', results)
+    t_report = time.perf_counter()
+    report_lib.write_report(results, workdir, timings={'total_s': time.perf_counter() - t0})
+    timings.add('report', time.perf_counter() - t_report)
+    timings['total_s'] = round(time.perf_counter() - t0, 3)
+    atomic_write_json(workdir / 'timings.json', timings)
+    return results

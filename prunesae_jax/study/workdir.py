@@ -59,196 +59,206 @@ PROVENANCE_PACKAGES = (
 # --------------------------------------------------------------------------- atomic writes
 
 def _fsync_dir(path: Path) -> None:
-  # The rename itself must reach the disk too, or a crash can lose it.
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+    # The rename itself must reach the disk too, or a crash can lose it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-  """Writes `data` to `path` via a temp file in the same folder, fsync and os.replace."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  _fsync_dir(path.parent)
-  return path
+    """Writes `data` to `path` via a temp file in the same folder, fsync and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from other users
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-  """Writes UTF-8 text atomically."""
-  return atomic_write_bytes(path, text.encode('utf-8'))
+    """Writes UTF-8 text atomically."""
+    return atomic_write_bytes(path, text.encode('utf-8'))
 
 
 def to_jsonable(obj: Any) -> Any:
-  """Converts configs, numpy/jax scalars and arrays, tuples and paths to plain JSON values.
+    """Converts configs, numpy/jax scalars and arrays, tuples and paths to plain JSON values.
 
-  Non-finite floats become None so that the output is strict JSON.
-  """
-  if hasattr(obj, 'to_dict') and callable(obj.to_dict):  # ml_collections.ConfigDict
-    obj = obj.to_dict()
-  if isinstance(obj, Mapping):
-    return {str(k): to_jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [to_jsonable(v) for v in obj]
-  if isinstance(obj, (bool, np.bool_)):
-    return bool(obj)
-  if isinstance(obj, (int, np.integer)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    f = float(obj)
-    return f if math.isfinite(f) else None
-  if isinstance(obj, os.PathLike):
-    return os.fspath(obj)
-  if obj is None or isinstance(obj, str):
-    return obj
-  if hasattr(obj, '__array__'):
-    arr = np.asarray(obj)
-    return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-  raise ValueError(f'cannot write {type(obj).__name__} value {obj!r} to JSON; accepted: '
-                   'dicts, lists, numbers, strings, None, numpy arrays')
+    Non-finite floats become None so that the output is strict JSON.
+    """
+    if hasattr(obj, 'to_dict') and callable(obj.to_dict):  # ml_collections.ConfigDict
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    if hasattr(obj, '__array__'):
+        arr = np.asarray(obj)
+        return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
+    raise ValueError(f'cannot write {type(obj).__name__} value {obj!r} to JSON; accepted: '
+                     'dicts, lists, numbers, strings, None, numpy arrays')
 
 
 def canonical_json(obj: Any) -> str:
-  """A stable JSON text: sorted keys, no whitespace, tuples as lists."""
-  return json.dumps(to_jsonable(obj), sort_keys=True, separators=(',', ':'), allow_nan=False)
+    """A stable JSON text: sorted keys, no whitespace, tuples as lists."""
+    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(',', ':'), allow_nan=False)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-  """Writes `obj` as strict JSON (sorted keys) atomically."""
-  text = json.dumps(to_jsonable(obj), sort_keys=True, indent=indent, allow_nan=False)
-  return atomic_write_text(path, text + '\n')
+    """Writes `obj` as strict JSON (sorted keys) atomically."""
+    text = json.dumps(to_jsonable(obj), sort_keys=True, indent=indent, allow_nan=False)
+    return atomic_write_text(path, text + '\n')
 
 
 def atomic_write_npz(path: str | os.PathLike, arrays: Mapping[str, Any]) -> Path:
-  """Writes a dict of arrays as an uncompressed .npz atomically."""
-  buf = io.BytesIO()
-  np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-  return atomic_write_bytes(path, buf.getvalue())
+    """Writes a dict of arrays as an uncompressed .npz atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:
-  """The first `n` hex digits of sha256 over `canonical_json(obj)`."""
-  return hashlib.sha256(canonical_json(obj).encode('utf-8')).hexdigest()[:n]
+    """The first `n` hex digits of sha256 over `canonical_json(obj)`."""
+    return hashlib.sha256(canonical_json(obj).encode('utf-8')).hexdigest()[:n]
 
 
 # --------------------------------------------------------------------------- stage cache
 
 class StageCache:
-  """Finished stages under `root/stages/<stage>/<key>/`, each committed by one rename.
+    """Finished stages under `root/stages/<stage>/<key>/`, each committed by one rename.
 
-  Usage:
-    key = cache.key('ppl', {'ppl': cfg.ppl.to_dict()}, upstream=[mask_key])
-    if not cache.done('ppl', key):
-      with cache.writing('ppl', key) as tmp:
-        atomic_write_json(tmp / 'ppl.json', {...})
-    result = cache.read_json('ppl', key, 'ppl.json')
-  """
+    Usage:
+      key = cache.key('ppl', {'ppl': cfg.ppl.to_dict()}, upstream=[mask_key])
+      if not cache.done('ppl', key):
+        with cache.writing('ppl', key) as tmp:
+          atomic_write_json(tmp / 'ppl.json', {...})
+      result = cache.read_json('ppl', key, 'ppl.json')
+    """
 
-  def __init__(self, root: str | os.PathLike):
-    self.root = Path(root) / 'stages'
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root) / 'stages'
 
-  @staticmethod
-  def key(stage: str, spec: Any, upstream: Sequence[str] = ()) -> str:
-    """The stable key of a stage from what determines it and the keys it reads."""
-    return stable_hash({'stage': stage, 'spec': spec, 'upstream': list(upstream)})
+    @staticmethod
+    def key(stage: str, spec: Any, upstream: Sequence[str] = ()) -> str:
+        """The stable key of a stage from what determines it and the keys it reads."""
+        return stable_hash({'stage': stage, 'spec': spec, 'upstream': list(upstream)})
 
-  def path(self, stage: str, key: str) -> Path:
-    return self.root / stage / key
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
 
-  def done(self, stage: str, key: str) -> bool:
-    return (self.path(stage, key) / 'DONE').is_file()
+    def done(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / 'DONE').is_file()
 
-  @contextlib.contextmanager
-  def writing(self, stage: str, key: str, spec: Any = None) -> Iterator[Path]:
-    """Yields an empty temporary folder; on clean exit it becomes the finished stage."""
-    final = self.path(stage, key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a killed run of this very stage are useless: remove them first.
-    for stale in final.parent.glob(f'.{key}.tmp-*'):
-      shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.tmp-', dir=final.parent))
-    try:
-      yield tmp
-      if spec is not None:
-        atomic_write_json(tmp / 'spec.json', spec)
-      atomic_write_text(tmp / 'DONE', key + '\n')
-      if final.exists():  # a previous incomplete attempt without DONE
-        shutil.rmtree(final)
-      os.replace(tmp, final)
-      _fsync_dir(final.parent)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
+    @contextlib.contextmanager
+    def writing(self, stage: str, key: str, spec: Any = None) -> Iterator[Path]:
+        """Yields an empty temporary folder; on clean exit it becomes the finished stage."""
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a killed run of this very stage are useless: remove them first.
+        for stale in final.parent.glob(f'.{key}.tmp-*'):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.tmp-', dir=final.parent))
+        try:
+            yield tmp
+            if spec is not None:
+                atomic_write_json(tmp / 'spec.json', spec)
+            atomic_write_text(tmp / 'DONE', key + '\n')
+            if final.exists():  # a previous incomplete attempt without DONE
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
-  def read_json(self, stage: str, key: str, name: str) -> Any:
-    with open(self.path(stage, key) / name, encoding='utf-8') as f:
-      return json.load(f)
+    def read_json(self, stage: str, key: str, name: str) -> Any:
+        with open(self.path(stage, key) / name, encoding='utf-8') as f:
+            return json.load(f)
 
-  def read_npz(self, stage: str, key: str, name: str) -> dict[str, np.ndarray]:
-    with np.load(self.path(stage, key) / name) as z:
-      return {k: z[k] for k in z.files}
+    def read_npz(self, stage: str, key: str, name: str) -> dict[str, np.ndarray]:
+        with np.load(self.path(stage, key) / name) as z:
+            return {k: z[k] for k in z.files}
 
 
 # --------------------------------------------------------------------------- provenance
 
 def package_versions(names: Sequence[str] = PROVENANCE_PACKAGES) -> dict[str, str]:
-  """Installed versions of the packages that decide the numbers ('not installed' if absent)."""
-  out = {'python': platform.python_version()}
-  for name in names:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = 'not installed'
-  return out
+    """Installed versions of the packages that decide the numbers ('not installed' if absent)."""
+    out = {'python': platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = 'not installed'
+    return out
 
 
 def git_revision(repo: str | os.PathLike | None = None) -> str:
-  """`git rev-parse HEAD` of the source tree, or 'unknown' (no git, or no commit yet)."""
-  repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
-  try:
-    rev = subprocess.run(['git', '-C', str(repo), 'rev-parse', 'HEAD'], capture_output=True,
-                         text=True, timeout=10, check=True).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return 'unknown'
-  return rev or 'unknown'
+    """`git rev-parse HEAD` of the source tree, or 'unknown' (no git, or no commit yet)."""
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(['git', '-C', str(repo), 'rev-parse', 'HEAD'], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return rev or 'unknown'
 
 
 def device_info() -> dict[str, Any]:
-  """The JAX backend and devices the numbers were computed on."""
-  info: dict[str, Any] = {'host': platform.platform(), 'machine': platform.machine(),
-                          'cpu_count': os.cpu_count()}
-  try:
-    import jax  # pylint: disable=g-import-not-at-top
-    devices = jax.devices()
-    info.update(platform=devices[0].platform, device_kind=devices[0].device_kind,
-                device_count=len(devices), process_count=jax.process_count())
-  except Exception as e:  # pylint: disable=broad-except
-    info.update(platform='unknown', error=f'{type(e).__name__}: {e}')
-  return info
+    """The JAX backend and devices the numbers were computed on."""
+    info: dict[str, Any] = {'host': platform.platform(), 'machine': platform.machine(),
+                            'cpu_count': os.cpu_count()}
+    try:
+        import jax  # pylint: disable=g-import-not-at-top
+        devices = jax.devices()
+        info.update(platform=devices[0].platform, device_kind=devices[0].device_kind,
+                    device_count=len(devices), process_count=jax.process_count())
+    except Exception as e:  # pylint: disable=broad-except
+        info.update(platform='unknown', error=f'{type(e).__name__}: {e}')
+    return info
 
 
 def provenance(config: Any) -> dict[str, Any]:
-  """Config, package versions, git revision and device: everything a reader needs to re-run."""
-  return {
-      'config': to_jsonable(config),
-      'versions': package_versions(),
-      'git_revision': git_revision(),
-      'device': device_info(),
-  }
+    """Config, package versions, git revision and device: everything a reader needs to re-run."""
+    return {
+        'config': to_jsonable(config),
+        'versions': package_versions(),
+        'git_revision': git_revision(),
+        'device': device_info(),
+    }

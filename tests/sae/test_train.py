@@ -11,32 +11,32 @@ X, DIRS = sparse_mixture()
 
 
 def _tcfg(**kw):
-  base = dict(n_steps=400, n_seeds=1, batch_size=512, lr=3e-3, warmup_steps=20, progress=False, log_every=100)
-  base.update(kw)
-  return sae.TrainConfig(**base)
+    base = dict(n_steps=400, n_seeds=1, batch_size=512, lr=3e-3, warmup_steps=20, progress=False, log_every=100)
+    base.update(kw)
+    return sae.TrainConfig(**base)
 
 
 def test_topk_recovers_ground_truth_directions(tmp_path):
-  cfg = sae.SAEConfig(64, 512, k=4, dead_tokens=5000)
-  r = sae.train(cfg, _tcfg(n_seeds=2), X, workdir=str(tmp_path))
-  rec = recovered(r.params["W_dec"], DIRS)
-  assert (rec >= 0.9).all(), rec  # measured 0.98-0.99
-  assert (r.final["fvu"] < 0.15).all() and np.allclose(r.final["l0"], 4.0)
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert [row["step"] for row in rows] == [100, 200, 300, 400]
-  assert len(rows[-1]["fvu"]) == 2 and rows[-1]["fvu"][0] < rows[0]["fvu"][0]
-  assert 0.0 <= rows[-1]["dead_frac"][0] <= 1.0
-  assert r.final["firing_rate"].shape == (2, 512)
-  np.testing.assert_allclose(r.final["train_firing_rate"].sum(-1), 4.0, atol=0.05)  # rates sum to L0
+    cfg = sae.SAEConfig(64, 512, k=4, dead_tokens=5000)
+    r = sae.train(cfg, _tcfg(n_seeds=2), X, workdir=str(tmp_path))
+    rec = recovered(r.params["W_dec"], DIRS)
+    assert (rec >= 0.9).all(), rec  # measured 0.98-0.99
+    assert (r.final["fvu"] < 0.15).all() and np.allclose(r.final["l0"], 4.0)
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [100, 200, 300, 400]
+    assert len(rows[-1]["fvu"]) == 2 and rows[-1]["fvu"][0] < rows[0]["fvu"][0]
+    assert 0.0 <= rows[-1]["dead_frac"][0] <= 1.0
+    assert r.final["firing_rate"].shape == (2, 512)
+    np.testing.assert_allclose(r.final["train_firing_rate"].sum(-1), 4.0, atol=0.05)  # rates sum to L0
 
 
 def test_batchtopk_recovers_ground_truth_and_learns_threshold():
-  cfg = sae.SAEConfig(64, 512, architecture="batchtopk", k=4, dead_tokens=5000)
-  r = sae.train(cfg, _tcfg(), X)
-  assert recovered(r.params["W_dec"], DIRS)[0] >= 0.85  # measured 0.95
-  thr = r.params["threshold"][0]
-  assert thr.min() == thr.max() > 0  # one learned inference threshold
-  assert 2.5 < float(r.final["l0"][0]) < 6.0  # inference with the threshold keeps L0 near k=4
+    cfg = sae.SAEConfig(64, 512, architecture="batchtopk", k=4, dead_tokens=5000)
+    r = sae.train(cfg, _tcfg(), X)
+    assert recovered(r.params["W_dec"], DIRS)[0] >= 0.85  # measured 0.95
+    thr = r.params["threshold"][0]
+    assert thr.min() == thr.max() > 0  # one learned inference threshold
+    assert 2.5 < float(r.final["l0"][0]) < 6.0  # inference with the threshold keeps L0 near k=4
 
 
 @pytest.mark.parametrize("arch,kw,floor", [
@@ -46,66 +46,66 @@ def test_batchtopk_recovers_ground_truth_and_learns_threshold():
     ("jumprelu", dict(l0_coeff=1.0, jumprelu_init_threshold=1.0, jumprelu_bandwidth=0.3), 0.65),
 ])
 def test_relu_and_jumprelu_recover_ground_truth(arch, kw, floor):
-  cfg = sae.SAEConfig(64, 512, architecture=arch, dead_tokens=5000, **kw)
-  r = sae.train(cfg, _tcfg(n_steps=800, lr=1e-2), X)
-  assert recovered(r.params["W_dec"], DIRS)[0] >= floor
-  assert float(r.final["fvu"][0]) < 0.35 and float(r.final["l0"][0]) < 25
+    cfg = sae.SAEConfig(64, 512, architecture=arch, dead_tokens=5000, **kw)
+    r = sae.train(cfg, _tcfg(n_steps=800, lr=1e-2), X)
+    assert recovered(r.params["W_dec"], DIRS)[0] >= floor
+    assert float(r.final["fvu"][0]) < 0.35 and float(r.final["l0"][0]) < 25
 
 
 def test_vmapped_seeds_equal_each_seed_alone():
-  cfg = sae.SAEConfig(64, 256, k=4, dead_tokens=2048)
-  t = _tcfg(n_steps=30, n_seeds=4, batch_size=256, log_every=0)
-  both = sae.train(cfg, t, X[:4096])
-  for s in range(4):
-    alone = sae.train(cfg, _tcfg(n_steps=30, n_seeds=1, seed=s, batch_size=256, log_every=0), X[:4096])
-    for k in both.params:
-      np.testing.assert_allclose(both.params[k][s], alone.params[k][0], atol=1e-5, err_msg=k)
+    cfg = sae.SAEConfig(64, 256, k=4, dead_tokens=2048)
+    t = _tcfg(n_steps=30, n_seeds=4, batch_size=256, log_every=0)
+    both = sae.train(cfg, t, X[:4096])
+    for s in range(4):
+        alone = sae.train(cfg, _tcfg(n_steps=30, n_seeds=1, seed=s, batch_size=256, log_every=0), X[:4096])
+        for k in both.params:
+            np.testing.assert_allclose(both.params[k][s], alone.params[k][0], atol=1e-5, err_msg=k)
 
 
 def test_per_seed_data_order_differs():
-  cfg = sae.SAEConfig(64, 256, k=4)
-  r = sae.train(cfg, _tcfg(n_steps=5, n_seeds=2, seed=0, batch_size=256, per_seed_data=True, log_every=0), X[:4096])
-  r1 = sae.train(cfg, _tcfg(n_steps=5, n_seeds=1, seed=0, batch_size=256, log_every=0), X[:4096])
-  np.testing.assert_allclose(r.params["W_dec"][0], r1.params["W_dec"][0], atol=1e-5)  # seed 0: data seed 0
+    cfg = sae.SAEConfig(64, 256, k=4)
+    r = sae.train(cfg, _tcfg(n_steps=5, n_seeds=2, seed=0, batch_size=256, per_seed_data=True, log_every=0), X[:4096])
+    r1 = sae.train(cfg, _tcfg(n_steps=5, n_seeds=1, seed=0, batch_size=256, log_every=0), X[:4096])
+    np.testing.assert_allclose(r.params["W_dec"][0], r1.params["W_dec"][0], atol=1e-5)  # seed 0: data seed 0
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
-  cfg = sae.SAEConfig(64, 256, k=4, dead_tokens=1024)
-  t = _tcfg(n_steps=24, batch_size=256, checkpoint_every=8, log_every=4)
-  full = sae.train(cfg, t, X[:4096], workdir=str(tmp_path / "a"))
-  with pytest.raises(ValueError, match="another config"):
-    sae.train(cfg, _tcfg(n_steps=24, batch_size=256, checkpoint_every=8, lr=1e-3), X[:4096], workdir=str(tmp_path / "a"))
-  sae.train(cfg, t, X[:4096], workdir=str(tmp_path / "b"), stop_at=13)  # "killed" after step 13
-  resumed = sae.train(cfg, t, X[:4096], workdir=str(tmp_path / "b"))  # resumes from step 8
-  for k in full.params:
-    np.testing.assert_array_equal(full.params[k], resumed.params[k], err_msg=k)
-  steps = [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")]
-  assert steps == [4, 8, 12, 16, 20, 24]
+    cfg = sae.SAEConfig(64, 256, k=4, dead_tokens=1024)
+    t = _tcfg(n_steps=24, batch_size=256, checkpoint_every=8, log_every=4)
+    full = sae.train(cfg, t, X[:4096], workdir=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="another config"):
+        sae.train(cfg, _tcfg(n_steps=24, batch_size=256, checkpoint_every=8, lr=1e-3), X[:4096], workdir=str(tmp_path / "a"))
+    sae.train(cfg, t, X[:4096], workdir=str(tmp_path / "b"), stop_at=13)  # "killed" after step 13
+    resumed = sae.train(cfg, t, X[:4096], workdir=str(tmp_path / "b"))  # resumes from step 8
+    for k in full.params:
+        np.testing.assert_array_equal(full.params[k], resumed.params[k], err_msg=k)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [4, 8, 12, 16, 20, 24]
 
 
 class _Poisoned(sae.ArrayStore):
-  """Finite data whose batch at step 6 overflows the squared error to inf."""
+    """Finite data whose batch at step 6 overflows the squared error to inf."""
 
-  def batch(self, batch_size, seed, step):
-    b = super().batch(batch_size, seed, step)
-    if step == 6:
-      b[3] = 1e30
-    return b
+    def batch(self, batch_size, seed, step):
+        b = super().batch(batch_size, seed, step)
+        if step == 6:
+            b[3] = 1e30
+        return b
 
 
 def test_nan_loss_stops_and_names_step(tmp_path):
-  cfg = sae.SAEConfig(64, 128, k=4)
-  t = _tcfg(n_steps=20, batch_size=512, checkpoint_every=4, log_every=4, normalize=False)
-  with pytest.raises(FloatingPointError, match=r"non-finite at step 6 .*last good checkpoint is step 4"):
-    sae.train(cfg, t, _Poisoned(X[:2048]), workdir=str(tmp_path))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    cfg = sae.SAEConfig(64, 128, k=4)
+    t = _tcfg(n_steps=20, batch_size=512, checkpoint_every=4, log_every=4, normalize=False)
+    with pytest.raises(FloatingPointError, match=r"non-finite at step 6 .*last good checkpoint is step 4"):
+        sae.train(cfg, t, _Poisoned(X[:2048]), workdir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
 
 def test_bad_inputs():
-  cfg = sae.SAEConfig(32, 64, k=4)
-  with pytest.raises(ValueError, match="d_in=64"):
-    sae.train(cfg, _tcfg(n_steps=2), X[:1024])
-  x = X[:1024, :32].copy()
-  x[7, 3] = np.nan
-  with pytest.raises(ValueError, match="non-finite activation"):
-    sae.train(cfg, _tcfg(n_steps=2), x)
+    cfg = sae.SAEConfig(32, 64, k=4)
+    with pytest.raises(ValueError, match="d_in=64"):
+        sae.train(cfg, _tcfg(n_steps=2), X[:1024])
+    x = X[:1024, :32].copy()
+    x[7, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite activation"):
+        sae.train(cfg, _tcfg(n_steps=2), x)

@@ -10,8 +10,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(*args, tmp_path):
-  return subprocess.run([sys.executable, str(ROOT / 'launch' / 'run_study.py'), *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / 'launch' / 'run_study.py'), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize('args,needle', [
@@ -23,10 +23,10 @@ def _run(*args, tmp_path):
     (['--config=configs/smoke.py'], 'workdir'),
 ])
 def test_bad_input_exits_2(args, needle, tmp_path):
-  if needle != 'workdir':
-    args = args + [f'--workdir={tmp_path}']
-  out = _run(*args, tmp_path=tmp_path)
-  assert out.returncode == 2, out.stderr
-  lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-  assert len(lines) == 1, out.stderr
-  assert needle in lines[0] and 'Traceback' not in out.stderr
+    if needle != 'workdir':
+        args = args + [f'--workdir={tmp_path}']
+    out = _run(*args, tmp_path=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    assert needle in lines[0] and 'Traceback' not in out.stderr

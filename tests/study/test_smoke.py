@@ -20,140 +20,140 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def smoke_config():
-  spec = importlib.util.spec_from_file_location('smoke', ROOT / 'configs' / 'smoke.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+    spec = importlib.util.spec_from_file_location('smoke', ROOT / 'configs' / 'smoke.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
 
 
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('smoke')
-  results = study.run(smoke_config(), workdir)
-  return workdir, results
+    workdir = tmp_path_factory.mktemp('smoke')
+    results = study.run(smoke_config(), workdir)
+    return workdir, results
 
 
 def _finite(x):
-  return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def test_outputs_exist(smoke_run):
-  workdir, results = smoke_run
-  for name in ('results.json', 'timings.json', 'config.json', 'report.md'):
-    assert (workdir / name).is_file(), name
-  for name in report.TABLES:
-    assert (workdir / 'tables' / f'{name}.csv').is_file(), name
-  for name in report.FIGURES:
-    png = workdir / 'figures' / f'{name}.png'
-    assert png.is_file() and png.read_bytes()[:4] == b'\x89PNG', name
-  assert json.loads((workdir / 'results.json').read_text()) == results
-  timings = json.loads((workdir / 'timings.json').read_text())
-  assert timings['total_s'] > 0 and timings['sae'] > 0
-  md = (workdir / 'report.md').read_text()
-  assert md.count('### ') == 4  # the four headline claims
+    workdir, results = smoke_run
+    for name in ('results.json', 'timings.json', 'config.json', 'report.md'):
+        assert (workdir / name).is_file(), name
+    for name in report.TABLES:
+        assert (workdir / 'tables' / f'{name}.csv').is_file(), name
+    for name in report.FIGURES:
+        png = workdir / 'figures' / f'{name}.png'
+        assert png.is_file() and png.read_bytes()[:4] == b'\x89PNG', name
+    assert json.loads((workdir / 'results.json').read_text()) == results
+    timings = json.loads((workdir / 'timings.json').read_text())
+    assert timings['total_s'] > 0 and timings['sae'] > 0
+    md = (workdir / 'report.md').read_text()
+    assert md.count('### ') == 4  # the four headline claims
 
 
 def test_numbers_in_range(smoke_run):
-  _, results = smoke_run
-  assert results['schema'] == report.SCHEMA
-  assert results['provenance']['versions']['jax']
-  conds = results['conditions']
-  assert [(c['method'], c['sparsity']) for c in conds] == pipeline.conditions_of(smoke_config())
-  assert len(conds) == 3
-  dense = conds[0]
-  assert dense['delta_log_ppl'] == 0.0 and dense['achieved_sparsity'] == 0.0
-  for c in conds:
-    assert _finite(c['ppl']) and c['ppl'] > 1.0
-    assert abs(c['achieved_sparsity'] - c['sparsity']) < 0.02, c
-    for block in (c['survival'], c['stability']['shared']):
-      assert 0.0 <= block['low'] <= block['estimate'] <= block['high'] <= 1.0
-    assert set(c['survival']['by_tau']) == {'0.6', '0.7', '0.8'}
-    # A looser tau never matches fewer features.
-    bt = c['survival']['by_tau']
-    assert bt['0.6'] >= bt['0.7'] >= bt['0.8']
-    tr = c['transfer']
-    assert _finite(tr['fvu']) and tr['fvu'] >= 0.0
-    assert 0.0 <= tr['jaccard'] <= 1.0
-    assert 0.0 < tr['l0'] <= smoke_config().sae.k
-    for k in ('ce_clean', 'ce_spliced', 'ce_zero', 'ce_recovered'):
-      assert _finite(tr[k]), k
-    assert len(c['sae']['fvu']) == smoke_config().sae.n_seeds
-    if c['method'] == 'dense':
-      assert tr['jaccard'] == pytest.approx(1.0)
-      assert c['fragility'] is None and c['causal'] is None
-      continue
-    fr = c['fragility']
-    assert len(fr['per_quintile']) == 5
-    assert all(0.0 <= s <= 1.0 for s in fr['per_quintile'])
-    assert -1.0 <= fr['effect']['estimate'] <= 1.0
-    ca = c['causal']
-    assert -1.0 <= ca['correlation']['estimate'] <= 1.0
-    assert len(ca['max_cos']) == len(ca['effect']) > 0
-  assert {c['id'] for c in results['claims']} == {
-      'wanda_beats_magnitude', 'rare_survive_better', 'transfer_viable_wanda_50',
-      'survival_not_causal'}
-  assert all(c['holds'] in (True, False, None) for c in results['claims'])
+    _, results = smoke_run
+    assert results['schema'] == report.SCHEMA
+    assert results['provenance']['versions']['jax']
+    conds = results['conditions']
+    assert [(c['method'], c['sparsity']) for c in conds] == pipeline.conditions_of(smoke_config())
+    assert len(conds) == 3
+    dense = conds[0]
+    assert dense['delta_log_ppl'] == 0.0 and dense['achieved_sparsity'] == 0.0
+    for c in conds:
+        assert _finite(c['ppl']) and c['ppl'] > 1.0
+        assert abs(c['achieved_sparsity'] - c['sparsity']) < 0.02, c
+        for block in (c['survival'], c['stability']['shared']):
+            assert 0.0 <= block['low'] <= block['estimate'] <= block['high'] <= 1.0
+        assert set(c['survival']['by_tau']) == {'0.6', '0.7', '0.8'}
+        # A looser tau never matches fewer features.
+        bt = c['survival']['by_tau']
+        assert bt['0.6'] >= bt['0.7'] >= bt['0.8']
+        tr = c['transfer']
+        assert _finite(tr['fvu']) and tr['fvu'] >= 0.0
+        assert 0.0 <= tr['jaccard'] <= 1.0
+        assert 0.0 < tr['l0'] <= smoke_config().sae.k
+        for k in ('ce_clean', 'ce_spliced', 'ce_zero', 'ce_recovered'):
+            assert _finite(tr[k]), k
+        assert len(c['sae']['fvu']) == smoke_config().sae.n_seeds
+        if c['method'] == 'dense':
+            assert tr['jaccard'] == pytest.approx(1.0)
+            assert c['fragility'] is None and c['causal'] is None
+            continue
+        fr = c['fragility']
+        assert len(fr['per_quintile']) == 5
+        assert all(0.0 <= s <= 1.0 for s in fr['per_quintile'])
+        assert -1.0 <= fr['effect']['estimate'] <= 1.0
+        ca = c['causal']
+        assert -1.0 <= ca['correlation']['estimate'] <= 1.0
+        assert len(ca['max_cos']) == len(ca['effect']) > 0
+    assert {c['id'] for c in results['claims']} == {
+        'wanda_beats_magnitude', 'rare_survive_better', 'transfer_viable_wanda_50',
+        'survival_not_causal'}
+    assert all(c['holds'] in (True, False, None) for c in results['claims'])
 
 
 def test_csv_matches_results(smoke_run):
-  workdir, results = smoke_run
-  with open(workdir / 'tables' / 'perplexity.csv', newline='') as f:
-    rows = list(csv.DictReader(f))
-  assert [float(r['ppl']) for r in rows] == pytest.approx(
-      [c['ppl'] for c in results['conditions']], rel=1e-5)
+    workdir, results = smoke_run
+    with open(workdir / 'tables' / 'perplexity.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r['ppl']) for r in rows] == pytest.approx(
+        [c['ppl'] for c in results['conditions']], rel=1e-5)
 
 
 def test_rerun_skips_finished_work(smoke_run):
-  workdir, results = smoke_run
-  before = (workdir / 'results.json').read_bytes()
-  again = study.run(smoke_config(), workdir)
-  assert again == results
-  assert (workdir / 'results.json').read_bytes() == before
-  timings = json.loads((workdir / 'timings.json').read_text())
-  assert 'sae' not in timings and 'prune' not in timings  # nothing was recomputed
+    workdir, results = smoke_run
+    before = (workdir / 'results.json').read_bytes()
+    again = study.run(smoke_config(), workdir)
+    assert again == results
+    assert (workdir / 'results.json').read_bytes() == before
+    timings = json.loads((workdir / 'timings.json').read_text())
+    assert 'sae' not in timings and 'prune' not in timings  # nothing was recomputed
 
 
 def test_interrupt_and_resume_is_identical(smoke_run, tmp_path, monkeypatch):
-  workdir, _ = smoke_run
-  monkeypatch.setenv(pipeline.STOP_ENV, '2')
-  with pytest.raises(pipeline.StudyInterrupted, match='after 2 conditions'):
+    workdir, _ = smoke_run
+    monkeypatch.setenv(pipeline.STOP_ENV, '2')
+    with pytest.raises(pipeline.StudyInterrupted, match='after 2 conditions'):
+        study.run(smoke_config(), tmp_path)
+    assert not (tmp_path / 'results.json').exists()
+    assert len(list((tmp_path / 'stages' / 'measures').iterdir())) == 2
+    monkeypatch.delenv(pipeline.STOP_ENV)
     study.run(smoke_config(), tmp_path)
-  assert not (tmp_path / 'results.json').exists()
-  assert len(list((tmp_path / 'stages' / 'measures').iterdir())) == 2
-  monkeypatch.delenv(pipeline.STOP_ENV)
-  study.run(smoke_config(), tmp_path)
-  assert (tmp_path / 'results.json').read_bytes() == (workdir / 'results.json').read_bytes()
+    assert (tmp_path / 'results.json').read_bytes() == (workdir / 'results.json').read_bytes()
 
 
 def test_kill_9_then_resume_is_identical(smoke_run, tmp_path):
-  """The launcher killed with SIGKILL mid-run (after the first SAE stage) resumes exactly."""
-  import os
-  import signal
-  import subprocess
-  import sys
-  import time
+    """The launcher killed with SIGKILL mid-run (after the first SAE stage) resumes exactly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
-  import jax
+    import jax
 
-  workdir, _ = smoke_run
-  env = dict(os.environ)
-  if jax.config.jax_compilation_cache_dir:  # share the session's compiled programs
-    env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  proc = subprocess.Popen([sys.executable, str(ROOT / 'launch' / 'run_study.py'),
-                           '--config=configs/smoke.py', f'--workdir={tmp_path}'],
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  try:
-    while not list((tmp_path / 'stages').glob('sae/*/DONE')):
-      assert proc.poll() is None, 'the run ended before it could be killed'
-      assert time.time() < deadline, 'no SAE stage finished within 300 s'
-      time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert not (tmp_path / 'results.json').exists()
-  study.run(smoke_config(), tmp_path)
-  assert (tmp_path / 'results.json').read_bytes() == (workdir / 'results.json').read_bytes()
+    workdir, _ = smoke_run
+    env = dict(os.environ)
+    if jax.config.jax_compilation_cache_dir:  # share the session's compiled programs
+        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'launch' / 'run_study.py'),
+                             '--config=configs/smoke.py', f'--workdir={tmp_path}'],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while not list((tmp_path / 'stages').glob('sae/*/DONE')):
+            assert proc.poll() is None, 'the run ended before it could be killed'
+            assert time.time() < deadline, 'no SAE stage finished within 300 s'
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / 'results.json').exists()
+    study.run(smoke_config(), tmp_path)
+    assert (tmp_path / 'results.json').read_bytes() == (workdir / 'results.json').read_bytes()
