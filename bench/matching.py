@@ -19,12 +19,13 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-SECTION = "## Matching"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
 
 
 def _decoders(n: int, d: int, seed: int = 0):
@@ -72,22 +73,6 @@ def run_one(n: int, d: int, block_size: int, repeats: int) -> dict:
     }
 
 
-def _write_section(path: str, body: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + body + ("\n" + tail if tail else "")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".bench_")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="2048,4096,8192,16384", help="comma-separated latent counts n (n x n matching)")
@@ -122,7 +107,6 @@ def main() -> None:
             f"{r['inputs_mib']:.0f} | {r['full_matrix_mib']:.0f} |"
         )
     body = (
-        f"{SECTION}\n\n"
         "`mnn_match(D_a, D_b, tau=0.7)` (prunesae_jax/analysis/matching.py), blockwise jitted nearest-neighbour "
         "pass in both directions over [block, block] cosine tiles, float32, HIGHEST matmul precision. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax backend {rows[0]['backend'] if rows else '?'}"
@@ -136,7 +120,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        _write_section(os.path.abspath(args.out), body)
+        _common.write_section('Matching', body, os.path.abspath(args.out))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
 
 from prunesae_jax.sae import core  # noqa: E402
 from prunesae_jax.sae.train import TrainConfig, init_state, make_train_step  # noqa: E402
@@ -123,21 +126,6 @@ def bench_saelens(python, steps, sparse):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_section(path, text):
-    head = "## SAE training"
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if head in old:
-        a = old.index(head)
-        b = old.find("\n## ", a + len(head))
-        new = old[:a] + text + ("" if b < 0 else old[b:])
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_bench_")
-    with os.fdopen(fd, "w") as f:
-        f.write(new if new.endswith("\n") else new + "\n")
-    os.replace(tmp, path)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -183,7 +171,6 @@ def main():
     ours_1 = rows[0]["vmapped_tok_seeds_per_s"]
     best = max(rows, key=lambda r: r["vmapped_tok_seeds_per_s"])
     lines = [
-        "## SAE training",
         "",
         f"`bench/sae.py` (TopK, d_in {D}, {N} latents, k {K}, batch {B}, fp32; {args.steps} timed steps after a "
         f"warm-up step; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, jax {jax.__version__}; "
@@ -231,7 +218,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        write_section(args.out, text)
+        _common.write_section('SAE training', text, args.out)
 
 
 if __name__ == "__main__":
