@@ -188,6 +188,12 @@ def _open(path) -> tuple[dict, list[GGUFTensorInfo]]:
     return metadata, tensors
 
 
+def read_metadata(path) -> dict:
+    """The GGUF's metadata key/value pairs (tokenizer arrays included), without reading tensor data."""
+    metadata, _ = _open(path)
+    return metadata
+
+
 def _rope_scaling_from_freqs(rope_freqs: np.ndarray, rope_theta: float, head_dim: int) -> dict:
     """The llama3 rope scaling whose per-frequency divisors llama.cpp stored as `rope_freqs`.
 

@@ -22,6 +22,8 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+
 _CACHE_FORMAT = 1  # bump when the cached folder's contents change meaning
 
 
@@ -102,11 +104,40 @@ def _source_stamp(path: str) -> dict:
     return {'format': _CACHE_FORMAT, 'gguf': os.path.basename(path), 'gguf_bytes': os.path.getsize(path)}
 
 
-def _build_tokenizer(src: str):
-    """transformers' tokenizer rebuilt from the GGUF's tokenizer.ggml.* metadata (slow for big vocabularies)."""
-    from transformers import AutoTokenizer
+# GGUF tokenizer fields -> the special tokens transformers names them by.
+_SPECIAL_TOKEN_IDS = {'bos_token': 'bos_token_id', 'eos_token': 'eos_token_id',
+                      'unk_token': 'unknown_token_id', 'pad_token': 'padding_token_id'}
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(src), gguf_file=os.path.basename(src))
+
+def _build_tokenizer(src: str):
+    """transformers' fast tokenizer rebuilt from the GGUF's tokenizer.ggml.* metadata, without torch.
+
+    `AutoTokenizer.from_pretrained(..., gguf_file=...)` reads the metadata with a torch-only reader,
+    so the main job (installed without torch) could not build it. We read the metadata with our own
+    parser and hand it to transformers' torch-free converter, as its `get_gguf_tokenizer` does; a
+    test checks the result encodes exactly like the AutoTokenizer path.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    from prunesae_jax.models.gguf import read_metadata
+
+    metadata = read_metadata(src)
+    grouped = {group: {name: metadata[f'tokenizer.{key}'] for key, name in renames.items()
+                       if f'tokenizer.{key}' in metadata}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = grouped['tokenizer'], grouped['tokenizer_config']
+    for key in ('scores', 'token_type'):  # our parser returns numeric arrays as numpy
+        if key in tokenizer:
+            tokenizer[key] = np.asarray(tokenizer[key]).tolist()
+    if tokenizer.get('tokenizer_type') == 'llama':
+        # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
+        config.setdefault('add_bos_token', True)
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = metadata.get(f'tokenizer.ggml.{key}')
+        config[name] = tokenizer['tokens'][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(metadata['general.architecture'], tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
 def _load_tokenizer(folder: str):

@@ -189,3 +189,27 @@ def test_greedy_continuations_match_transformers_generate(pair):
     _report(f'[{name}] greedy {N_NEW} tokens x {len(GEN_PROMPTS)} prompts: {len(GEN_PROMPTS) - len(mismatches)} '
             f'identical ({time.time() - t0:.1f} s); e.g. {examples[0]}')
     assert not mismatches, f'{name}: greedy continuations differ from transformers: {mismatches}'
+
+
+TOKENIZER_TEXTS = [
+    'The capital of France is',
+    '  leading spaces\tand tabs\n\nnew paragraphs',
+    'def f(x):\n    return x**2  # café ñ 日本語 🙂',
+    "Hello, world! It's 3.14159.",
+]
+
+
+@pytest.mark.parametrize('name', ['smollm2-135m', 'gemma-3-270m'])
+def test_torch_free_tokenizer_encodes_like_transformers_gguf_path(name):
+    """The zoo builds its tokenizer without torch; it must encode exactly as AutoTokenizer(gguf_file=...)."""
+    from transformers import AutoTokenizer
+
+    from prunesae_jax.models import zoo
+
+    path = zoo.gguf_path(name)
+    ours = zoo._build_tokenizer(path)
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    for text in TOKENIZER_TEXTS:
+        assert ours(text).input_ids == ref(text).input_ids, text
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
