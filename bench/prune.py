@@ -2,6 +2,7 @@
 
     /work/venv/bin/python bench/prune.py                      # Gemma 3 270M, 128 x 512 calibration
     /work/venv/bin/python bench/prune.py --n-samples 32 --skip-sparsegpt
+    /work/venv/bin/python bench/prune.py --quick                # tiny random model, seconds, writes nothing
 
 The PyTorch baseline is a straightforward implementation of the Wanda reference's algorithm on
 the same transformers model and calibration tokens: forward hooks on every nn.Linear of a
@@ -13,6 +14,7 @@ Results go to the "Pruning" section of BENCHMARKS.md (other sections are left un
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -108,6 +110,25 @@ def torch_wanda(model, tokens, sparsity: float, batch_size: int = 8) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def mask_agreement(jax_masks, torch_keep: dict) -> tuple[float, list[float]]:
+    """Fraction of equal keep-mask entries between our masks ([in, out]) and torch_wanda's ([out, in]).
+
+    Returns (over every matrix, per layer). Per layer shows where disagreement comes from: the
+    two forwards differ by float rounding, and sequential calibration carries that down the stack.
+    """
+    equal, total = {}, {}
+    for (i, name), keep in torch_keep.items():
+        ours = np.asarray(jax_masks['layers'][i][name]).T
+        if ours.shape != keep.shape:
+            from prunesae_jax.errors import InputError
+
+            raise InputError(f'layer {i} {name}: JAX mask {ours.shape} vs PyTorch {keep.shape}; expected equal shapes')
+        equal[i] = equal.get(i, 0) + int((ours == keep).sum())
+        total[i] = total.get(i, 0) + keep.size
+    layers = sorted(total)
+    return sum(equal.values()) / sum(total.values()), [equal[i] / total[i] for i in layers]
+
+
 def _calibration(tokenizer, n, seq_len, bos):
     from prunesae_jax.data.corpus import take_tokens
 
@@ -115,6 +136,15 @@ def _calibration(tokenizer, n, seq_len, bos):
         return take_tokens('builtin', tokenizer, n, seq_len, split='calibration', bos_id=bos), 'calibration'
     except ValueError:  # the built-in calibration split is small; fall back to the train split
         return take_tokens('builtin', tokenizer, n, seq_len, split='train', bos_id=bos), 'train'
+
+
+def _tiny_model():
+    """A random tiny Gemma 3 model and random calibration tokens (no zoo, no tokenizer): --quick."""
+    from prunesae_jax.models.decoder import init_params
+    from prunesae_jax.testing import tiny_config
+
+    cfg = tiny_config('gemma3_text')
+    return cfg, init_params(cfg, 0)
 
 
 def main(argv=None):
@@ -126,24 +156,40 @@ def main(argv=None):
     ap.add_argument('--sparsity', type=float, default=0.5)
     ap.add_argument('--skip-torch', action='store_true')
     ap.add_argument('--skip-sparsegpt', action='store_true')
-    ap.add_argument('--out', default=None, help='markdown file (default: the repo BENCHMARKS.md)')
+    ap.add_argument('--skip-magnitude', action='store_true')
+    ap.add_argument('--no-warm-run', action='store_true',
+                    help='skip the second JAX Wanda run (the time without jit compilation)')
+    ap.add_argument('--quick', action='store_true',
+                    help='tiny random Gemma 3 model and random tokens (seconds; a smoke test, no zoo)')
+    ap.add_argument('--out', default=None, help='markdown file (default: the repo BENCHMARKS.md; '
+                    'with --quick: none unless given)')
+    ap.add_argument('--json', default=None, help='also write the numbers to this JSON file')
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import BENCHMARKS, machine, write_section
 
     import jax
 
+    from prunesae_jax.models.config import PRUNABLE
     from prunesae_jax.models.convert import export_hf_folder
-    from prunesae_jax.models.zoo import load_zoo
     from prunesae_jax.pruning import prune
 
-    cfg, params, tok = load_zoo(args.model)
-    tokens, split = _calibration(tok, args.n_samples, args.seq_len, cfg.bos_token_id)
-    n_prunable = sum(int(np.prod(lp[n].shape)) for lp in params['layers'] for n in
-                     ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'))
-    print(f'{args.model}: {cfg.num_layers} layers, {n_prunable / 1e6:.1f}M prunable weights, '
-          f'calibration {tokens.shape} from the builtin {split} split', flush=True)
-    rows = []
+    if args.quick:
+        cfg, params = _tiny_model()
+        n, T = min(args.n_samples, 4), min(args.seq_len, 32)
+        tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (n, T)).astype(np.int32)
+        tokens[:, 0] = cfg.bos_token_id
+        model_name, split = 'tiny:gemma3_text (random weights)', 'random'
+    else:
+        from prunesae_jax.models.zoo import load_zoo
+
+        cfg, params, tok = load_zoo(args.model)
+        tokens, split = _calibration(tok, args.n_samples, args.seq_len, cfg.bos_token_id)
+        model_name = args.model
+    n_prunable = sum(int(np.prod(lp[n].shape)) for lp in params['layers'] for n in PRUNABLE)
+    print(f'{model_name}: {cfg.num_layers} layers, {n_prunable / 1e6:.1f}M prunable weights, '
+          f'calibration {tokens.shape} from the {split} split; {os.cpu_count()} CPUs', flush=True)
+    rows, results = [], {}
 
     def timed(label, fn):
         t = time.perf_counter()
@@ -156,13 +202,25 @@ def main(argv=None):
 
     kw = dict(calib_tokens=tokens, batch_size=args.batch_size, progress=False)
     s = args.sparsity
-    _, t_wanda = timed('JAX Wanda per_row, sequential', lambda: prune(cfg, params, 'wanda', s, **kw))
-    timed('JAX magnitude per_matrix', lambda: prune(cfg, params, 'magnitude', s, group='per_matrix', progress=False))
-    timed('JAX magnitude global', lambda: prune(cfg, params, 'magnitude', s, group='global', progress=False))
+    wanda, t_wanda = timed('JAX Wanda per_row, sequential (incl. jit compile)',
+                           lambda: prune(cfg, params, 'wanda', s, **kw))
+    results['jax_wanda_s'] = t_wanda
+    t_warm = None
+    if not args.no_warm_run:  # same shapes: every jitted function is already compiled
+        _, t_warm = timed('JAX Wanda per_row, sequential (warm, compiled)',
+                          lambda: prune(cfg, params, 'wanda', s, **kw))
+        results['jax_wanda_warm_s'] = t_warm
+    if not args.skip_magnitude:
+        results['jax_magnitude_per_matrix_s'] = timed(
+            'JAX magnitude per_matrix',
+            lambda: prune(cfg, params, 'magnitude', s, group='per_matrix', progress=False))[1]
+        results['jax_magnitude_global_s'] = timed(
+            'JAX magnitude global', lambda: prune(cfg, params, 'magnitude', s, group='global', progress=False))[1]
     if not args.skip_sparsegpt:
-        timed('JAX SparseGPT, sequential', lambda: prune(cfg, params, 'sparsegpt', s, **kw))
+        results['jax_sparsegpt_s'] = timed('JAX SparseGPT, sequential (incl. jit compile)',
+                                           lambda: prune(cfg, params, 'sparsegpt', s, **kw))[1]
 
-    t_torch = None
+    t_torch = agree = None
     if not args.skip_torch:
         import torch
         import transformers
@@ -172,27 +230,48 @@ def main(argv=None):
             export_hf_folder(cfg, params, d)
             model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         t = time.perf_counter()
-        torch_wanda(model, tokens, s, batch_size=args.batch_size)
+        keep = torch_wanda(model, tokens, s, batch_size=args.batch_size)
         t_torch = time.perf_counter() - t
-        print(f'PyTorch Wanda per_row, sequential: {t_torch:.1f}s', flush=True)
-        rows.append(('PyTorch Wanda per_row, sequential (reference algorithm)', t_torch))
+        agree, agree_layers = mask_agreement(wanda.masks, keep)
+        print(f'PyTorch Wanda per_row, sequential: {t_torch:.1f}s ({torch.get_num_threads()} threads); '
+              f'mask agreement with JAX Wanda {agree:.6f} (per layer: '
+              f'{" ".join(f"{a:.4f}" for a in agree_layers)})', flush=True)
+        rows.append((f'PyTorch Wanda per_row, sequential (reference algorithm, {torch.get_num_threads()} threads)',
+                     t_torch))
+        results.update(torch_wanda_s=t_torch, torch_threads=torch.get_num_threads(), mask_agreement=agree,
+                       mask_agreement_per_layer=agree_layers, speedup=t_torch / t_wanda,
+                       speedup_warm=t_torch / t_warm if t_warm else None)
 
+    flag = ' --quick' if args.quick else f' --model {args.model}'
     body = [
-        f'`bench/prune.py --model {args.model} --n-samples {args.n_samples} --seq-len {args.seq_len}` '
-        f'({cfg.num_layers} layers, {n_prunable / 1e6:.1f}M prunable weights, sparsity {s}, '
-        f'calibration {args.n_samples} x {args.seq_len} tokens of the builtin corpus, float32, '
-        f'micro-batch {args.batch_size}). Machine: {machine()}. Times include jit compilation; the '
-        f'machine may be shared with other jobs, so both columns are upper bounds.',
+        f'`bench/prune.py{flag} --n-samples {tokens.shape[0]} --seq-len {tokens.shape[1]}` '
+        f'({model_name}, {cfg.num_layers} layers, {n_prunable / 1e6:.1f}M prunable weights, sparsity {s}, '
+        f'calibration {tokens.shape[0]} x {tokens.shape[1]} tokens of the {split} split, the same tokens for JAX and '
+        f'PyTorch, float32, micro-batch {args.batch_size}). Machine: {machine()}. Both Wanda runs are '
+        'block-sequential (each block calibrates on the pruned outputs of the blocks before it) with a per-output-row '
+        'selection of the lowest |W| * ||X||. JAX times include jit compilation unless marked warm (a second run in '
+        'the same process); PyTorch runs with torch.set_num_threads(os.cpu_count()) and XLA uses every core. The '
+        'machine may be shared with other jobs, so times are upper bounds.',
         '',
         '| run | seconds |',
         '|---|---|',
     ] + [f'| {label} | {dt:.1f} |' for label, dt in rows]
     if t_torch is not None:
-        body += ['', f'Wanda speed-up JAX vs PyTorch: **{t_torch / t_wanda:.2f}x** (target >= 1.5x on CPU).']
-        print(f'ratio PyTorch / JAX Wanda: {t_torch / t_wanda:.2f}x', flush=True)
-    out = args.out or BENCHMARKS
-    write_section(SECTION, '\n'.join(body), out)
-    print(f'wrote section {SECTION!r} of {out}')
+        warm = f'; warm (compiled) JAX: **{t_torch / t_warm:.2f}x**' if t_warm else ''
+        body += ['', f'Wanda speed-up JAX vs PyTorch, JAX compile included: **{t_torch / t_wanda:.2f}x**{warm} '
+                 f'(target >= 1.5x on CPU). JAX and PyTorch keep masks agree on {agree:.4%} of the entries '
+                 f'(layer 0: {agree_layers[0]:.4%}, last layer: {agree_layers[-1]:.4%}).']
+        print(f'ratio PyTorch / JAX Wanda: {t_torch / t_wanda:.2f}x'
+              + (f' (warm {t_torch / t_warm:.2f}x)' if t_warm else ''), flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+    out = args.out or (None if args.quick else BENCHMARKS)
+    if out:
+        write_section(SECTION, '\n'.join(body), out)
+        print(f'wrote section {SECTION!r} of {out}')
+    else:
+        print('\n'.join(body))
 
 
 if __name__ == '__main__':
