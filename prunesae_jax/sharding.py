@@ -1,10 +1,56 @@
-"""Device meshes: a 'seed' axis (SAE seeds, or any independent replicas) and a 'data' axis."""
+"""Device meshes and sharding rules: SAE seeds x data, and the decoder's params over data x model.
+
+Two meshes over the same devices:
+
+- `make_mesh(n_seed, n_data)` -> Mesh(('seed', 'data')): the SAE trainer's (sae/train.py) — seeds
+  split over 'seed', each batch split over 'data'.
+- `make_model_mesh(n_data, n_model)` -> Mesh(('data', 'model')): the decoder forward. Its params
+  are laid out by a strategy (`STRATEGIES`):
+    'none'  every param replicated; only the batch is split over 'data' (pure data parallel).
+    'fsdp'  every weight matrix split along one dimension over 'data' (the largest dimension the
+            axis size divides; 1-D norms replicated); XLA all-gathers a weight where it is used and
+            the activations stay split on batch over 'data' (ZeRO-3 / FSDP style).
+    'tp'    tensor parallel over 'model' (Megatron layout): gate/up split on their output
+            (intermediate) dim, down on its input dim, so the MLP needs one all-reduce; with the
+            DecoderConfig given and num_kv_heads divisible by the axis, q/k/v are split on whole
+            KV-head groups and o_proj on its input dim, so attention runs head-local too.
+            embed / lm_head are split on the vocabulary. The batch is split over 'data'.
+  A dimension the axis size does not divide is never split (that leaf stays replicated), so every
+  strategy is correct for every model; only the memory and communication differ.
+
+`forward` / `resid_post` here are the decoder's public functions run under one jit with the
+params and batch placed on the mesh and the residual stream pinned to batch x 'data' between
+blocks (jax.lax.with_sharding_constraint); outputs come back split on batch over 'data'.
+They equal `prunesae_jax.models.forward` / `resid_post` on one device up to float rounding.
+
+Multi-host (one process per host, `initialize_distributed` first): meshes span every process's
+devices (jax.devices()); `shard_params` / `shard_batch` build global arrays from host data that
+is identical on every process, and `host_array` reads a result back on every process.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from prunesae_jax.errors import InputError
+
+__all__ = [
+    'STRATEGIES', 'make_mesh', 'make_model_mesh', 'param_specs', 'param_shardings', 'shard_params',
+    'batch_sharding', 'shard_batch', 'forward', 'resid_post', 'host_array', 'initialize_distributed',
+]
+
+STRATEGIES = ('none', 'fsdp', 'tp')
+
+# params['layers'][i] kernels by the dimension tensor parallelism splits (layout [d_in, d_out]).
+_TP_OUT = ('gate_proj', 'up_proj')          # column parallel: split d_out
+_TP_IN = ('down_proj',)                     # row parallel: split d_in
+_TP_ATTN_OUT = ('q_proj', 'k_proj', 'v_proj')
+_TP_ATTN_IN = ('o_proj',)
 
 
 def make_mesh(n_seed: int | None = None, n_data: int = 1, devices=None) -> Mesh:
@@ -13,6 +59,209 @@ def make_mesh(n_seed: int | None = None, n_data: int = 1, devices=None) -> Mesh:
     if n_seed is None:
         n_seed = len(devices) // n_data
     if n_seed < 1 or n_data < 1 or n_seed * n_data > len(devices):
-        raise ValueError(f"mesh seed={n_seed} x data={n_data} needs {n_seed * n_data} devices; "
+        raise InputError(f"mesh seed={n_seed} x data={n_data} needs {n_seed * n_data} devices; "
                          f"{len(devices)} available")
     return Mesh(np.array(devices[:n_seed * n_data]).reshape(n_seed, n_data), ("seed", "data"))
+
+
+def make_model_mesh(n_data: int | None = None, n_model: int = 1, devices=None) -> Mesh:
+    """Mesh(('data', 'model')) over n_data * n_model devices (n_data=None: all devices / n_model).
+
+    'model' is the fast (inner) axis: with jax.devices() ordered process by process, a 'model'
+    group stays inside one host whenever n_model divides the local device count, so the
+    tensor-parallel all-reduces use the fast intra-host links.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not isinstance(n_model, int) or n_model < 1:
+        raise InputError(f'n_model={n_model!r} is not valid; accepted: an int >= 1')
+    if n_data is None:
+        n_data = len(devices) // n_model
+    if n_data < 1 or n_data * n_model > len(devices):
+        raise InputError(f'mesh data={n_data} x model={n_model} needs {n_data * n_model} devices; '
+                         f'{len(devices)} available')
+    return Mesh(np.array(devices[:n_data * n_model]).reshape(n_data, n_model), ('data', 'model'))
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy={strategy!r} is not valid; accepted: {' | '.join(STRATEGIES)}")
+
+
+def _axis(mesh: Mesh, name: str) -> int:
+    return int(mesh.shape[name]) if name in mesh.shape else 1
+
+
+def _split(shape, dim: int, axis: str, size: int) -> P:
+    """P splitting `dim` over `axis` when size divides it, else replicated."""
+    if size <= 1 or shape[dim] % size:
+        return P()
+    spec = [None] * len(shape)
+    spec[dim] = axis
+    return P(*spec)
+
+
+def _fsdp_spec(shape, size: int) -> P:
+    """The largest dimension `size` divides goes over 'data' (ties: the first); 1-D stays replicated."""
+    if len(shape) < 2 or size <= 1:
+        return P()
+    dims = [d for d in range(len(shape)) if shape[d] % size == 0]
+    if not dims:
+        return P()
+    return _split(shape, max(dims, key=lambda d: (shape[d], -d)), 'data', size)
+
+
+def _tp_layer_specs(layer: dict, size: int, heads_ok: bool) -> dict:
+    out = {}
+    for name, w in layer.items():
+        shape = np.shape(w)
+        if name in _TP_OUT or (heads_ok and name in _TP_ATTN_OUT):
+            out[name] = _split(shape, 1, 'model', size)
+        elif name in _TP_IN or (heads_ok and name in _TP_ATTN_IN):
+            out[name] = _split(shape, 0, 'model', size)
+        else:
+            out[name] = P()
+    return out
+
+
+def param_specs(params: dict, mesh: Mesh, strategy: str, cfg=None) -> dict:
+    """PartitionSpec pytree (the structure of params) for a strategy in `STRATEGIES`.
+
+    cfg (a DecoderConfig) is only read by 'tp': attention is split over 'model' when it is given
+    and num_kv_heads is divisible by the 'model' axis (whole KV groups per device); otherwise
+    only the MLP and the vocabulary are split.
+    """
+    _check_strategy(strategy)
+    if strategy == 'none':
+        return jax.tree.map(lambda _: P(), params)
+    if strategy == 'fsdp':
+        n = _axis(mesh, 'data')
+        return jax.tree.map(lambda w: _fsdp_spec(np.shape(w), n), params)
+    m = _axis(mesh, 'model')
+    heads_ok = cfg is not None and m > 1 and cfg.num_kv_heads % m == 0
+    specs = {k: P() for k in params if k != 'layers'}
+    if 'embed' in params:
+        specs['embed'] = _split(np.shape(params['embed']), 0, 'model', m)
+    if 'lm_head' in params:
+        specs['lm_head'] = _split(np.shape(params['lm_head']), 1, 'model', m)
+    specs['layers'] = [_tp_layer_specs(lp, m, heads_ok) for lp in params['layers']]
+    return specs
+
+
+def param_shardings(params: dict, mesh: Mesh, strategy: str, cfg=None) -> dict:
+    """NamedSharding pytree for params on mesh (see `param_specs`)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, strategy, cfg),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def _place(x, sharding: NamedSharding):
+    """x (host or device array, identical on every process) as a global array with `sharding`."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def shard_params(params: dict, mesh: Mesh, strategy: str, cfg=None) -> dict:
+    """params placed on mesh by `strategy` ('none' | 'fsdp' | 'tp'; see the module docstring)."""
+    shardings = param_shardings(params, mesh, strategy, cfg)
+    return jax.tree.map(_place, params, shardings)
+
+
+def batch_sharding(mesh: Mesh, shape) -> NamedSharding:
+    """Axis 0 over 'data' when the axis divides it, else replicated."""
+    return NamedSharding(mesh, _split(tuple(shape), 0, 'data', _axis(mesh, 'data')))
+
+
+def shard_batch(x, mesh: Mesh):
+    """A [B, ...] batch (tokens, mask) split on B over 'data' (replicated when B % data != 0)."""
+    if x is None:
+        return None
+    return _place(x, batch_sharding(mesh, np.shape(x)))
+
+
+def _pin(h, mesh: Mesh):
+    return jax.lax.with_sharding_constraint(h, batch_sharding(mesh, h.shape))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _run(cfg, mesh, params, tokens, attention_mask, stop_after):
+    # The decoder's public pieces, so that the residual stream can be pinned between blocks.
+    from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+    h = _pin(decoder.embed(cfg, params, tokens), mesh)
+    out = {}
+    last = cfg.num_layers - 1 if stop_after is None else max(stop_after)
+    for i in range(last + 1):
+        h = _pin(decoder.block(cfg, params['layers'][i], i, h, attention_mask), mesh)
+        if stop_after is not None and i in stop_after:
+            out[i] = h
+    if stop_after is not None:
+        return out
+    return _pin(decoder.unembed(cfg, params, h), mesh)
+
+
+def _check_placed(params, tokens, mesh: Mesh) -> None:
+    leaf = jax.tree.leaves(params)[0]
+    sh = getattr(leaf, 'sharding', None)
+    if not isinstance(sh, NamedSharding) or sh.mesh != mesh:
+        raise InputError('params are not placed on this mesh; accepted: shard_params(params, mesh, '
+                         'strategy) first')
+    if getattr(tokens, 'ndim', None) != 2:
+        raise InputError(f'tokens has shape {getattr(tokens, "shape", None)}; expected [B, T] int32')
+
+
+def forward(cfg, params: dict, tokens, attention_mask=None, *, mesh: Mesh):
+    """Logits [B,T,V] float32, split on B over 'data'; params from `shard_params` on mesh.
+
+    tokens / attention_mask may be host arrays (placed here with `shard_batch`) or already placed.
+    """
+    _check_placed(params, tokens, mesh)
+    return _run(cfg, mesh, params, shard_batch(tokens, mesh), shard_batch(attention_mask, mesh), None)
+
+
+def resid_post(cfg, params: dict, tokens, attention_mask=None, layers=None, *, mesh: Mesh) -> dict:
+    """{l: [B,T,D]} after the requested blocks, split on B over 'data' (as models.resid_post)."""
+    from prunesae_jax.models.decoder import check_layers  # pylint: disable=g-import-not-at-top
+    _check_placed(params, tokens, mesh)
+    layers = check_layers(cfg, layers)
+    return _run(cfg, mesh, params, shard_batch(tokens, mesh), shard_batch(attention_mask, mesh), layers)
+
+
+def host_array(x) -> np.ndarray:
+    """x as a numpy array on this process, gathering shards held by other processes if needed."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name, '')
+    if not v:
+        return None
+    if not v.lstrip('-').isdigit():
+        raise InputError(f'${name}={v!r} is not valid; accepted: an integer')
+    return int(v)
+
+
+def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
+                           process_id: int = -1) -> tuple[int, int]:
+    """jax.distributed.initialize() for a multi-host run; returns (process_index, process_count).
+
+    Call before anything touches a JAX backend. Unset arguments ('' / 0 / -1) fall back to
+    $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, and then to JAX's cluster
+    auto-detection (Cloud TPU pods, SLURM, Open MPI, ...): on a TPU pod nothing needs setting.
+    On GPU hosts without a scheduler give all three (process 0's host:port as the coordinator).
+    """
+    address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
+    n = num_processes if num_processes > 0 else _env_int('JAX_NUM_PROCESSES')
+    pid = process_id if process_id >= 0 else _env_int('JAX_PROCESS_ID')
+    if n is not None and pid is not None and not 0 <= pid < n:
+        raise InputError(f'process_id={pid} is not valid for num_processes={n}; accepted: an int '
+                         f'in [0, {n - 1}]')
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+    except ValueError as e:  # e.g. no coordinator given and no cluster detected
+        raise InputError(f'jax.distributed.initialize: {" ".join(str(e).split())}; accepted: a TPU pod / '
+                         'SLURM / Open MPI job, or coordinator_address, num_processes and process_id '
+                         '(or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)') from None
+    return jax.process_index(), jax.process_count()
