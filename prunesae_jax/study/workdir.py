@@ -14,11 +14,25 @@ canonical JSON of the relevant config subtree plus the keys of the stages it
 reads. A stage is written into a hidden temporary folder and renamed into
 place in one `os.replace`, so a `kill -9` at any moment leaves either nothing
 or the whole stage; re-running the same command skips finished stages.
+
+Crash safety, for a `kill -9` (or a power cut) at any instant:
+- every file is written by `atomic_write_bytes`: a temp file in the same folder, fsync, rename,
+  fsync of the folder; readers see the old file or the new one, never a torn one;
+- a stage folder holds its `DONE` marker, written last, before it is renamed into place; files
+  that other modules wrote into it (activation shards, masks) are fsynced first;
+- `hold_workdir` (taken by `study.run`) locks the workdir against a second concurrent run and
+  removes what killed runs left behind: temp files `.<name>.*.tmp` and stage temp folders
+  `stages/<stage>/.<key>.tmp-*`. A stage folder without `DONE` never counts as finished.
+
+Tests kill runs at chosen places with `crash_point(name)` and $PRUNESAE_JAX_CRASH_AT.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import io
@@ -27,6 +41,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,7 +50,14 @@ from typing import Any
 
 import numpy as np
 
+from prunesae_jax.errors import InputError
+
 __all__ = [
+    'CRASH_ENV',
+    'crash_point',
+    'WorkdirBusy',
+    'hold_workdir',
+    'clean_stale',
     'atomic_write_bytes',
     'atomic_write_text',
     'atomic_write_json',
@@ -56,6 +78,35 @@ PROVENANCE_PACKAGES = (
 )
 
 
+# --------------------------------------------------------------------------- crash points
+
+# For tests: '<point>' or '<point>:<n>' kills the process with SIGKILL the n-th time (default
+# the first) `crash_point('<point>')` runs. Points: 'capture' (after each captured batch),
+# 'sae_step' (before each SAE training step), 'measures' (a condition's measures computed, not
+# yet written), 'commit@<stage>' (a stage's files written, DONE not yet), 'replace@<file name>'
+# (an atomic write between its temp file and the rename), 'after_results' (results.json written,
+# the report not yet).
+CRASH_ENV = 'PRUNESAE_JAX_CRASH_AT'
+_crash_hits: collections.Counter = collections.Counter()
+
+
+def crash_point(name: str) -> None:
+    """Dies here with a real SIGKILL (no cleanup, no atexit) when $PRUNESAE_JAX_CRASH_AT names it."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    point, sep, nth = spec.rpartition(':')
+    if not sep or not nth.isdigit():
+        point, nth = spec, '1'
+    if point != name:
+        return
+    if int(nth) < 1:
+        raise InputError(f'${CRASH_ENV}={spec!r}; accepted: <point> or <point>:<n> with n >= 1')
+    _crash_hits[name] += 1
+    if _crash_hits[name] == int(nth):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 def _fsync_dir(path: Path) -> None:
@@ -70,6 +121,18 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsyncs every file and folder under `root` (files first, then their folders)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def _current_umask() -> int:
@@ -92,6 +155,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from other users
+        crash_point(f'replace@{path.name}')
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -198,6 +262,9 @@ class StageCache:
             yield tmp
             if spec is not None:
                 atomic_write_json(tmp / 'spec.json', spec)
+            # Files other modules wrote (activation shards, masks) must be on disk before DONE.
+            _fsync_tree(tmp)
+            crash_point(f'commit@{stage}')
             atomic_write_text(tmp / 'DONE', key + '\n')
             if final.exists():  # a previous incomplete attempt without DONE
                 shutil.rmtree(final)
@@ -214,6 +281,71 @@ class StageCache:
     def read_npz(self, stage: str, key: str, name: str) -> dict[str, np.ndarray]:
         with np.load(self.path(stage, key) / name) as z:
             return {k: z[k] for k in z.files}
+
+
+# --------------------------------------------------------------------------- the workdir lock
+
+class WorkdirBusy(InputError):
+    """Another live run holds the workdir."""
+
+
+def clean_stale(root: str | os.PathLike) -> list[Path]:
+    """Removes what killed runs left in a workdir; returns the removed paths.
+
+    Temp files of atomic writes (`.<name>.<random>.tmp`) in the workdir, tables/ and figures/,
+    and unfinished stage folders: `stages/<stage>/.<key>.tmp-*` and any `stages/<stage>/<key>/`
+    without its DONE marker. Only safe while no other run uses the workdir (see hold_workdir).
+    """
+    root = Path(root)
+    removed = []
+    for folder in (root, root / 'tables', root / 'figures'):
+        for p in folder.glob('.*.tmp') if folder.is_dir() else ():
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    stages = root / 'stages'
+    for stage in sorted(stages.iterdir()) if stages.is_dir() else ():
+        if not stage.is_dir():
+            continue
+        for p in sorted(stage.iterdir()):
+            unfinished = p.is_dir() and (
+                (p.name.startswith('.') and '.tmp-' in p.name)
+                or (not p.name.startswith('.') and not p.name.endswith('.train')
+                    and not (p / 'DONE').is_file()))
+            if unfinished:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        if removed:
+            _fsync_dir(stage)
+    return removed
+
+
+@contextlib.contextmanager
+def hold_workdir(root: str | os.PathLike) -> Iterator[Path]:
+    """Locks `root` for this process (flock on root/.lock) and cleans what killed runs left.
+
+    The lock dies with the process, so a `kill -9` never leaves the workdir locked. Raises
+    WorkdirBusy when another live run holds it. On file systems without flock (some network
+    mounts) the run goes ahead unlocked and nothing is cleaned.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / '.lock', os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirBusy(f'workdir {str(root)!r} is in use by another run; accepted: a '
+                                  'workdir no live run is using (wait for it, or choose another)'
+                                  ) from None
+            locked = False  # no flock here (e.g. NFS without lockd)
+        if locked:
+            clean_stale(root)
+        yield root
+    finally:
+        os.close(fd)  # releases the flock
 
 
 # --------------------------------------------------------------------------- provenance

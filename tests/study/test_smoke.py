@@ -125,35 +125,4 @@ def test_interrupt_and_resume_is_identical(smoke_run, tmp_path, monkeypatch):
     assert (tmp_path / 'results.json').read_bytes() == (workdir / 'results.json').read_bytes()
 
 
-def test_kill_9_then_resume_is_identical(smoke_run, tmp_path):
-    """The launcher killed with SIGKILL mid-run (after the first SAE stage) resumes exactly."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import jax
-
-    workdir, _ = smoke_run
-    env = dict(os.environ)
-    if jax.config.jax_compilation_cache_dir:  # share the session's compiled programs
-        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'launch' / 'run_study.py'),
-                             '--config=configs/smoke.py', f'--workdir={tmp_path}'],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    try:
-        while not list((tmp_path / 'stages').glob('sae/*/DONE')):
-            assert proc.poll() is None, 'the run ended before it could be killed'
-            assert time.time() < deadline, 'no SAE stage finished within 300 s'
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / 'results.json').exists()
-    study.run(smoke_config(), tmp_path)
-    assert (tmp_path / 'results.json').read_bytes() == (workdir / 'results.json').read_bytes()
+# SIGKILL at every stage, then resume: tests/study/test_crash.py. Determinism: test_determinism.py.
