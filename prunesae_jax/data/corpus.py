@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from prunesae_jax.data import builtin as builtin_lib
+from prunesae_jax.errors import InputError
 
 SPLITS = ('train', 'calibration', 'evaluation')
 SPLIT_FRACTIONS = (('train', 0.8), ('calibration', 0.1), ('evaluation', 0.1))
@@ -98,13 +99,13 @@ def as_spec(corpus: str | CorpusSpec | Mapping[str, Any]) -> CorpusSpec:
         names = {f.name for f in dataclasses.fields(CorpusSpec)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f'unknown corpus field(s) {unknown}; accepted: {sorted(names)}')
+            raise InputError(f'unknown corpus field(s) {unknown}; accepted: {sorted(names)}')
         # Configs write '' for "the default" of the optional string fields.
         for k in ('hf_config', 'hf_split', 'hf_data_files', 'cache'):
             if d.get(k) == '':
                 d[k] = None
         return CorpusSpec(**d)
-    raise ValueError(f'corpus={corpus!r} is not a source string, CorpusSpec or dict')
+    raise InputError(f'corpus={corpus!r} is not a source string, CorpusSpec or dict')
 
 
 def from_config(source_cfg: Mapping[str, Any]) -> tuple[CorpusSpec, str]:
@@ -135,7 +136,7 @@ def assign_split(key: str) -> str:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS + ('all',):
-        raise ValueError(f"split={split!r} is not one of {SPLITS + ('all',)}")
+        raise InputError(f"split={split!r} is not one of {SPLITS + ('all',)}")
 
 
 def _content_key(text: str) -> str:
@@ -172,12 +173,12 @@ def _iter_txt(path: str, one_doc: bool) -> Iterator[str]:
 def _field(record: Any, field: str, where: str) -> str:
     if not isinstance(record, Mapping) or field not in record:
         keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
-        raise ValueError(f'text_field={field!r} not found in {where}; it has {keys}')
+        raise InputError(f'text_field={field!r} not found in {where}; it has {keys}')
     value = record[field]
     if value is None:
         return ''
     if not isinstance(value, str):
-        raise ValueError(f'text_field={field!r} in {where} holds {type(value).__name__}, not text (str)')
+        raise InputError(f'text_field={field!r} in {where} holds {type(value).__name__}, not text (str)')
     return value
 
 
@@ -188,7 +189,7 @@ def _iter_jsonl(path: str, field: str) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f'{path}:{i + 1} is not valid JSON ({e.msg}); expected one object per line') from None
+                    raise InputError(f'{path}:{i + 1} is not valid JSON ({e.msg}); expected one object per line') from None
                 yield _field(record, field, f'{path}:{i + 1}')
 
 
@@ -199,7 +200,7 @@ def _iter_parquet(path: str, field: str) -> Iterator[str]:
         raise ImportError(f'reading {path} needs pyarrow: pip install prunesae_jax[datasets]') from None
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
-        raise ValueError(f'text_field={field!r} not found in {path}; it has {pf.schema_arrow.names}')
+        raise InputError(f'text_field={field!r} not found in {path}; it has {pf.schema_arrow.names}')
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             yield _field({field: value}, field, path)
@@ -213,7 +214,7 @@ def _iter_file(path: str, field: str, one_txt_doc: bool = False) -> Iterator[str
         return _iter_jsonl(path, field)
     if ext == '.parquet':
         return _iter_parquet(path, field)
-    raise ValueError(f'unsupported file extension {ext!r} of {path}; accepted: {FILE_EXTENSIONS}')
+    raise InputError(f'unsupported file extension {ext!r} of {path}; accepted: {FILE_EXTENSIONS}')
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -227,7 +228,7 @@ def _folder_files(path: str) -> list[str]:
     files = sorted(f for f in glob.glob(os.path.join(glob.escape(path), '**', '*'), recursive=True)
                    if os.path.isfile(f) and os.path.splitext(f)[1].lower() in FILE_EXTENSIONS)
     if not files:
-        raise ValueError(f'folder {path} holds no {FILE_EXTENSIONS} files and is not a '
+        raise InputError(f'folder {path} holds no {FILE_EXTENSIONS} files and is not a '
                          'datasets save_to_disk folder')
     return files
 
@@ -275,7 +276,7 @@ def _iter_hf(spec: CorpusSpec, hf_split: str | None = None, *, local_folder: str
         ds = datasets.load_from_disk(local_folder)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f'hf_split={split!r} not in {local_folder}; it has {sorted(ds)}')
+                raise InputError(f'hf_split={split!r} not in {local_folder}; it has {sorted(ds)}')
             ds = ds[split]
     else:
         path = preset.path if preset else spec.source[len('hf:'):]
@@ -284,7 +285,7 @@ def _iter_hf(spec: CorpusSpec, hf_split: str | None = None, *, local_folder: str
                                    data_files=spec.hf_data_files)
     columns = getattr(ds, 'column_names', None)
     if columns is not None and field not in columns:
-        raise ValueError(f'text_field={field!r} not in dataset columns {columns}')
+        raise InputError(f'text_field={field!r} not in dataset columns {columns}')
     where = local_folder or spec.source
     rows = (_field(r, field, where) for r in ds)
     if preset is not None and preset.wikitext_articles:
@@ -337,11 +338,11 @@ def iter_documents(corpus: str | CorpusSpec, split: str = 'train') -> Iterator[s
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in FILE_EXTENSIONS:
-            raise ValueError(f'unsupported file extension {ext!r} of {src}; accepted: {FILE_EXTENSIONS}')
+            raise InputError(f'unsupported file extension {ext!r} of {src}; accepted: {FILE_EXTENSIONS}')
         return _select(_iter_file(path, spec.text_field), split)
     if _looks_like_path(src):
         raise FileNotFoundError(f'corpus path {src!r} does not exist')
-    raise ValueError(f"unknown corpus source {src!r}; accepted: 'builtin', {sorted(PRESETS)}, "
+    raise InputError(f"unknown corpus source {src!r}; accepted: 'builtin', {sorted(PRESETS)}, "
                      "'hf:<dataset name>', or a path to a folder or a "
                      f'{"/".join(FILE_EXTENSIONS)} file')
 
@@ -367,7 +368,7 @@ def encode(tokenizer: Any, text: str) -> list[int]:
         except TypeError:
             out = tokenizer(text)
     else:
-        raise ValueError(f'tokenizer {type(tokenizer).__name__} has neither encode() nor __call__')
+        raise InputError(f'tokenizer {type(tokenizer).__name__} has neither encode() nor __call__')
     if hasattr(out, 'ids'):
         out = out.ids
     elif isinstance(out, Mapping):
@@ -380,7 +381,7 @@ def bos_token_id(tokenizer: Any, bos_id: int | None = None) -> int:
     if bos_id is None:
         bos_id = getattr(tokenizer, 'bos_token_id', None)
     if bos_id is None or isinstance(bos_id, bool) or not isinstance(bos_id, (int, np.integer)):
-        raise ValueError(f'bos_id={bos_id!r}: tokenizer {type(tokenizer).__name__} has no integer '
+        raise InputError(f'bos_id={bos_id!r}: tokenizer {type(tokenizer).__name__} has no integer '
                          'bos_token_id; pass bos_id=<int>')
     return int(bos_id)
 
@@ -395,7 +396,7 @@ def iter_document_tokens(corpus: str | CorpusSpec, tokenizer: Any, split: str = 
 
 def _check_seq_len(seq_len: int) -> None:
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-        raise ValueError(f'seq_len={seq_len!r} is too short; need an int seq_len >= 2 (BOS + 1 token)')
+        raise InputError(f'seq_len={seq_len!r} is too short; need an int seq_len >= 2 (BOS + 1 token)')
 
 
 def pack_sequences(token_chunks: Iterable[Sequence[int]], seq_len: int, bos_id: int,
@@ -456,9 +457,10 @@ def _counted_sequences(docs: Iterator[list[int]], seq_len: int, bos: int, where:
         produced = True
         yield row
     if n_tokens == 0:
-        raise ValueError(f'{where} yields zero tokens')
+        raise InputError(f'{where} yields zero tokens; accepted: a source with at least '
+                         f'{seq_len - 1} tokens of text')
     if not produced:
-        raise ValueError(f'{where} yields {n_tokens} tokens, fewer than the {seq_len - 1} that '
+        raise InputError(f'{where} yields {n_tokens} tokens, fewer than the {seq_len - 1} that '
                          f'one sequence of seq_len={seq_len} needs')
 
 
@@ -471,7 +473,7 @@ def iter_batches(corpus: str | CorpusSpec, tokenizer: Any, seq_len: int, batch_s
     batch is yielded only when `drop_remainder` is False.
     """
     if batch_size < 1:
-        raise ValueError(f'batch_size={batch_size} must be >= 1')
+        raise InputError(f'batch_size={batch_size} must be >= 1')
     rows = iter_sequences(corpus, tokenizer, seq_len, split=split, bos_id=bos_id)
     return _batched(rows, batch_size, max_batches, drop_remainder)
 
@@ -494,11 +496,11 @@ def take_tokens(corpus: str | CorpusSpec, tokenizer: Any, n_seqs: int, seq_len: 
     Raises ValueError naming how many sequences the split holds when it has fewer.
     """
     if n_seqs < 1:
-        raise ValueError(f'n_seqs={n_seqs} must be >= 1')
+        raise InputError(f'n_seqs={n_seqs} must be >= 1')
     rows = list(itertools.islice(
         iter_sequences(corpus, tokenizer, seq_len, split=split, bos_id=bos_id), n_seqs))
     if len(rows) < n_seqs:
-        raise ValueError(f'n_seqs={n_seqs} exceeds the {len(rows)} sequences of seq_len={seq_len} '
+        raise InputError(f'n_seqs={n_seqs} exceeds the {len(rows)} sequences of seq_len={seq_len} '
                          f'that {_describe(corpus, split)} holds')
     return np.stack(rows)
 
@@ -513,7 +515,7 @@ def token_stream(corpus: str | CorpusSpec, tokenizer: Any, *, split: str = 'eval
     """
     _check_split(split)
     if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f'max_tokens={max_tokens} must be >= 1 or None')
+        raise InputError(f'max_tokens={max_tokens} must be >= 1 or None')
     sep = np.asarray(encode(tokenizer, DOC_SEPARATOR), np.int32)
     parts, n = [], 0
     for text in iter_documents(corpus, split):
@@ -528,7 +530,8 @@ def token_stream(corpus: str | CorpusSpec, tokenizer: Any, *, split: str = 'eval
         if max_tokens is not None and n >= max_tokens:
             break
     if n == 0:
-        raise ValueError(f'{_describe(corpus, split)} yields zero tokens')
+        raise InputError(f'{_describe(corpus, split)} yields zero tokens; accepted: a source '
+                         'with at least one token of text')
     stream = np.concatenate(parts)
     return stream[:max_tokens] if max_tokens is not None else stream
 

@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
+from prunesae_jax.errors import InputError
+
 # The linear layers inside decoder blocks; the only weights pruning may zero.
 PRUNABLE = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 
@@ -74,18 +76,18 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f'family={self.family!r} is not supported; expected one of {FAMILIES}')
+            raise InputError(f'family={self.family!r} is not supported; expected one of {FAMILIES}')
         if self.dtype not in DTYPES:
-            raise ValueError(f'dtype={self.dtype!r} is not supported; expected one of {DTYPES}')
+            raise InputError(f'dtype={self.dtype!r} is not supported; expected one of {DTYPES}')
         if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(f'hidden_act={self.hidden_act!r} is not supported; expected one of {HIDDEN_ACTS}')
+            raise InputError(f'hidden_act={self.hidden_act!r} is not supported; expected one of {HIDDEN_ACTS}')
         for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
                      'num_kv_heads', 'head_dim'):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f'{name}={v!r} must be a positive int')
+                raise InputError(f'{name}={v!r} must be a positive int')
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}')
+            raise InputError(f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}')
         # Normalise containers so equal configs hash equally.
         layer_types = tuple(self.layer_types) if self.layer_types else ('full_attention',) * self.num_layers
         object.__setattr__(self, 'layer_types', layer_types)
@@ -94,19 +96,19 @@ class DecoderConfig:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, 'rope_scaling', _freeze(self.rope_scaling))
         if len(layer_types) != self.num_layers:
-            raise ValueError(f'layer_types has {len(layer_types)} entries; expected num_layers={self.num_layers}')
+            raise InputError(f'layer_types has {len(layer_types)} entries; expected num_layers={self.num_layers}')
         bad = sorted(set(layer_types) - set(LAYER_TYPES))
         if bad:
-            raise ValueError(f'layer_types contains {bad}; expected entries of {LAYER_TYPES}')
+            raise InputError(f'layer_types contains {bad}; expected entries of {LAYER_TYPES}')
         if 'sliding_attention' in layer_types and not self.sliding_window:
-            raise ValueError(f'sliding_window={self.sliding_window!r} must be a positive int when sliding layers exist')
+            raise InputError(f'sliding_window={self.sliding_window!r} must be a positive int when sliding layers exist')
         if self.attn_logit_softcapping and self.family != 'gemma2':
-            raise ValueError(f'attn_logit_softcapping={self.attn_logit_softcapping} is only used by gemma2; '
+            raise InputError(f'attn_logit_softcapping={self.attn_logit_softcapping} is only used by gemma2; '
                              f'expected None for family={self.family!r}')
         if self.rope_scaling is not None:
             rtype = dict(self.rope_scaling).get('rope_type')
             if rtype not in ROPE_TYPES:
-                raise ValueError(f'rope_scaling rope_type={rtype!r} is not supported; expected one of {ROPE_TYPES}')
+                raise InputError(f'rope_scaling rope_type={rtype!r} is not supported; expected one of {ROPE_TYPES}')
 
     # ---- derived switches (one implementation, config-driven) ----
     @property
@@ -139,7 +141,7 @@ class DecoderConfig:
         """Builds a config from a HF config dict (config.json) or `transformers.PretrainedConfig`."""
         if not isinstance(hf_config, dict):
             if not hasattr(hf_config, 'to_dict'):
-                raise ValueError(f'hf_config of type {type(hf_config).__name__} is not accepted; '
+                raise InputError(f'hf_config of type {type(hf_config).__name__} is not accepted; '
                                  'expected a dict or a transformers PretrainedConfig')
             hf_config = hf_config.to_dict()
         c = dict(hf_config)
@@ -150,10 +152,10 @@ class DecoderConfig:
             c.setdefault('model_type', 'gemma3_text')
             model_type = c['model_type']
         if model_type not in FAMILIES:
-            raise ValueError(f'model_type={model_type!r} is not supported; supported: {FAMILIES}')
+            raise InputError(f'model_type={model_type!r} is not supported; supported: {FAMILIES}')
         for flag in ('attention_bias', 'mlp_bias'):
             if c.get(flag):
-                raise ValueError(f'{flag}=True is not supported; only bias-free linear layers are')
+                raise InputError(f'{flag}=True is not supported; only bias-free linear layers are')
 
         L = int(c['num_hidden_layers'])
         D = int(c['hidden_size'])
@@ -181,7 +183,7 @@ class DecoderConfig:
         if model_type == 'gemma3_text':
             rope_local_theta = float(loc.get('rope_theta', c.get('rope_local_base_freq', 10_000.0)))
             if loc.get('rope_type', 'default') != 'default':
-                raise ValueError(f"sliding-layer rope_type={loc.get('rope_type')!r} is not supported; "
+                raise InputError(f"sliding-layer rope_type={loc.get('rope_type')!r} is not supported; "
                                  "expected 'default'")
         rtype = glob.get('rope_type', glob.get('type', 'default'))
         rope_scaling = None
@@ -192,7 +194,7 @@ class DecoderConfig:
                 scal.setdefault('original_max_position_embeddings', c.get('max_position_embeddings', 8192))
             rope_scaling = _freeze(scal)
         if float(glob.get('partial_rotary_factor', 1.0)) != 1.0:
-            raise ValueError(f"partial_rotary_factor={glob['partial_rotary_factor']} is not supported; expected 1.0")
+            raise InputError(f"partial_rotary_factor={glob['partial_rotary_factor']} is not supported; expected 1.0")
 
         if model_type == 'llama':
             layer_types = ('full_attention',) * L
@@ -205,7 +207,7 @@ class DecoderConfig:
             layer_types = tuple(layer_types)
             sliding_window = c.get('sliding_window')
             if c.get('use_bidirectional_attention'):
-                raise ValueError('use_bidirectional_attention=True is not supported; expected a causal decoder')
+                raise InputError('use_bidirectional_attention=True is not supported; expected a causal decoder')
 
         qpas = c.get('query_pre_attn_scalar') if model_type != 'llama' else None
         eos = c.get('eos_token_id')

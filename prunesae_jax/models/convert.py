@@ -23,8 +23,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from prunesae_jax.errors import InputError
 from prunesae_jax.models.config import DTYPES, PRUNABLE, DecoderConfig
 from prunesae_jax.models.decoder import layer_param_names, layer_param_shapes
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A checkpoint file or folder that is not there (bad input, and a FileNotFoundError)."""
+
 
 # Our layer name -> HF name under model.layers.{i}., per family.
 _HF_LAYER_NAMES = {
@@ -59,7 +65,7 @@ def _hf_layer_names(cfg: DecoderConfig) -> dict[str, str]:
 def _check_dtype(dtype: str) -> str:
     dtype = str(dtype).replace('torch.', '')
     if dtype not in DTYPES:
-        raise ValueError(f'dtype={dtype!r} is not supported; expected one of {DTYPES}')
+        raise InputError(f'dtype={dtype!r} is not supported; expected one of {DTYPES}')
     return dtype
 
 
@@ -98,11 +104,12 @@ def from_hf_state_dict(hf_config: Any, state_dict: dict, dtype: str = 'float32')
 
     def get(name: str, shape: tuple, transpose: bool):
         if name not in sd:
-            raise ValueError(f'tensor {name!r} is missing from the checkpoint ({cfg.family}, {cfg.num_layers} layers)')
+            raise InputError(f'tensor {name!r} is missing from the checkpoint; expected every tensor of a '
+                             f'{cfg.family} model with {cfg.num_layers} layers')
         arr = _to_numpy(sd[name])
         want = shape[::-1] if transpose else shape
         if tuple(arr.shape) != tuple(want):
-            raise ValueError(f'tensor {name!r} has shape {tuple(arr.shape)}; the config expects {tuple(want)}')
+            raise InputError(f'tensor {name!r} has shape {tuple(arr.shape)}; the config expects {tuple(want)}')
         if transpose:
             arr = arr.T
         return jnp.asarray(arr.astype(np_dtype))
@@ -152,7 +159,7 @@ def _read_safetensors(path: str, wanted: set[str] | None = None) -> dict[str, np
     from safetensors import safe_open
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'weight file {path!r} does not exist; expected a .safetensors file')
+        raise MissingFileError(f'weight file {path!r} does not exist; expected a .safetensors file')
     out = {}
     try:
         with safe_open(path, framework='numpy') as f:
@@ -160,7 +167,7 @@ def _read_safetensors(path: str, wanted: set[str] | None = None) -> dict[str, np
                 if wanted is None or k in wanted:
                     out[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error type for truncated/garbled files
-        raise ValueError(f'weight file {path!r} is corrupt or unreadable ({type(e).__name__}: '
+        raise InputError(f'weight file {path!r} is corrupt or unreadable ({type(e).__name__}: '
                          f'{str(e).splitlines()[0] if str(e) else ""}); expected a valid safetensors file') from None
     return out
 
@@ -173,7 +180,7 @@ def read_hf_folder_tensors(path: str) -> dict[str, np.ndarray]:
             with open(index) as f:
                 weight_map = json.load(f)['weight_map']
         except (ValueError, KeyError) as e:
-            raise ValueError(f'index {index!r} is not valid JSON with a weight_map ({e})') from None
+            raise InputError(f'index {index!r} is not valid JSON with a weight_map ({e})') from None
         files: dict[str, set[str]] = {}
         for name, fname in weight_map.items():
             files.setdefault(fname, set()).add(name)
@@ -183,7 +190,7 @@ def read_hf_folder_tensors(path: str) -> dict[str, np.ndarray]:
         return sd
     files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
     if not files:
-        raise FileNotFoundError(f'no *.safetensors weights in {path!r}; expected model.safetensors or shards '
+        raise MissingFileError(f'no *.safetensors weights in {path!r}; expected model.safetensors or shards '
                                 'with model.safetensors.index.json')
     sd = {}
     for fname in files:
@@ -194,19 +201,19 @@ def read_hf_folder_tensors(path: str) -> dict[str, np.ndarray]:
 def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, 'config.json')
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f'{cfg_path!r} does not exist; expected an HF model folder with config.json')
+        raise MissingFileError(f'{cfg_path!r} does not exist; expected an HF model folder with config.json')
     try:
         with open(cfg_path) as f:
             return json.load(f)
     except ValueError as e:
-        raise ValueError(f'{cfg_path!r} is not valid JSON ({e})') from None
+        raise InputError(f'{cfg_path!r} is not valid JSON ({e}); expected an HF config.json') from None
 
 
 def load_hf_folder(path: str, dtype: str = 'float32') -> tuple[DecoderConfig, dict]:
     """Local HF folder (config.json + *.safetensors, sharded or not) -> (cfg, params) in dtype."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'model folder {path!r} does not exist; expected a folder with config.json '
+        raise MissingFileError(f'model folder {path!r} does not exist; expected a folder with config.json '
                                 'and *.safetensors')
     hf_config = read_hf_config(path)
     DecoderConfig.from_hf(hf_config)  # reject unsupported model types before reading weights
@@ -216,7 +223,7 @@ def load_hf_folder(path: str, dtype: str = 'float32') -> tuple[DecoderConfig, di
 def from_transformers(model: Any, dtype: str | None = None) -> tuple[DecoderConfig, dict]:
     """An in-memory transformers *ForCausalLM -> (cfg, params); dtype defaults to the model's."""
     if not hasattr(model, 'config') or not hasattr(model, 'state_dict'):
-        raise ValueError(f'model of type {type(model).__name__} is not accepted; expected a transformers '
+        raise InputError(f'model of type {type(model).__name__} is not accepted; expected a transformers '
                          'PreTrainedModel (LlamaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)')
     if dtype is None:
         dtype = str(getattr(model, 'dtype', 'float32')).replace('torch.', '')
@@ -233,7 +240,7 @@ def download_hub(repo_id: str) -> str:
                                                           'special_tokens_map.json', 'generation_config.json'])
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ''
-        raise ValueError(f'could not fetch hub model {repo_id!r} ({type(e).__name__}: {msg[:160]}); download it '
+        raise InputError(f'could not fetch hub model {repo_id!r} ({type(e).__name__}: {msg[:160]}); download it '
                          'where the network allows and pass the local folder instead, e.g. load("/path/to/folder")'
                          ) from None
 
@@ -273,17 +280,17 @@ def _kind(spec: str) -> str:
         return 'folder'
     if spec.lower().endswith('.gguf'):
         if not os.path.isfile(spec):
-            raise FileNotFoundError(f'GGUF file {spec!r} does not exist')
+            raise MissingFileError(f'GGUF file {spec!r} does not exist')
         return 'gguf'
     looks_local = spec.startswith(('/', '.', '~')) or spec.count('/') > 1
     if looks_local or os.path.exists(spec):
-        raise FileNotFoundError(f'{spec!r} is not a model folder or .gguf file; expected a folder with config.json '
+        raise MissingFileError(f'{spec!r} is not a model folder or .gguf file; expected a folder with config.json '
                                 'and *.safetensors, a .gguf file, a zoo name or a hub id')
     if _HUB_ID.match(spec):
         return 'hub'
     if '/' not in spec:
         return 'zoo'
-    raise ValueError(f'model spec {spec!r} is not understood; expected a folder, a .gguf file, a zoo name or a '
+    raise InputError(f'model spec {spec!r} is not understood; expected a folder, a .gguf file, a zoo name or a '
                      'hub id like "google/gemma-3-1b-pt"')
 
 
@@ -347,9 +354,9 @@ def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | 
 
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f'export path {path!r} is a file; expected a folder (new or existing)')
+        raise InputError(f'export path {path!r} is a file; expected a folder (new or existing)')
     if len(params['layers']) != cfg.num_layers:
-        raise ValueError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
+        raise InputError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
     os.makedirs(path, exist_ok=True)
     sd = to_hf_state_dict(cfg, params, masks)
 
@@ -364,6 +371,6 @@ def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | 
 
 
 __all__ = [
-    'download_hub', 'export_hf_folder', 'from_hf_state_dict', 'from_transformers', 'load', 'load_gguf',
+    'MissingFileError', 'download_hub', 'export_hf_folder', 'from_hf_state_dict', 'from_transformers', 'load', 'load_gguf',
     'load_hf_folder', 'load_hub', 'load_tokenizer', 'read_hf_config', 'read_hf_folder_tensors', 'to_hf_state_dict',
 ]

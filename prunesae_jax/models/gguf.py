@@ -26,6 +26,8 @@ import struct
 
 import numpy as np
 
+from prunesae_jax.errors import InputError
+
 # GGUF `general.architecture` -> HF model_type.
 ARCHITECTURES = {'llama': 'llama', 'gemma2': 'gemma2', 'gemma3': 'gemma3_text'}
 
@@ -104,7 +106,7 @@ class _Parser:
     def take(self, fmt: str):
         size = struct.calcsize(fmt)
         if self.offs + size > len(self.mv):
-            raise ValueError(f'header ends at byte {len(self.mv)} while reading byte {self.offs + size}')
+            raise InputError(f'header ends at byte {len(self.mv)} while reading byte {self.offs + size}')
         (v,) = struct.unpack_from(fmt, self.mv, self.offs)
         self.offs += size
         return v
@@ -112,7 +114,7 @@ class _Parser:
     def string(self) -> str:
         n = self.take('<Q')
         if self.offs + n > len(self.mv):
-            raise ValueError(f'string of {n} bytes at byte {self.offs} runs past the end ({len(self.mv)})')
+            raise InputError(f'string of {n} bytes at byte {self.offs} runs past the end ({len(self.mv)})')
         s = bytes(self.mv[self.offs:self.offs + n]).decode('utf-8', errors='replace')
         self.offs += n
         return s
@@ -126,13 +128,13 @@ class _Parser:
                 dt = np.dtype(_NUMPY_DTYPE[etype]).newbyteorder('<')
                 end = self.offs + n * dt.itemsize
                 if end > len(self.mv):
-                    raise ValueError(f'array of {n} items at byte {self.offs} runs past the end ({len(self.mv)})')
+                    raise InputError(f'array of {n} items at byte {self.offs} runs past the end ({len(self.mv)})')
                 arr = np.frombuffer(self.mv[self.offs:end], dtype=dt)
                 self.offs = end
                 return arr
             return [self.value(etype) for _ in range(n)]
         if vtype not in _SCALAR_FMT:
-            raise ValueError(f'unknown metadata value type {vtype} at byte {self.offs}')
+            raise InputError(f'unknown metadata value type {vtype} at byte {self.offs}')
         return self.take(_SCALAR_FMT[vtype])
 
 
@@ -146,13 +148,13 @@ def _open(path) -> tuple[dict, list[GGUFTensorInfo]]:
     with open(path, 'rb') as f:
         magic = f.read(4)
     if magic != _GGUF_MAGIC:
-        raise ValueError(f'{path!r} starts with {magic!r}, not a GGUF file; expected the magic {_GGUF_MAGIC!r}')
+        raise InputError(f'{path!r} starts with {magic!r}, not a GGUF file; expected the magic {_GGUF_MAGIC!r}')
     p = _Parser(path)
     try:
         p.offs = 4
         version = p.take('<I')
         if version not in (2, 3):
-            raise ValueError(f'GGUF version {version} (expected 2 or 3)')
+            raise InputError(f'GGUF version {version} (expected 2 or 3)')
         n_tensors, n_kv = p.take('<Q'), p.take('<Q')
         metadata = {}
         for _ in range(n_kv):
@@ -164,7 +166,7 @@ def _open(path) -> tuple[dict, list[GGUFTensorInfo]]:
             ne = [p.take('<Q') for _ in range(p.take('<I'))]
             infos.append((name, ne, p.take('<I'), p.take('<Q')))
     except (ValueError, struct.error, UnicodeDecodeError) as e:
-        raise ValueError(f'{path!r} has a damaged or truncated GGUF header ({e}); expected a complete GGUF v2/v3 '
+        raise InputError(f'{path!r} has a damaged or truncated GGUF header ({e}); expected a complete GGUF v2/v3 '
                          'file') from None
     align = int(metadata.get('general.alignment', 32))
     start = (p.offs + align - 1) // align * align
@@ -174,13 +176,13 @@ def _open(path) -> tuple[dict, list[GGUFTensorInfo]]:
         try:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         except (ValueError, KeyError):
-            raise ValueError(f'tensor {name!r} in {path!r} has unknown GGML type {qtype}; expected one of '
+            raise InputError(f'tensor {name!r} in {path!r} has unknown GGML type {qtype}; expected one of '
                              f'{sorted(t.name for t in gguf.GGML_QUANT_SIZES)}') from None
         row_bytes = ne[0] // block * type_size
         n_bytes = row_bytes * int(np.prod(ne[1:], dtype=np.int64))
         lo = start + offset
         if lo + n_bytes > size:
-            raise ValueError(f'{path!r} is truncated: tensor {name!r} needs bytes up to {lo + n_bytes} but the '
+            raise InputError(f'{path!r} is truncated: tensor {name!r} needs bytes up to {lo + n_bytes} but the '
                              f'file has {size}; expected a complete GGUF file')
         shape = tuple(int(n) for n in reversed(ne))
         data = p.buf[lo:lo + n_bytes].reshape(*shape[:-1], row_bytes)
@@ -216,7 +218,7 @@ def _rope_scaling_from_freqs(rope_freqs: np.ndarray, rope_theta: float, head_dim
             smooth = (old / wavelen - lo) / (hi - lo)
             expected.append(1.0 / ((1 - smooth) / factor + smooth))
     if rope_freqs.shape != (head_dim // 2,) or not np.allclose(rope_freqs, expected, rtol=1e-4, atol=1e-6):
-        raise ValueError(f'rope_freqs tensor of shape {rope_freqs.shape} matches no llama3 rope scaling '
+        raise InputError(f'rope_freqs tensor of shape {rope_freqs.shape} matches no llama3 rope scaling '
                          f'(factor={factor}, low=1, high=4, original context 8192); expected Llama 3.x factors')
     return scaling
 
@@ -229,7 +231,7 @@ def _hf_config(metadata: dict, tensors: dict[str, GGUFTensorInfo], arch: str) ->
     missing = [k for k in ('embedding_length', 'block_count', 'feed_forward_length', 'attention.head_count')
                if key(k) is None]
     if missing:
-        raise ValueError(f'GGUF metadata lacks {[f"{arch}.{k}" for k in missing]}; expected every model shape key')
+        raise InputError(f'GGUF metadata lacks {[f"{arch}.{k}" for k in missing]}; expected every model shape key')
     hidden = int(key('embedding_length'))
     heads = int(key('attention.head_count'))
     layers = int(key('block_count'))
@@ -241,7 +243,7 @@ def _hf_config(metadata: dict, tensors: dict[str, GGUFTensorInfo], arch: str) ->
         elif 'token_embd.weight' in tensors:
             vocab = tensors['token_embd.weight'].shape[0]
         else:
-            raise ValueError(f'GGUF file has neither {arch}.vocab_size, tokenizer.ggml.tokens nor token_embd.weight; '
+            raise InputError(f'GGUF file has neither {arch}.vocab_size, tokenizer.ggml.tokens nor token_embd.weight; '
                              'expected one of them to size the vocabulary')
     gemma = model_type != 'llama'
     tok = lambda name, default: metadata.get(f'tokenizer.ggml.{name}', default)  # noqa: E731
@@ -337,7 +339,7 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
     tensors = {t.name: t for t in tensor_list}
     arch = metadata.get('general.architecture')
     if arch not in ARCHITECTURES:
-        raise ValueError(f'GGUF architecture {arch!r} in {os.fspath(path)!r} is not supported; '
+        raise InputError(f'GGUF architecture {arch!r} in {os.fspath(path)!r} is not supported; '
                          f'supported: {sorted(ARCHITECTURES)}')
     hf_config = _hf_config(metadata, tensors, arch)
     model_type = hf_config['model_type']
@@ -349,7 +351,7 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
         if name is None:
             if t.name == 'rope_freqs.weight':
                 continue  # folded into the config's rope scaling above
-            raise ValueError(f'GGUF tensor {t.name!r} has no Hugging Face {model_type} counterpart; expected '
+            raise InputError(f'GGUF tensor {t.name!r} has no Hugging Face {model_type} counterpart; expected '
                              f'token_embd/output_norm/output or blk.N.{{{",".join(_BLOCK_NAMES)},ffn_norm,...}}')
         w = _dequantize(t)
         if model_type == 'llama' and t.name.endswith(('.attn_q.weight', '.attn_k.weight')):

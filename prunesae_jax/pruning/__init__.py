@@ -50,6 +50,7 @@ from prunesae_jax.pruning.select import (
     nm_mask,
 )
 from prunesae_jax.pruning.sparsegpt import sparsegpt_prune
+from prunesae_jax.errors import InputError
 
 METHODS = ('magnitude', 'wanda', 'sparsegpt')
 METHOD_GROUPS = {'magnitude': GROUPS, 'wanda': ('per_row', 'per_matrix'), 'sparsegpt': ()}
@@ -66,24 +67,24 @@ class PruneResult:
 
 def _check_args(method, sparsity, group, nm):
     if method not in METHODS:
-        raise ValueError(f'unknown pruning method {method!r}; expected one of {METHODS}')
+        raise InputError(f'unknown pruning method {method!r}; expected one of {METHODS}')
     if nm is not None:
         n, m = check_nm(nm)
         if group is not None:
-            raise ValueError(f'group={group!r} cannot be combined with nm={nm!r}: N:M fixes the group (M inputs per output)')
+            raise InputError(f'group={group!r} cannot be combined with nm={nm!r}: N:M fixes the group (M inputs per output)')
         if sparsity is not None and abs(float(sparsity) - n / m) > 1e-9:
-            raise ValueError(f'sparsity={sparsity!r} contradicts nm={n}:{m}; pass sparsity=None or {n / m}')
+            raise InputError(f'sparsity={sparsity!r} contradicts nm={n}:{m}; pass sparsity=None or {n / m}')
         return n / m, None, (n, m)
     if sparsity is None:
-        raise ValueError('sparsity is None; expected a number in [0, 1) (or an nm=(N, M) pattern)')
+        raise InputError('sparsity is None; expected a number in [0, 1) (or an nm=(N, M) pattern)')
     s = check_sparsity(sparsity)
     if method == 'sparsegpt':
         if group is not None:
-            raise ValueError(f'group={group!r} is not used by sparsegpt (it selects per block of 128 inputs); pass group=None')
+            raise InputError(f'group={group!r} is not used by sparsegpt (it selects per block of 128 inputs); pass group=None')
         return s, None, None
     group = DEFAULT_GROUP[method] if group is None else check_group(group)
     if group not in METHOD_GROUPS[method]:
-        raise ValueError(f'group {group!r} is not available for {method}; expected one of {METHOD_GROUPS[method]}')
+        raise InputError(f'group {group!r} is not available for {method}; expected one of {METHOD_GROUPS[method]}')
     return s, group, None
 
 
@@ -103,7 +104,7 @@ def prune(cfg: DecoderConfig, params: dict, method: str, sparsity=None, *, group
     t0 = time.perf_counter()
     s, group, nm = _check_args(method, sparsity, group, nm)
     if len(params.get('layers', ())) != cfg.num_layers:
-        raise ValueError(f"params has {len(params.get('layers', ()))} layers; config says num_layers={cfg.num_layers}")
+        raise InputError(f"params has {len(params.get('layers', ()))} layers; config says num_layers={cfg.num_layers}")
     n_calib = 0
     if method == 'magnitude':
         masks, new_params = _prune_magnitude(params, s, group, nm)
@@ -155,7 +156,7 @@ def _prune_calibrated(cfg, params, method, s, group, nm, tokens, sequential, pro
     from prunesae_jax.models.decoder import embed
 
     if batch_size < 1:
-        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+        raise InputError(f'batch_size must be >= 1, got {batch_size}')
     kind = 'sq' if method == 'wanda' else 'gram'
     hs = [embed(cfg, params, jnp.asarray(tokens[a:a + batch_size])) for a in range(0, tokens.shape[0], batch_size)]
     new_layers, leaves = [], []
@@ -166,7 +167,8 @@ def _prune_calibrated(cfg, params, method, s, group, nm, tokens, sequential, pro
         for h in hs:
             out, stats = _cal.accumulate_block_stats(cfg, lp, i, h, stats, kind, with_output=not sequential)
             outs.append(out)
-        _cal.check_stats(stats, i)
+        if not all(bool(jnp.all(jnp.isfinite(v))) for v in stats.values()):
+            _cal.check_stats(stats, i, step=_cal.first_nonfinite_batch(cfg, lp, i, hs, kind))
         new_lp = dict(lp)
         for name in PRUNABLE:
             W, st = lp[name], stats[_cal.SITE_OF[name]]

@@ -19,6 +19,7 @@ import numpy as np
 
 from prunesae_jax.models import decoder as _dec
 from prunesae_jax.models.config import DecoderConfig
+from prunesae_jax.errors import InputError, NonFiniteError
 
 SITE_OF = {
     'q_proj': 'attn_in', 'k_proj': 'attn_in', 'v_proj': 'attn_in', 'o_proj': 'o_in',
@@ -31,14 +32,14 @@ _FIRST_LINEAR_OF_SITE = {'q_proj': 'attn_in', 'o_proj': 'o_in', 'gate_proj': 'ml
 def check_calib_tokens(tokens, *, min_len: int = 2) -> np.ndarray:
     """Validates a calibration batch [n_samples, seq_len] of token ids and returns it as int32."""
     if tokens is None:
-        raise ValueError('calib_tokens is None; Wanda and SparseGPT need a [n_samples, seq_len] int32 token batch')
+        raise InputError('calib_tokens is None; Wanda and SparseGPT need a [n_samples, seq_len] int32 token batch')
     a = np.asarray(tokens)
     if a.ndim != 2 or a.shape[0] < 1:
-        raise ValueError(f'calib_tokens has shape {a.shape}; expected [n_samples >= 1, seq_len] token ids')
+        raise InputError(f'calib_tokens has shape {a.shape}; expected [n_samples >= 1, seq_len] token ids')
     if a.shape[1] < min_len:
-        raise ValueError(f'calib_tokens seq_len {a.shape[1]} is too short; expected at least {min_len} tokens')
+        raise InputError(f'calib_tokens seq_len {a.shape[1]} is too short; expected at least {min_len} tokens')
     if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f'calib_tokens has dtype {a.dtype}; expected integer token ids')
+        raise InputError(f'calib_tokens has dtype {a.dtype}; expected integer token ids')
     return a.astype(np.int32)
 
 
@@ -53,12 +54,12 @@ def calibration_batch(stream, n_samples: int = 128, seq_len: int = 2048, bos_tok
     s = np.asarray(stream).reshape(-1)
     n_samples, seq_len = int(n_samples), int(seq_len)
     if n_samples < 1 or seq_len < 2:
-        raise ValueError(f'n_samples={n_samples}, seq_len={seq_len}; expected n_samples >= 1 and seq_len >= 2')
+        raise InputError(f'n_samples={n_samples}, seq_len={seq_len}; expected n_samples >= 1 and seq_len >= 2')
     body = seq_len - (1 if bos_token_id is not None else 0)
     if s.size == 0:
-        raise ValueError('calibration token stream is empty; expected at least seq_len tokens')
+        raise InputError('calibration token stream is empty; expected at least seq_len tokens')
     if s.size < body:
-        raise ValueError(f'calibration token stream has {s.size} tokens; expected at least {body} for seq_len={seq_len}')
+        raise InputError(f'calibration token stream has {s.size} tokens; expected at least {body} for seq_len={seq_len}')
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, s.size - body + 1, size=n_samples)
     out = np.stack([s[a:a + body] for a in starts]).astype(np.int32)
@@ -85,7 +86,7 @@ def init_stats(cfg: DecoderConfig, kind: str) -> dict:
         return {s: jnp.zeros((d,), jnp.float32) for s, d in dims.items()}
     if kind == 'gram':
         return {s: jnp.zeros((d, d), jnp.float32) for s, d in dims.items()}
-    raise ValueError(f"unknown statistics kind {kind!r}; expected 'sq' or 'gram'")
+    raise InputError(f"unknown statistics kind {kind!r}; expected 'sq' or 'gram'")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5, 6), donate_argnums=(4,))
@@ -107,12 +108,28 @@ def accumulate_block_stats(cfg: DecoderConfig, layer_params: dict, i: int, h, st
     return _accumulate(cfg, layer_params, _dec.canonical_layer(cfg, i), h, stats, kind, bool(with_output))
 
 
-def check_stats(stats: dict, i: int) -> None:
-    """Raises when a block's calibration statistics contain NaN or inf."""
+def check_stats(stats: dict, i: int, step: int | None = None) -> None:
+    """Raises NonFiniteError (stage 'calibration', layer i) when a block's statistics hold NaN / inf.
+
+    step: the calibration batch where the non-finite values first appeared, when the caller knows.
+    """
     for site, v in stats.items():
         if not bool(jnp.all(jnp.isfinite(v))):
-            raise ValueError(f'calibration statistics of layer {i} input {site!r} are not finite; '
-                             'expected finite activations (check the model dtype and calibration tokens)')
+            raise NonFiniteError(f'calibration statistics of input {site!r}', stage='calibration',
+                                 layer=int(i), step=step,
+                                 detail='check the model weights, dtype and calibration tokens')
+
+
+def first_nonfinite_batch(cfg: DecoderConfig, layer_params: dict, i: int, hs, kind: str) -> int | None:
+    """Index of the first batch of hs whose block-i statistics are non-finite (None if none is).
+
+    Only called once a layer's summed statistics failed `check_stats`, to name the step.
+    """
+    for b, h in enumerate(hs):
+        _, st = accumulate_block_stats(cfg, layer_params, i, h, init_stats(cfg, kind), kind, False)
+        if not all(bool(jnp.all(jnp.isfinite(v))) for v in st.values()):
+            return b
+    return None
 
 
 def block_out(cfg: DecoderConfig, layer_params: dict, i: int, h):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunesae_jax.models.config import PRUNABLE
+from prunesae_jax.errors import InputError
 
 ATTENTION = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
 MLP = ('gate_proj', 'up_proj', 'down_proj')
@@ -32,7 +33,7 @@ def kind_of(name: str) -> str:
         return 'attention'
     if name in MLP:
         return 'mlp'
-    raise ValueError(f'not a prunable matrix name: {name!r}; expected one of {PRUNABLE}')
+    raise InputError(f'not a prunable matrix name: {name!r}; expected one of {PRUNABLE}')
 
 
 def prunable_items(tree: Params) -> Iterator[tuple[int, str, Any]]:
@@ -42,7 +43,7 @@ def prunable_items(tree: Params) -> Iterator[tuple[int, str, Any]]:
     """
     layers = tree.get('layers') if isinstance(tree, dict) else None
     if not isinstance(layers, (list, tuple)):
-        raise ValueError(f"params/masks must be a dict with a 'layers' list, got {type(tree).__name__}")
+        raise InputError(f"params/masks must be a dict with a 'layers' list, got {type(tree).__name__}")
     for i, lp in enumerate(layers):
         for name in PRUNABLE:
             if name in lp and lp[name] is not None:
@@ -91,24 +92,24 @@ def validate_masks(params: Params, masks: Masks) -> None:
     """Raises ValueError unless masks has params' structure with bool prunable leaves of equal shape."""
     if not isinstance(masks, dict) or set(masks) != set(params):
         got = sorted(masks) if isinstance(masks, dict) else type(masks).__name__
-        raise ValueError(f'masks top-level keys {got} do not match params keys {sorted(params)}')
+        raise InputError(f'masks top-level keys {got} do not match params keys {sorted(params)}')
     for key in params:
         if key != 'layers' and masks[key] is not None:
-            raise ValueError(f'masks[{key!r}] must be None (not prunable), got {type(masks[key]).__name__}')
+            raise InputError(f'masks[{key!r}] must be None (not prunable), got {type(masks[key]).__name__}')
     if len(masks['layers']) != len(params['layers']):
-        raise ValueError(f"masks have {len(masks['layers'])} layers, params have {len(params['layers'])}")
+        raise InputError(f"masks have {len(masks['layers'])} layers, params have {len(params['layers'])}")
     for i, (ml, pl) in enumerate(zip(masks['layers'], params['layers'])):
         if set(ml) != set(pl):
-            raise ValueError(f'masks layer {i} keys {sorted(ml)} do not match params keys {sorted(pl)}')
+            raise InputError(f'masks layer {i} keys {sorted(ml)} do not match params keys {sorted(pl)}')
         for name, m in ml.items():
             if name not in PRUNABLE:
                 if m is not None:
-                    raise ValueError(f'masks layer {i} {name!r} must be None (not prunable)')
+                    raise InputError(f'masks layer {i} {name!r} must be None (not prunable)')
                 continue
             if m is None:
                 continue  # a prunable leaf left unmasked keeps every weight
             if tuple(m.shape) != tuple(pl[name].shape) or m.dtype != np.bool_:
-                raise ValueError(
+                raise InputError(
                     f'mask {matrix_key(i, name)} has shape {tuple(m.shape)} dtype {m.dtype}; '
                     f'expected bool {tuple(pl[name].shape)}')
 
@@ -165,12 +166,12 @@ def save_masks(path: str | os.PathLike, masks: Masks) -> None:
     """Writes masks to an .npz (bit-packed, one entry per prunable matrix) atomically."""
     path = os.fspath(path)
     if not path.endswith('.npz'):
-        raise ValueError(f'mask file must end with .npz, got {path!r}')
+        raise InputError(f'mask file must end with .npz, got {path!r}')
     arrays = {}
     for i, name, m in prunable_items(masks):
         m = np.asarray(m)
         if m.dtype != np.bool_:
-            raise ValueError(f'mask {matrix_key(i, name)} has dtype {m.dtype}; expected bool')
+            raise InputError(f'mask {matrix_key(i, name)} has dtype {m.dtype}; expected bool')
         arrays[matrix_key(i, name)] = np.packbits(m.ravel())
         arrays[matrix_key(i, name) + '.shape'] = np.asarray(m.shape, np.int64)
     arrays['__num_layers__'] = np.asarray(len(masks['layers']), np.int64)
@@ -195,15 +196,15 @@ def load_masks(path: str | os.PathLike, params: Params) -> Masks:
     with np.load(path) as z:
         n_layers = int(z['__num_layers__'])
         if n_layers != len(params['layers']):
-            raise ValueError(f"mask file {path!r} has {n_layers} layers, params have {len(params['layers'])}")
+            raise InputError(f"mask file {path!r} has {n_layers} layers, params have {len(params['layers'])}")
 
         def leaf(i, name, w):
             key = matrix_key(i, name)
             if key not in z:
-                raise ValueError(f'mask file {path!r} lacks {key!r}')
+                raise InputError(f'mask file {path!r} lacks {key!r}')
             shape = tuple(int(s) for s in z[key + '.shape'])
             if shape != tuple(w.shape):
-                raise ValueError(f'mask {key} in {path!r} has shape {shape}; params have {tuple(w.shape)}')
+                raise InputError(f'mask {key} in {path!r} has shape {shape}; params have {tuple(w.shape)}')
             bits = np.unpackbits(z[key], count=int(np.prod(shape))).astype(bool)
             return jnp.asarray(bits.reshape(shape))
 

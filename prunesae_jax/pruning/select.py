@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunesae_jax.errors import InputError
+
 GROUPS = ('per_row', 'per_matrix', 'global')
 
 
@@ -23,16 +25,16 @@ def check_sparsity(sparsity) -> float:
     try:
         s = float(sparsity)
     except (TypeError, ValueError):
-        raise ValueError(f'sparsity must be a number in [0, 1), got {sparsity!r}') from None
+        raise InputError(f'sparsity must be a number in [0, 1), got {sparsity!r}') from None
     if not (0.0 <= s < 1.0):
-        raise ValueError(f'sparsity must be in [0, 1), got {sparsity!r}')
+        raise InputError(f'sparsity must be in [0, 1), got {sparsity!r}')
     return s
 
 
 def check_group(group: str) -> str:
     """Returns group or raises unless it is one of GROUPS."""
     if group not in GROUPS:
-        raise ValueError(f'unknown group {group!r}; expected one of {GROUPS}')
+        raise InputError(f'unknown group {group!r}; expected one of {GROUPS}')
     return group
 
 
@@ -41,11 +43,11 @@ def check_nm(nm, d_in: int | None = None) -> tuple[int, int]:
     try:
         n, m = (int(v) for v in nm)
     except (TypeError, ValueError):
-        raise ValueError(f'N:M pattern must be a pair of ints like (2, 4), got {nm!r}') from None
+        raise InputError(f'N:M pattern must be a pair of ints like (2, 4), got {nm!r}') from None
     if not (1 <= n < m):
-        raise ValueError(f'N:M pattern {n}:{m} needs 1 <= N < M')
+        raise InputError(f'N:M pattern {n}:{m} needs 1 <= N < M')
     if d_in is not None and d_in % m:
-        raise ValueError(f'input width {d_in} is not divisible by M={m} for N:M pattern {n}:{m}')
+        raise InputError(f'input width {d_in} is not divisible by M={m} for N:M pattern {n}:{m}')
     return n, m
 
 
@@ -139,7 +141,7 @@ def group_mask(scores, sparsity, group: str):
         return per_row_mask(scores, sparsity)
     if group == 'per_matrix':
         return per_matrix_mask(scores, sparsity)
-    raise ValueError("group 'global' selects over all matrices at once; use global_masks")
+    raise InputError("group 'global' selects over all matrices at once; use global_masks")
 
 
 @jax.jit

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from prunesae_jax.sae.core import SAEConfig, fold_scale
+from prunesae_jax.errors import InputError
 
 # SAELens architecture names <-> ours (SAELens saves BatchTopK for inference as JumpReLU)
 _TO_SAELENS = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
@@ -27,10 +28,10 @@ def _one_seed(params: dict, seed: int | None, d_in: int) -> dict:
     if p["b_dec"].ndim == 2:  # seed axis present
         s = 0 if seed is None else int(seed)
         if not 0 <= s < p["b_dec"].shape[0]:
-            raise ValueError(f"seed={seed}; accepted: 0..{p['b_dec'].shape[0] - 1}")
+            raise InputError(f"seed={seed}; accepted: 0..{p['b_dec'].shape[0] - 1}")
         p = {k: v[s] for k, v in p.items()}
     if p["b_dec"].shape != (d_in,):
-        raise ValueError(f"b_dec shape {p['b_dec'].shape}; expected [d_in={d_in}] (or [S, d_in])")
+        raise InputError(f"b_dec shape {p['b_dec'].shape}; expected [d_in={d_in}] (or [S, d_in])")
     return p
 
 
@@ -81,23 +82,40 @@ def export_saelens(cfg: SAEConfig, params: dict, path: str, seed: int | None = 0
 def _finish(arch, params, apply_b_dec, k=32):
     d_in, n = params["W_enc"].shape
     if params["W_dec"].shape != (n, d_in):
-        raise ValueError(f"W_dec shape {params['W_dec'].shape}; expected [{n}, {d_in}] to match W_enc {params['W_enc'].shape}")
+        raise InputError(f"W_dec shape {params['W_dec'].shape}; expected [{n}, {d_in}] to match W_enc {params['W_enc'].shape}")
     cfg = SAEConfig(d_in=int(d_in), n_latents=int(n), architecture=arch, k=int(k) if arch in ("topk", "batchtopk") else 32,
                     apply_b_dec_to_input=bool(apply_b_dec), unit_norm_decoder=False)
     keep = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if cfg.has_threshold else ())
     return cfg, {k: np.asarray(params[k], np.float32) for k in keep}
 
 
+def _load_safetensors(path: str, required: tuple[str, ...]) -> dict:
+    """The tensors of a safetensors file; InputError for a damaged file or a missing tensor."""
+    try:
+        t = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for truncated / garbled files
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"weight file {path!r} is corrupt or unreadable ({type(e).__name__}: {first}); "
+                         "accepted: a complete safetensors file") from None
+    missing = [k for k in required if k not in t]
+    if missing:
+        raise InputError(f"weight file {path!r} lacks {missing}; accepted: a file with {list(required)}")
+    return t
+
+
 def load_saelens(path: str):
     """SAELens folder (cfg.json + sae_weights.safetensors) -> (SAEConfig, params)."""
-    with open(os.path.join(path, "cfg.json")) as f:
-        c = json.load(f)
+    try:
+        with open(os.path.join(path, "cfg.json")) as f:
+            c = json.load(f)
+    except ValueError as e:
+        raise InputError(f"cfg.json in {path!r} is not valid JSON ({e}); accepted: a SAELens cfg.json") from None
     arch = c.get("architecture", "standard")
     if arch not in _FROM_SAELENS:
-        raise ValueError(f"SAELens architecture {arch!r} in {path!r}; supported: {sorted(_FROM_SAELENS)}")
+        raise InputError(f"SAELens architecture {arch!r} in {path!r}; supported: {sorted(_FROM_SAELENS)}")
     if c.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"normalize_activations={c['normalize_activations']!r} in {path!r}; only 'none' is supported")
-    t = load_file(os.path.join(path, "sae_weights.safetensors"))
+        raise InputError(f"normalize_activations={c['normalize_activations']!r} in {path!r}; only 'none' is supported")
+    t = _load_safetensors(os.path.join(path, "sae_weights.safetensors"), ("W_enc", "b_enc", "W_dec", "b_dec"))
     if arch == "batchtopk" and "threshold" not in t:
         t["threshold"] = np.zeros((t["W_enc"].shape[1],), np.float32)
     return _finish(_FROM_SAELENS[arch], t, c.get("apply_b_dec_to_input", True), c.get("k", 32))
@@ -120,7 +138,7 @@ def load_gemmascope(path: str):
     low = {k.lower(): v for k, v in raw.items()}
     missing = {"w_enc", "w_dec", "b_enc", "b_dec", "threshold"} - set(low)
     if missing:
-        raise ValueError(f"Gemma Scope file {path!r} lacks {sorted(missing)}; found {sorted(raw)}")
+        raise InputError(f"Gemma Scope file {path!r} lacks {sorted(missing)}; found {sorted(raw)}")
     p = {"W_enc": low["w_enc"], "W_dec": low["w_dec"], "b_enc": low["b_enc"], "b_dec": low["b_dec"],
          "threshold": low["threshold"]}
     # Gemma Scope encodes x @ W_enc + b_enc without subtracting b_dec
@@ -133,10 +151,10 @@ def load_sparsify(path: str):
         c = json.load(f)
     t = load_file(os.path.join(path, "sae.safetensors"))
     if c.get("skip_connection") or "W_skip" in t:
-        raise ValueError(f"sparsify SAE {path!r} has a skip connection; only plain TopK SAEs are supported")
+        raise InputError(f"sparsify SAE {path!r} has a skip connection; only plain TopK SAEs are supported")
     p = {"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     if "k" not in c:
-        raise ValueError(f"sparsify cfg.json in {path!r} has no 'k'")
+        raise InputError(f"sparsify cfg.json in {path!r} has no 'k'")
     return _finish("topk", p, apply_b_dec=True, k=c["k"])
 
 
@@ -147,7 +165,7 @@ def load_sae(path: str):
     if os.path.isfile(path):
         if path.endswith((".npz", ".safetensors")):
             return load_gemmascope(path)
-        raise ValueError(f"SAE file {path!r}; accepted files: params.npz, params.safetensors (Gemma Scope)")
+        raise InputError(f"SAE file {path!r}; accepted files: params.npz, params.safetensors (Gemma Scope)")
     files = set(os.listdir(path))
     if {"cfg.json", "sae_weights.safetensors"} <= files:
         return load_saelens(path)
@@ -155,5 +173,5 @@ def load_sae(path: str):
         return load_sparsify(path)
     if "params.npz" in files or "params.safetensors" in files:
         return load_gemmascope(path)
-    raise ValueError(f"no SAE files in {path!r}; expected SAELens (cfg.json + sae_weights.safetensors), "
+    raise InputError(f"no SAE files in {path!r}; expected SAELens (cfg.json + sae_weights.safetensors), "
                      "sparsify (cfg.json + sae.safetensors) or Gemma Scope (params.npz / params.safetensors)")

@@ -49,7 +49,15 @@ fields (all required; types are enforced by ConfigDict on override):
                        (file or folder inside it, or a local path when repo is ''); the format
                        (Gemma Scope v1 / v2, SAELens, sparsify) is detected from the files
   mesh                 seed, data: the SAE trainer's device mesh (seeds x data-parallel; -1 = all
-                       remaining devices)
+                       remaining devices). model, model_sharding: the decoder forward's mesh (data x
+                       model over all devices, data = devices / model) and its params' layout:
+                       'none' (replicated; batch split over data), 'fsdp' (weights split over data),
+                       'tp' (MLP / heads / vocab split over model, needs model >= 2); see
+                       prunesae_jax/sharding.py. Ignored on one device.
+  distributed          enabled (jax.distributed.initialize() in launch/run_study.py before any JAX
+                       use; one process per host), coordinator_address ('' = $JAX_COORDINATOR_ADDRESS
+                       or auto-detected), num_processes (0 = $JAX_NUM_PROCESSES or auto),
+                       process_id (-1 = $JAX_PROCESS_ID or auto); on TPU pods leave them unset
   progress             bool  tqdm progress bars
 """
 
@@ -62,6 +70,8 @@ from typing import Any
 
 import ml_collections
 
+from prunesae_jax.errors import InputError
+
 __all__ = [
     'ConfigError',
     'ConfigPathError',
@@ -69,6 +79,7 @@ __all__ = [
     'paper_base_config',
     'validate',
     'validate_layer',
+    'validate_nm_widths',
     'resolve_layer',
     'MODEL_ZOO',
     'TINY_FAMILIES',
@@ -87,6 +98,7 @@ METHOD_GROUPS = {'magnitude': GROUPS, 'wanda': ('per_row', 'per_matrix'), 'spars
 DTYPES = ('float32', 'bfloat16', 'float16')
 SAE_ARCHITECTURES = ('topk', 'batchtopk', 'relu', 'jumprelu')
 TRANSFER_SOURCES = ('dense', 'pretrained')
+MODEL_SHARDINGS = ('none', 'fsdp', 'tp')  # == prunesae_jax.sharding.STRATEGIES
 DATA_SUFFIXES = ('.txt', '.jsonl', '.parquet')
 DATA_PRESETS = ('fineweb-edu', 'wikitext-2')
 DATA_SPLITS = ('train', 'calibration', 'evaluation', 'all')
@@ -94,8 +106,8 @@ _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 _N_M = re.compile(r'^(\d+):(\d+)$')
 
 
-class ConfigError(ValueError):
-    """A config value the study cannot run with (the launcher exits with status 2 on it)."""
+class ConfigError(InputError):
+    """A config value the study cannot run with (an InputError: the launcher exits with status 2)."""
 
 
 class ConfigPathError(ConfigError, FileNotFoundError):
@@ -168,7 +180,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.transfer = ml_collections.ConfigDict(
         {'source': 'dense', 'repo': '', 'path': ''})
 
-    c.mesh = ml_collections.ConfigDict({'seed': 1, 'data': -1})
+    c.mesh = ml_collections.ConfigDict({'seed': 1, 'data': -1, 'model': 1, 'model_sharding': 'none'})
+    c.distributed = ml_collections.ConfigDict(
+        {'enabled': False, 'coordinator_address': '', 'num_processes': 0, 'process_id': -1})
     c.progress = True
     return c
 
@@ -287,6 +301,9 @@ def _check_data_source(cfg: Any, which: str) -> None:
     if os.path.isfile(os.path.expanduser(src)):
         if not src.lower().endswith(DATA_SUFFIXES):
             _fail(f'{field}.source', src, 'a file ending in ' + ' / '.join(DATA_SUFFIXES))
+        if os.path.getsize(os.path.expanduser(src)) == 0:  # caught here, before any model is loaded
+            raise ConfigError(f'config.{field}.source={src!r} is an empty file (zero tokens); '
+                              'accepted: a file with text')
         return
     if os.sep in src or src.startswith(('.', '~')) or os.path.splitext(src)[1]:
         raise ConfigPathError(f'config.{field}.source={src!r} does not exist; accepted: a local '
@@ -407,6 +424,27 @@ def validate(config: Any) -> ml_collections.ConfigDict:
             _fail(f'mesh.{ax}', v, 'an int >= 1, or -1 for all remaining devices')
     if config.mesh.seed == -1 and config.mesh.data == -1:
         _fail('mesh', dict(config.mesh), 'at most one axis set to -1')
+    _int(config, 'mesh.model', 1)
+    _choice(config.mesh.model_sharding, 'mesh.model_sharding', MODEL_SHARDINGS)
+    if config.mesh.model > 1 and config.mesh.model_sharding != 'tp':
+        _fail('mesh.model', config.mesh.model, f"1 unless mesh.model_sharding='tp' (it is "
+              f"{config.mesh.model_sharding!r})")
+    if config.mesh.model_sharding == 'tp' and config.mesh.model < 2:
+        _fail('mesh.model_sharding', 'tp', "'tp' with mesh.model >= 2 (the tensor-parallel axis "
+              "size), or 'none' | 'fsdp'")
+    d = config.distributed
+    if not isinstance(d.enabled, bool):
+        _fail('distributed.enabled', d.enabled, 'True | False')
+    if not isinstance(d.coordinator_address, str) or (
+            d.coordinator_address and not re.match(r'^\S+:\d+$', d.coordinator_address)):
+        _fail('distributed.coordinator_address', d.coordinator_address,
+              "'' (auto / $JAX_COORDINATOR_ADDRESS) or 'host:port' of process 0")
+    _int(config, 'distributed.num_processes', 0)
+    pid = d.process_id
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid < -1 or (
+            d.num_processes and pid >= d.num_processes):
+        _fail('distributed.process_id', pid, '-1 (auto / $JAX_PROCESS_ID) or an int in [0, '
+              'distributed.num_processes - 1]')
     if not isinstance(config.progress, bool):
         _fail('progress', config.progress, 'True | False')
     return config
@@ -427,6 +465,24 @@ def validate_layer(config: Any, num_layers: int, d_model: int | None = None) -> 
         _fail('sae.k', config.sae.k, f'at most sae.expansion x hidden size = '
               f'{config.sae.expansion * d_model}')
     return layer
+
+
+def validate_nm_widths(config: Any, widths: Mapping[str, int]) -> None:
+    """Checks every 'N:M' pruning group against the model's prunable input widths.
+
+    N:M keeps N of every M consecutive inputs of each output, so M must divide every width in
+    `widths` (name -> input width of a prunable matrix, e.g. {'intermediate_size': 129}).
+    """
+    for method in config.pruning.methods:
+        group = config.pruning.group[method] if method in config.pruning.group else ''
+        nm = _N_M.match(group) if isinstance(group, str) else None
+        if not nm:
+            continue
+        m = int(nm.group(2))
+        if any(w % m for w in widths.values()):
+            have = ', '.join(f'{k}={w}' for k, w in widths.items())
+            _fail(f'pruning.group.{method}', group, f'an N:M pattern whose M divides every prunable '
+                  f'input width of {config.model} ({have})')
 
 
 def paper_base_config() -> ml_collections.ConfigDict:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prunesae_jax.errors import NonFiniteError
 from prunesae_jax.models import PRUNABLE, block, embed, forward, init_params
 from prunesae_jax.models.convert import export_hf_folder, from_transformers
 from prunesae_jax.pruning import apply_masks, prune
@@ -171,7 +172,8 @@ def test_errors(tiny):
         calibration_batch(np.arange(10), 4, 16, bos_token_id=1)
     bad = {**params, 'layers': [dict(l) for l in params['layers']]}
     bad['layers'][0]['input_norm'] = bad['layers'][0]['input_norm'].at[0].set(jnp.inf)
-    with pytest.raises(ValueError, match="layer 0 input 'attn_in' are not finite"):
+    with pytest.raises(NonFiniteError, match=r"calibration statistics of input 'attn_in'; "
+                       r"stage=calibration, condition=None, layer=0, step=0"):
         prune(cfg, bad, 'wanda', 0.5, calib_tokens=tokens)
 
 
