@@ -1,7 +1,8 @@
 """Errors shared by every stage, so the launcher can tell bad input from a bug.
 
 - `InputError` (a ValueError): the user's input is wrong (a file, a shape, a value out of range).
-  Its message is one line naming the value and what is accepted.
+  Its message is one line naming the value and what is accepted. `MissingFileError` is the one
+  for a path that does not exist (also a FileNotFoundError).
 - `NonFiniteError` (a FloatingPointError): NaN or inf appeared in a computation. It names the
   stage, the condition, the layer and the step where it was seen, so a long run that dies says
   where; a stage that catches it on the way out adds the fields it knows with `with_context`.
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ['InputError', 'NonFiniteError']
+__all__ = ['InputError', 'MissingFileError', 'NonFiniteError']
 
 
 class InputError(ValueError):
     """Bad user input; the message is one line naming the value and what is accepted."""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A path the user gave does not exist (still a FileNotFoundError for callers that expect one)."""
 
 
 @dataclasses.dataclass

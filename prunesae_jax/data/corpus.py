@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from prunesae_jax.data import builtin as builtin_lib
-from prunesae_jax.errors import InputError
+from prunesae_jax.errors import InputError, MissingFileError
 
 SPLITS = ('train', 'calibration', 'evaluation')
 SPLIT_FRACTIONS = (('train', 0.8), ('calibration', 0.1), ('evaluation', 0.1))
@@ -309,7 +309,7 @@ def iter_documents(corpus: str | CorpusSpec, split: str = 'train') -> Iterator[s
       corpus: a source string or CorpusSpec (see module doc).
       split: 'train' | 'calibration' | 'evaluation' (disjoint) | 'all'.
     Raises ValueError for an unknown source or split or an unsupported extension, and
-    FileNotFoundError for a missing path, before any document is read.
+    MissingFileError (a FileNotFoundError) for a missing path, before any document is read.
     """
     spec = as_spec(corpus)
     _check_split(split)
@@ -341,7 +341,7 @@ def iter_documents(corpus: str | CorpusSpec, split: str = 'train') -> Iterator[s
             raise InputError(f'unsupported file extension {ext!r} of {src}; accepted: {FILE_EXTENSIONS}')
         return _select(_iter_file(path, spec.text_field), split)
     if _looks_like_path(src):
-        raise FileNotFoundError(f'corpus path {src!r} does not exist')
+        raise MissingFileError(f'corpus path {src!r} does not exist')
     raise InputError(f"unknown corpus source {src!r}; accepted: 'builtin', {sorted(PRESETS)}, "
                      "'hf:<dataset name>', or a path to a folder or a "
                      f'{"/".join(FILE_EXTENSIONS)} file')

@@ -23,13 +23,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from prunesae_jax.errors import InputError
+from prunesae_jax.errors import InputError, MissingFileError
 from prunesae_jax.models.config import DTYPES, PRUNABLE, DecoderConfig
 from prunesae_jax.models.decoder import layer_param_names, layer_param_shapes
-
-
-class MissingFileError(InputError, FileNotFoundError):
-    """A checkpoint file or folder that is not there (bad input, and a FileNotFoundError)."""
 
 
 # Our layer name -> HF name under model.layers.{i}., per family.

@@ -26,7 +26,7 @@ import struct
 
 import numpy as np
 
-from prunesae_jax.errors import InputError
+from prunesae_jax.errors import InputError, MissingFileError
 
 # GGUF `general.architecture` -> HF model_type.
 ARCHITECTURES = {'llama': 'llama', 'gemma2': 'gemma2', 'gemma3': 'gemma3_text'}
@@ -144,7 +144,7 @@ def _open(path) -> tuple[dict, list[GGUFTensorInfo]]:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'GGUF file {path!r} does not exist; expected a path to a .gguf file')
+        raise MissingFileError(f'GGUF file {path!r} does not exist; expected a path to a .gguf file')
     with open(path, 'rb') as f:
         magic = f.read(4)
     if magic != _GGUF_MAGIC:

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from prunesae_jax.sae.core import SAEConfig, fold_scale
-from prunesae_jax.errors import InputError
+from prunesae_jax.errors import InputError, MissingFileError
 
 # SAELens architecture names <-> ours (SAELens saves BatchTopK for inference as JumpReLU)
 _TO_SAELENS = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
@@ -129,7 +129,7 @@ def load_gemmascope(path: str):
                 path = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(f"no params.npz or params.safetensors in {path!r}")
+            raise MissingFileError(f"no params.npz or params.safetensors in {path!r}")
     if path.endswith(".npz"):
         with np.load(path) as z:
             raw = {k: z[k] for k in z.files}
@@ -161,7 +161,7 @@ def load_sparsify(path: str):
 def load_sae(path: str):
     """Load any supported SAE from a folder or file -> (SAEConfig, params without seed axis)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no SAE at {path!r}")
+        raise MissingFileError(f"no SAE at {path!r}")
     if os.path.isfile(path):
         if path.endswith((".npz", ".safetensors")):
             return load_gemmascope(path)
