@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from prunesae_jax.errors import NonFiniteError
 from prunesae_jax.sae import core
 from prunesae_jax.sae.store import ArrayStore, _atomic_write_json
 
@@ -80,18 +81,41 @@ def learning_rate_schedule(sae_cfg: core.SAEConfig, tcfg: TrainConfig):
 
 
 def make_optimizer(sae_cfg, tcfg):
+    """optax Adam with the run's schedule: the reference the fused update in the train step follows."""
     return optax.adam(learning_rate_schedule(sae_cfg, tcfg), b1=tcfg.adam_b1, b2=tcfg.adam_b2)
+
+
+def schedule_args(sae_cfg: core.SAEConfig, tcfg: TrainConfig) -> np.ndarray:
+    """[lr, lr at step 0, warm-up steps, last warm-up-or-flat step, decay steps] for _lr_at.
+
+    The schedule travels as a (tiny) array argument of the jitted step, so runs that differ only in
+    n_steps / lr / warm-up share one compiled step.
+    """
+    lr = tcfg.lr if tcfg.lr is not None else core.lr_default(sae_cfg.n_latents)
+    warm = max(min(tcfg.warmup_steps, tcfg.n_steps - 1), 0)
+    decay = int(tcfg.n_steps * tcfg.decay_frac)
+    flat = max(tcfg.n_steps - warm - decay, 0)
+    return np.asarray([lr, lr * 1e-3 if warm else lr, max(warm, 1), warm, warm + flat, max(decay, 1)], np.float32)
+
+
+def _lr_at(step, sched):
+    """learning_rate_schedule(step) from schedule_args, inside the jitted step (same formula as optax)."""
+    lr, lr0, warm_len, warm, flat_end, decay_len = (sched[i] for i in range(6))
+    t = step.astype(jnp.float32)
+    up = (lr0 - lr) * (1 - jnp.clip(t, 0, warm_len) / warm_len) + lr
+    down = lr * (1 - jnp.clip(t - flat_end, 0, decay_len) / decay_len)
+    return jnp.where(t < warm, up, jnp.where(t < flat_end, lr, down))
 
 
 def init_state(sae_cfg: core.SAEConfig, tcfg: TrainConfig, sample=None) -> dict:
     """The full train state pytree (seed axis S first on every per-seed leaf)."""
     keys = jnp.stack([jax.random.key_data(jax.random.key(tcfg.seed + s)) for s in range(tcfg.n_seeds)])
     params = core.init(keys, sae_cfg, sample)
-    opt = make_optimizer(sae_cfg, tcfg)
     s, n = tcfg.n_seeds, sae_cfg.n_latents
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
     return {
         "params": params,
-        "opt_state": opt.init(params),  # elementwise Adam: moments carry the seed axis, count is shared
+        "opt_state": {"mu": zeros(), "nu": zeros()},  # Adam moments; the step count is state["step"]
         "since_fired": jnp.zeros((s, n), jnp.int32),  # tokens since each latent last fired
         "fire_count": jnp.zeros((s, n), jnp.int32),  # tokens that fired it, whole run
         "bad_step": jnp.full((s,), -1, jnp.int32),  # first step whose loss was not finite
@@ -100,99 +124,118 @@ def init_state(sae_cfg: core.SAEConfig, tcfg: TrainConfig, sample=None) -> dict:
 
 
 def make_train_step(sae_cfg: core.SAEConfig, tcfg: TrainConfig, mesh=None):
-    """jit(step)(state, batch) -> (state, metrics); batch [B, d_in] or [S, B, d_in] (per_seed_data).
+    """step(state, batch) -> (state, metrics); batch [B, d_in] or [S, B, d_in] (per_seed_data).
 
-    The state is donated. Every per-seed metric has shape [S]. Cached: the same configs reuse
-    the compiled step.
+    The state is donated. Every per-seed metric has shape [S]. The compiled step depends on the SAE
+    config, Adam's betas, per_seed_data and the mesh only (the schedule is an argument), so every
+    train() call with those reuses it.
     """
-    # fields the step does not depend on (init / data / logging only) must not force a recompile
-    ignored = _RESUME_IGNORED + ("seed", "data_seed", "normalize", "geometric_median_tokens", "n_seeds")
-    neutral = dataclasses.replace(tcfg, **{f: getattr(TrainConfig, f) for f in ignored})
-    return _make_train_step(sae_cfg, neutral, mesh)
+    f = _make_train_step(sae_cfg, float(tcfg.adam_b1), float(tcfg.adam_b2), bool(tcfg.per_seed_data), mesh)
+    sched = schedule_args(sae_cfg, tcfg)
+    return lambda state, batch, scale=1.0: f(state, batch, sched, np.float32(scale))
+
+
+def _adam_apply(p, g, mu, nu, ok, lr, b1, b2, t, unit_rows: bool, eps: float = 1e-8):
+    """One fused elementwise pass of Adam for one param [S, ...] (optax.adam's formula).
+
+    unit_rows: W_dec, whose rows stay on the unit sphere: the gradient component along each row is
+    dropped before Adam and the updated rows are renormalised (the rows are unit norm on entry, so the
+    projection uses them directly). ok [S]: seeds whose loss was not finite keep p, mu, nu unchanged.
+    """
+    if unit_rows:
+        g = g - (g * p).sum(-1, keepdims=True) * p
+    mu_n = b1 * mu + (1 - b1) * g
+    nu_n = b2 * nu + (1 - b2) * (g * g)
+    new = p - (lr / (1 - b1 ** t)) * mu_n / (jnp.sqrt(nu_n / (1 - b2 ** t)) + eps)
+    if unit_rows:
+        new = core.normalize_decoder(new)
+    okb = ok.reshape((-1,) + (1,) * (p.ndim - 1))
+    return jnp.where(okb, new, p), jnp.where(okb, mu_n, mu), jnp.where(okb, nu_n, nu)
 
 
 @functools.lru_cache(maxsize=16)
-def _make_train_step(sae_cfg: core.SAEConfig, tcfg: TrainConfig, mesh=None):
-    opt = make_optimizer(sae_cfg, tcfg)
+def _make_train_step(sae_cfg: core.SAEConfig, b1: float, b2: float, per_seed_data: bool, mesh=None):
     cap = jnp.int32(2**30)
 
-    def update(params, opt_state, since, count, bad, step, x, use_aux):
+    def update(params, opt_state, since, count, bad, step, x, sched):
         """All seeds at once: params / since / count / bad carry the seed axis S first."""
         dead = since >= sae_cfg.dead_tokens  # [S, n]
+        x_axis = 0 if x.ndim == 3 else None
         if sae_cfg.architecture == "topk":
-            loss_fn = lambda p: core.topk_train_loss_seeds(sae_cfg, p, x, dead, use_aux)
+            # one seed after another (lax.map): a vmapped step holds S [B, n] pre-activation arrays at once
+            # and its gathers / scatter-adds get batching dims; gradients are written out by hand
+            def grads(use_aux):
+                fn = lambda pp, xx, dd: core.topk_loss_and_grads(sae_cfg, pp, xx, dd, use_aux)
+                if dead.shape[0] == 1:  # one seed: no loop (its outputs would be copied into stacked buffers)
+                    one = fn(jax.tree.map(lambda a: a[0], params), x if x_axis is None else x[0], dead[0])
+                    return jax.tree.map(lambda a: a[None], one)
+                if x_axis is None:
+                    return jax.lax.map(lambda a: fn(a[0], x, a[1]), (params, dead))
+                return jax.lax.map(lambda a: fn(*a), (params, x, dead))
+
+            # AuxK costs a second top-k and a k_aux-wide sparse pass: only when some latent of some seed is
+            # dead. Only the gradients are under the cond: with the Adam update inside too, XLA copied the
+            # whole state out of the cond's result every step
+            loss, aux, g = jax.lax.cond(dead.any(), lambda: grads(True), lambda: grads(False))
         else:
-            x_axis = 0 if x.ndim == 3 else None
-            loss_fn = lambda p: jax.vmap(lambda pp, xx, dd: core.train_loss(sae_cfg, pp, xx, dd, False),
-                                         in_axes=(0, x_axis, 0))(p, x, dead)
-        (_, aux), g = jax.value_and_grad(lambda p: _sum_first(loss_fn(p)), has_aux=True)(params)
-        loss = aux["loss"]  # [S]
-        if sae_cfg.unit_norm_decoder:
-            g = dict(g, W_dec=core.remove_parallel_grad(params["W_dec"], g["W_dec"]))
-        # Adam is elementwise, so one optimiser over the stacked params is S independent Adams
-        updates, new_opt = opt.update(g, opt_state, params)
-        new = optax.apply_updates(params, updates)
-        if sae_cfg.unit_norm_decoder:
-            new["W_dec"] = core.normalize_decoder(new["W_dec"])
+            def loss_fn(p):
+                loss, aux = jax.vmap(lambda pp, xx, dd: core.train_loss(sae_cfg, pp, xx, dd, False),
+                                     in_axes=(0, x_axis, 0))(p, x, dead)
+                return loss.sum(), (loss, aux)
+
+            (_, (loss, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        ok = jnp.isfinite(loss) & (bad < 0)  # [S]; a non-finite loss freezes that seed at its last good state
+        lr = _lr_at(step, sched)
+        t = (step + 1).astype(jnp.float32)
+        new, mu, nu = {}, {}, {}
+        for name in params:
+            unit = name == "W_dec" and sae_cfg.unit_norm_decoder
+            new[name], mu[name], nu[name] = _adam_apply(params[name], g[name], opt_state["mu"][name],
+                                                        opt_state["nu"][name], ok, lr, b1, b2, t, unit)
         if sae_cfg.architecture == "batchtopk":
             # inference threshold: running mean of the smallest active pre-activation per batch
             m = sae_cfg.batchtopk_threshold_momentum
             old = params["threshold"][:, 0]
             est = jnp.where(jnp.isfinite(aux["min_active"]), aux["min_active"], old)
             thr0 = jnp.where(step == 0, est, old)
-            new["threshold"] = jnp.broadcast_to((m * thr0 + (1 - m) * est)[:, None], params["threshold"].shape)
+            thr = jnp.broadcast_to((m * thr0 + (1 - m) * est)[:, None], params["threshold"].shape)
+            new["threshold"] = jnp.where(ok[:, None], thr, params["threshold"])
         elif sae_cfg.architecture == "jumprelu":
             new["threshold"] = jnp.maximum(new["threshold"], 1e-6)
-        ok = jnp.isfinite(loss) & (bad < 0)  # [S]
-
-        def keep(a, b):  # a non-finite loss freezes that seed at its last good state
-            return jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, b) if a.ndim >= 1 else a
-
-        new = jax.tree.map(keep, new, params)
-        new_opt = jax.tree.map(keep, new_opt, opt_state)
         fc = aux["fire_count"]
         okc = ok[:, None]
         since = jnp.where(okc, jnp.where(fc > 0, 0, jnp.minimum(since + x.shape[-2], cap)), since)
         count = jnp.where(okc, count + fc, count)
         bad = jnp.where((bad < 0) & ~jnp.isfinite(loss), step, bad)
-        fvu = jax.vmap(core.fvu, in_axes=(0 if x.ndim == 3 else None, 0))(x, aux["x_hat"])
+        fvu = jax.vmap(core.fvu, in_axes=(x_axis, 0))(x, aux["x_hat"])
         metrics = {"loss": loss, "mse": aux["mse"], "fvu": fvu, "l0": aux["l0"],
                    "aux_loss": aux.get("aux_loss", jnp.zeros_like(loss)),
                    "dead_frac": (since >= sae_cfg.dead_tokens).mean(-1)}
-        return new, new_opt, since, count, bad, metrics
+        return new, {"mu": mu, "nu": nu}, since, count, bad, metrics
 
-    def step_fn(state, batch):
-        args = (state["params"], state["opt_state"], state["since_fired"], state["fire_count"], state["bad_step"],
-                state["step"], batch)
-        if sae_cfg.architecture == "topk":
-            # AuxK costs a second top-k: run it only when some latent of some seed is dead
-            any_dead = (state["since_fired"] >= sae_cfg.dead_tokens).any()
-            out = jax.lax.cond(any_dead, lambda: update(*args, True), lambda: update(*args, False))
-        else:
-            out = update(*args, False)
-        params, opt_state, since, count, bad, metrics = out
+    def step_fn(state, batch, sched, scale):
+        batch = batch * scale  # the normalisation, once for all seeds
+        params, opt_state, since, count, bad, metrics = update(
+            state["params"], state["opt_state"], state["since_fired"], state["fire_count"], state["bad_step"],
+            state["step"], batch, sched)
         return {"params": params, "opt_state": opt_state, "since_fired": since, "fire_count": count,
                 "bad_step": bad, "step": state["step"] + 1}, metrics
 
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
-    batch_sh = NamedSharding(mesh, P("seed", "data") if tcfg.per_seed_data else P("data"))
+    batch_sh = NamedSharding(mesh, P("seed", "data") if per_seed_data else P("data"))
     metric_sh = NamedSharding(mesh, P("seed"))
+    rep = NamedSharding(mesh, P())
     compiled = {}
 
-    def sharded_step(st, b):
+    def sharded_step(st, b, sched, scale):
         if "f" not in compiled:  # shardings follow the state's structure: build the jit once
             sh = jax.tree.map(lambda a: state_sharding(mesh, a), st)
-            compiled["f"] = jax.jit(step_fn, donate_argnums=0, in_shardings=(sh, batch_sh),
+            compiled["f"] = jax.jit(step_fn, donate_argnums=0, in_shardings=(sh, batch_sh, rep, rep),
                                     out_shardings=(sh, metric_sh))
-        return compiled["f"](st, b)
+        return compiled["f"](st, b, sched, scale)
 
     return sharded_step
-
-
-def _sum_first(out):
-    loss, aux = out
-    return loss.sum(), dict(aux, loss=loss)
 
 
 def state_sharding(mesh, a):
@@ -212,14 +255,15 @@ def _input_scale(store, tcfg, d_in) -> float:
     return float(math.sqrt(d_in) / max(float(np.linalg.norm(x, axis=1).mean()), 1e-30))
 
 
-def _batch(store, tcfg, step, scale):
+def _batch(store, tcfg, step):
+    """The raw batch of a step (the jitted step scales it)."""
     if tcfg.per_seed_data:
         b = np.stack([store.batch(tcfg.batch_size, tcfg.data_seed + s, step) for s in range(tcfg.n_seeds)])
     else:
         b = store.batch(tcfg.batch_size, tcfg.data_seed, step)
     if not np.isfinite(b).all():
         raise ValueError(f"non-finite activations in the batch of step {step}; activations must be finite")
-    return b * np.float32(scale) if scale != 1.0 else b
+    return b
 
 
 class _Checkpointer:
@@ -263,8 +307,9 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
     workdir (optional) receives config.json, metrics.jsonl and orbax checkpoints every
     tcfg.checkpoint_every steps; a run in a workdir with checkpoints resumes from the last one
     (bit-identical on CPU). stop_at ends the run after that step as if the process were killed
-    (no final checkpoint). A non-finite loss stops training with FloatingPointError naming the step;
-    the last checkpoint saved is the last good one.
+    (no final checkpoint). A non-finite loss freezes that seed in the step itself; the next host sync
+    (a log or checkpoint step, or the end) raises errors.NonFiniteError naming the first bad step and
+    seed, before any checkpoint of the frozen state is written: the last checkpoint is the last good one.
     """
     store = source if hasattr(source, "batch") else ArrayStore(source)
     if store.d_in != sae_cfg.d_in:
@@ -327,16 +372,19 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
     def check_bad(at_step):
         bad = np.asarray(state["bad_step"])
         if (bad >= 0).any():
-            s = int(np.argmax(bad >= 0))
+            first = int(bad[bad >= 0].min())
+            seeds = [int(i) for i in np.flatnonzero(bad == first)]
             if bar is not None:
                 bar.close()
-            raise FloatingPointError(
-                f"loss became non-finite at step {int(bad[s])} (seed index {s}); training stopped at step {at_step}; "
-                f"the last good checkpoint is step {ckpt.latest() if ckpt else None}")
+            last = ckpt.latest() if ckpt is not None else None
+            raise NonFiniteError(
+                what="SAE loss", stage="sae", step=first,
+                detail=(f"seed {', '.join(map(str, seeds))}; last good checkpoint: "
+                        f"{'none' if last is None else f'step {last}'}; stopped at step {at_step}"))
 
     for step in range(start, end):
-        batch = _batch(store, tcfg, step, scale)
-        state, last_metrics = step_fn(state, batch)
+        batch = _batch(store, tcfg, step)
+        state, last_metrics = step_fn(state, batch, scale)
         done = step + 1
         log_now = tcfg.log_every and (done % tcfg.log_every == 0 or done == tcfg.n_steps)
         save_now = ckpt is not None and (done % tcfg.checkpoint_every == 0 or done == tcfg.n_steps)
@@ -394,8 +442,11 @@ def evaluate_seeds(sae_cfg: core.SAEConfig, params: dict, x) -> dict[str, Any]:
     x = jnp.asarray(x, jnp.float32)
     if x.shape[-1] != sae_cfg.d_in:
         raise ValueError(f"activations have d_in={x.shape[-1]}; this SAE expects d_in={sae_cfg.d_in}")
-    out = _evaluate_fn(sae_cfg)(params, x)
-    return {k: np.asarray(v) for k, v in out.items()}
+    # One seed at a time: all seeds at once hold S dense [B, n_latents] pre-activation, top-k and
+    # code arrays (3 x 16384 x 5120 float32 = 1 GiB each in the default study, its peak memory).
+    S = jax.tree.leaves(params)[0].shape[0]
+    outs = [_evaluate_fn(sae_cfg)(jax.tree.map(lambda a: a[s:s + 1], params), x) for s in range(S)]
+    return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
 
 
 @functools.lru_cache(maxsize=16)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from prunesae_jax import sae
+from prunesae_jax.errors import NonFiniteError
 from sae_synth import recovered, sparse_mixture
 
 X, DIRS = sparse_mixture()
@@ -93,12 +94,66 @@ class _Poisoned(sae.ArrayStore):
         return b
 
 
-def test_nan_loss_stops_and_names_step(tmp_path):
+def test_nan_loss_raises_non_finite_error_and_keeps_last_good_checkpoint(tmp_path):
     cfg = sae.SAEConfig(64, 128, k=4)
     t = _tcfg(n_steps=20, batch_size=512, checkpoint_every=4, log_every=4, normalize=False)
-    with pytest.raises(FloatingPointError, match=r"non-finite at step 6 .*last good checkpoint is step 4"):
+    with pytest.raises(NonFiniteError) as err:
         sae.train(cfg, t, _Poisoned(X[:2048]), workdir=str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    e = err.value
+    assert isinstance(e, FloatingPointError) and (e.what, e.stage, e.step) == ("SAE loss", "sae", 6)
+    assert "seed 0" in e.detail and "last good checkpoint: step 4" in e.detail
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # the frozen state at step 8 was not saved
+    # the kept checkpoint is good: resuming from it on clean data gives the uninterrupted clean run bit for bit
+    resumed = sae.train(cfg, t, X[:2048], workdir=str(tmp_path))
+    clean = sae.train(cfg, t, X[:2048])
+    for k in clean.params:
+        np.testing.assert_array_equal(resumed.params[k], clean.params[k], err_msg=k)
+
+
+def test_non_finite_loss_without_workdir_names_seed():
+    cfg = sae.SAEConfig(64, 128, k=4)
+    t = _tcfg(n_steps=10, n_seeds=2, batch_size=512, log_every=0, normalize=False)
+    with pytest.raises(NonFiniteError, match=r"SAE loss; stage=sae.*step=6; seed 0, 1; last good checkpoint: none"):
+        sae.train(cfg, t, _Poisoned(X[:2048]))
+
+
+def test_fused_adam_step_matches_optax_reference():
+    """The hand-written step (sparse gradients, fused Adam + decoder projection) against plain autodiff + optax."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from prunesae_jax.sae import core
+    from prunesae_jax.sae.train import init_state, make_optimizer, make_train_step
+    cfg = sae.SAEConfig(64, 256, k=4, k_aux=16, dead_tokens=300)
+    t = _tcfg(n_steps=12, n_seeds=2, batch_size=256, warmup_steps=3, lr=1e-2)
+    state = init_state(cfg, t, X[:512])
+    params = jax.tree.map(np.array, state["params"])
+    step = make_train_step(cfg, t)
+    opt = make_optimizer(cfg, t)
+    ost = opt.init(params)
+    since = np.zeros((2, 256), np.int64)
+
+    @jax.jit
+    def ref(p, o, xb, dead):
+        def loss(p):
+            return jax.vmap(lambda pp, dd: core.train_loss(cfg, pp, xb, dd, True)[0])(p, dead).sum()
+        g = jax.grad(loss)(p)
+        w = p["W_dec"]
+        g["W_dec"] = core.remove_parallel_grad(w, g["W_dec"])
+        u, o = opt.update(g, o, p)
+        p = optax.apply_updates(p, u)
+        p["W_dec"] = core.normalize_decoder(p["W_dec"])
+        return p, o
+
+    for i in range(12):  # dead latents appear after 2 steps (AuxK on)
+        xb = X[i * 256:(i + 1) * 256]
+        dead = jnp.asarray(since >= cfg.dead_tokens)
+        state, m = step(state, xb)
+        params, ost = ref(params, ost, xb, dead)
+        since = np.asarray(state["since_fired"])
+    assert float(np.asarray(m["aux_loss"]).max()) > 0
+    for k in params:
+        np.testing.assert_allclose(state["params"][k], params[k], atol=2e-5, rtol=1e-4, err_msg=k)
 
 
 def test_bad_inputs():
