@@ -99,10 +99,34 @@ class RMSNorm(nnx.Module):
 
 
 def _rotate(x, cos, sin):
-    # x [..., hd]; HF's rotate_half convention (halves, not interleaved pairs).
+    """x * cos + rotate_half(x) * sin (HF's convention: halves, not interleaved pairs); x [..., hd].
+
+    rotate_half(x) = [-x2, x1] is written as the two halves swapped (a reverse over an axis of
+    size 2) times [-sin, sin]: elementwise ops XLA fuses into one pass over x, where slicing and
+    concatenating left several full-size temporaries. Negation is exact, so the numbers are the same.
+    """
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    swapped = jnp.flip(x.reshape(*x.shape[:-1], 2, half), axis=-2).reshape(x.shape)
+    sign = jnp.concatenate([-jnp.ones((half,), sin.dtype), jnp.ones((half,), sin.dtype)])
+    return x * cos + swapped * (sin * sign)
+
+
+# Queries per attention chunk. Causal (and sliding-window) attention skips the key blocks a chunk
+# cannot see; sequences up to this length run as one chunk.
+_Q_CHUNK = 128
+
+
+def _chunk_mask(t0: int, t1: int, s0: int, window: int | None, key_ok):
+    """allowed [B or 1, t1-t0, t1-s0] bool for queries t0..t1-1 against keys s0..t1-1, built from iotas."""
+    q_idx = jnp.arange(t0, t1)[:, None]
+    kv_idx = jnp.arange(s0, t1)[None, :]
+    allowed = kv_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (kv_idx > q_idx - window)
+    allowed = allowed[None]
+    if key_ok is not None:
+        allowed = allowed & key_ok[:, None, s0:t1]
+    return allowed
 
 
 class Attention(nnx.Module):
@@ -120,8 +144,17 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.is_gemma, dt)
         self.cfg = cfg
 
-    def core(self, x, cos, sin, allowed):
-        """Attention output before o_proj [B,T,H*hd]; x [B,T,D], cos/sin [B,T,hd], allowed [B,T,S] bool."""
+    def core(self, x, cos, sin, key_ok, window):
+        """Attention output before o_proj [B,T,H*hd].
+
+        x [B,T,D], cos/sin [B,T,hd], key_ok [B,T] bool (False = padding key) or None, window: the
+        sliding window in tokens or None (full causal attention).
+
+        Layout: heads sharing a K/V head are laid out as [B, KV, T*G, hd] (query heads h = kv * G + g,
+        HF's repeat_kv order), so QK^T and PV are plain batched GEMMs over (B, KV) with the softmax
+        over the contiguous last axis; for KV = 1 (Gemma 3 270M) no activation is transposed at all.
+        Queries run in chunks of _Q_CHUNK; each chunk only meets the keys it may attend to.
+        """
         cfg = self.cfg
         B, T, _ = x.shape
         KV, hd = cfg.num_kv_heads, cfg.head_dim
@@ -134,19 +167,30 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         q = _rotate(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
         k = _rotate(k, cos[:, :, None, :], sin[:, :, None, :])
-        # Query heads h = kv * G + g share K/V head kv (HF's repeat_kv order); no K/V copies.
-        scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
-        scores = scores * cfg.attn_scale
-        if cfg.attn_logit_softcapping:
-            cap = cfg.attn_logit_softcapping
-            scores = jnp.tanh(scores / cap) * cap
-        # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(B, T, KV * G * hd)
+        q = q.transpose(0, 2, 1, 3, 4).reshape(B, KV, T * G, hd)
+        k = k.transpose(0, 2, 1, 3)  # [B,KV,S,hd]
+        v = v.transpose(0, 2, 1, 3)
+        outs = []
+        for t0 in range(0, T, _Q_CHUNK):
+            t1 = min(t0 + _Q_CHUNK, T)
+            s0 = 0 if window is None else max(0, t0 - window + 1)
+            scores = jnp.einsum('bkqd,bksd->bkqs', q[:, :, t0 * G:t1 * G], k[:, :, s0:t1],
+                                preferred_element_type=jnp.float32)
+            scores = scores * cfg.attn_scale
+            if cfg.attn_logit_softcapping:
+                cap = cfg.attn_logit_softcapping
+                scores = jnp.tanh(scores / cap) * cap
+            scores = scores.reshape(B, KV, t1 - t0, G, t1 - s0)
+            allowed = _chunk_mask(t0, t1, s0, window, key_ok)[:, None, :, None, :]
+            # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(B, KV, (t1 - t0) * G, t1 - s0)
+            outs.append(jnp.einsum('bkqs,bksd->bkqd', probs, v[:, :, s0:t1]))
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)  # [B,KV,T*G,hd]
+        return out.reshape(B, KV, T, G * hd).transpose(0, 2, 1, 3).reshape(B, T, KV * G * hd)
 
-    def __call__(self, x, cos, sin, allowed):
-        return self.core(x, cos, sin, allowed) @ self.o_proj[...]
+    def __call__(self, x, cos, sin, key_ok, window):
+        return self.core(x, cos, sin, key_ok, window) @ self.o_proj[...]
 
 
 class MLP(nnx.Module):
@@ -188,18 +232,18 @@ class Block(nnx.Module):
         # gemma normalises each sublayer's output before the residual add; llama does not.
         return getattr(self, norm)(x) if self.post_norms else x
 
-    def __call__(self, h, cos, sin, allowed):
-        h = h + self._post('post_attn_norm', self.attn(self.input_norm(h), cos, sin, allowed))
+    def __call__(self, h, cos, sin, key_ok, window):
+        h = h + self._post('post_attn_norm', self.attn(self.input_norm(h), cos, sin, key_ok, window))
         return h + self._post('post_mlp_norm', self.mlp(self.pre_mlp_norm(h)))
 
-    def linear_inputs(self, h, cos, sin, allowed, with_output: bool = True):
+    def linear_inputs(self, h, cos, sin, key_ok, window, with_output: bool = True):
         """(h_out or None, {name: input of that prunable linear layer}); same math as __call__.
 
         with_output=False stops before down_proj: block-sequential pruning recomputes the output
         with the pruned weights anyway.
         """
         attn_in = self.input_norm(h)
-        o_in = self.attn.core(attn_in, cos, sin, allowed)
+        o_in = self.attn.core(attn_in, cos, sin, key_ok, window)
         h = h + self._post('post_attn_norm', o_in @ self.attn.o_proj[...])
         mlp_in = self.pre_mlp_norm(h)
         down_in = self.mlp.hidden(mlp_in)
@@ -239,22 +283,18 @@ def _rope(cfg: DecoderConfig, layer: int, positions, dtype):
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def _positions_and_masks(cfg: DecoderConfig, attention_mask, B: int, T: int):
-    """positions [B,T] int32 and {'full_attention'|'sliding_attention': allowed [B,T,S] bool}."""
+def _positions_and_keys(attention_mask, B: int, T: int):
+    """positions [B,T] int32 and key_ok [B,T] bool (None without an attention_mask: every key is real)."""
     if attention_mask is None:
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        key_ok = jnp.ones((B, T), bool)
-    else:
-        key_ok = attention_mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(key_ok.astype(jnp.int32), axis=-1) - 1, 0)
-    q_idx = jnp.arange(T)[:, None]
-    kv_idx = jnp.arange(T)[None, :]
-    causal = kv_idx <= q_idx  # [T,S]
-    masks = {'full_attention': causal[None] & key_ok[:, None, :]}
-    if 'sliding_attention' in cfg.layer_types:
-        window = kv_idx > q_idx - cfg.sliding_window
-        masks['sliding_attention'] = masks['full_attention'] & window[None]
-    return positions, masks
+        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), None
+    key_ok = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(key_ok.astype(jnp.int32), axis=-1) - 1, 0)
+    return positions, key_ok
+
+
+def _window(cfg: DecoderConfig, layer: int) -> int | None:
+    """Sliding window of a layer in tokens, or None for full causal attention."""
+    return cfg.sliding_window if cfg.layer_types[layer] == 'sliding_attention' else None
 
 
 class Decoder(nnx.Module):
@@ -280,7 +320,7 @@ class Decoder(nnx.Module):
         """Runs blocks 0..stop_after; returns (h, {l: resid_post_l for l in capture})."""
         cfg = self.cfg
         B, T, _ = h.shape
-        positions, masks = _positions_and_masks(cfg, attention_mask, B, T)
+        positions, key_ok = _positions_and_keys(attention_mask, B, T)
         ropes = {}
         out = {}
         for i in range(stop_after + 1):
@@ -289,7 +329,7 @@ class Decoder(nnx.Module):
             if key not in ropes:
                 ropes[key] = _rope(cfg, i, positions, h.dtype)
             cos, sin = ropes[key]
-            h = self.layers[i](h, cos, sin, masks[cfg.layer_types[i]])
+            h = self.layers[i](h, cos, sin, key_ok, _window(cfg, i))
             if i in capture:
                 out[i] = h
         return h, out
@@ -459,13 +499,13 @@ def canonical_layer(cfg: DecoderConfig, i: int) -> int:
 def _block(cfg, layer_params, i, h, attention_mask, inputs):
     # inputs: None -> output only; 'with_output' / 'only' -> linear-layer inputs too / alone.
     B, T, _ = h.shape
-    positions, masks = _positions_and_masks(cfg, attention_mask, B, T)
+    positions, key_ok = _positions_and_keys(attention_mask, B, T)
     cos, sin = _rope(cfg, i, positions, h.dtype)
     blk = nnx.merge(_block_graphdef(cfg), _layer_to_nnx(cfg, layer_params))
-    allowed = masks[cfg.layer_types[i]]
+    window = _window(cfg, i)
     if inputs is None:
-        return blk(h, cos, sin, allowed)
-    return blk.linear_inputs(h, cos, sin, allowed, with_output=inputs == 'with_output')
+        return blk(h, cos, sin, key_ok, window)
+    return blk.linear_inputs(h, cos, sin, key_ok, window, with_output=inputs == 'with_output')
 
 
 def block(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None):
