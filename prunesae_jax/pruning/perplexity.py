@@ -20,12 +20,13 @@ import numpy as np
 
 from prunesae_jax.models import decoder as _dec
 from prunesae_jax.models.config import DecoderConfig
+from prunesae_jax.errors import InputError, NonFiniteError
 
 
 def window_spans(n_tokens: int, window: int = 1024, stride: int = 512) -> list[tuple[int, int, int]]:
     """[(begin, end, n_scored)] over a stream of n_tokens; n_scored sums to n_tokens."""
     if window < 1 or stride < 1 or stride > window:
-        raise ValueError(f'window={window}, stride={stride}; expected 1 <= stride <= window')
+        raise InputError(f'window={window}, stride={stride}; expected 1 <= stride <= window')
     spans, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + window, n_tokens)
@@ -41,7 +42,7 @@ def strided_windows(tokens, bos_token_id: int, window: int = 1024, stride: int =
     1.0 where a target token is scored."""
     t = np.asarray(tokens).reshape(-1).astype(np.int32)
     if t.size < 1:
-        raise ValueError('perplexity text is empty; expected at least one token')
+        raise InputError('perplexity text is empty; expected at least one token')
     spans = window_spans(t.size, window, stride)
     T = window + 1
     inputs = np.full((len(spans), T), pad_id, np.int32)
@@ -56,62 +57,96 @@ def strided_windows(tokens, bos_token_id: int, window: int = 1024, stride: int =
     return inputs, targets, weights
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _nll_sum(cfg, params, inputs, targets, weights, chunk):
-    # inputs/targets/weights: [B, T] with T a multiple of chunk; logits per chunk keep memory at B*chunk*V.
-    L = cfg.num_layers
-    h = _dec._resid_post(cfg, params, inputs, None, (L - 1,))[L - 1]  # [B,T,D]
-    B, T, D = h.shape
-    hc = h.reshape(B, T // chunk, chunk, D).swapaxes(0, 1)
-    tc = targets.reshape(B, T // chunk, chunk).swapaxes(0, 1)
-    wc = weights.reshape(B, T // chunk, chunk).swapaxes(0, 1)
+# Logit entries per chunk of nll_sum: 2**26 float32 = 256 MiB, i.e. 256 token positions of
+# Gemma's 262k vocabulary. Full-vocabulary logits are the largest arrays of the study; bounding
+# them keeps the peak memory independent of batch size and sequence length.
+MAX_LOGITS = 2**26
 
+
+def chunk_rows(n_rows: int, vocab_size: int, max_logits: int = MAX_LOGITS) -> int:
+    """Rows per logits chunk: at most max_logits // vocab_size, balanced so padding is < 1 chunk."""
+    cap = max(1, min(int(n_rows), int(max_logits) // int(vocab_size)))
+    n_chunks = -(-int(n_rows) // cap)
+    return -(-int(n_rows) // n_chunks)
+
+
+def nll_sum(cfg: DecoderConfig, params: dict, h, targets, weights, rows: int | None = None):
+    """Sum of weights * next-token NLL from the last block's output h [..., D] (traceable).
+
+    targets / weights: [...] like h without D. Tokens are flattened and unembedded `rows` at a
+    time (default: chunk_rows, <= MAX_LOGITS logit entries), so at most one [rows, vocab] float32
+    block of logits exists at once; the chunk body is rematerialised under jax.grad, so the
+    backward pass holds one chunk too.
+    """
+    D = h.shape[-1]
+    h = h.reshape(-1, D)
+    t = targets.reshape(-1)
+    w = weights.reshape(-1).astype(jnp.float32)
+    n = h.shape[0]
+    r = chunk_rows(n, cfg.vocab_size) if rows is None else max(1, min(int(rows), n))
+    n_chunks = -(-n // r)
+    pad = n_chunks * r - n
+    if pad:  # zero-weight rows: scored nowhere
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        t = jnp.pad(t, (0, pad))
+        w = jnp.pad(w, (0, pad))
+
+    @jax.checkpoint  # never keep a chunk's logits for the backward pass
     def one(args):
         hh, tt, ww = args
-        logits = _dec._unembed(cfg, params, hh)  # [B,chunk,V] float32
+        logits = _dec.unembed(cfg, params, hh[None])[0]  # [r, V] float32
         lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
+        tgt = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
         return jnp.sum((lse - tgt) * ww)
 
-    return jnp.sum(jax.lax.map(one, (hc, tc, wc)))
+    return jnp.sum(jax.lax.map(one, (h.reshape(n_chunks, r, D), t.reshape(n_chunks, r),
+                                     w.reshape(n_chunks, r))))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _nll_sum(cfg, params, inputs, targets, weights, rows):
+    # inputs/targets/weights: [B, T]; the model runs on T positions, the logits `rows` at a time.
+    L = cfg.num_layers
+    h = _dec._resid_post(cfg, params, inputs, None, (L - 1,))[L - 1]  # [B,T,D]
+    return nll_sum(cfg, params, h, targets, weights, rows)
 
 
 def strided_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
-                batch_size: int = 2, bos_token_id: int | None = None, chunk: int = 256) -> tuple[float, int]:
+                batch_size: int = 2, bos_token_id: int | None = None, chunk: int | None = None) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream."""
     bos = cfg.bos_token_id if bos_token_id is None else bos_token_id
     if bos is None:
-        raise ValueError('no BOS id: cfg.bos_token_id is None; pass bos_token_id=<int>')
+        raise InputError('no BOS id: cfg.bos_token_id is None; pass bos_token_id=<int>')
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else bos
     inputs, targets, weights = strided_windows(tokens, bos, window, stride, pad)
     T = inputs.shape[1]
-    chunk = max(1, min(int(chunk), T))
-    T_pad = -(-T // chunk) * chunk
-    if T_pad != T:  # extra right padding is invisible to real tokens under causal attention
-        p = ((0, 0), (0, T_pad - T))
-        inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
     n = inputs.shape[0]
     bsz = max(1, min(int(batch_size), n))
+    # Logits rows per chunk: chunk positions of every window in the batch, or the memory bound.
+    rows = None if chunk is None else bsz * max(1, min(int(chunk), T))
     n_pad = -(-n // bsz) * bsz
     if n_pad != n:  # whole padded windows with zero weight keep one compiled shape
         p = ((0, n_pad - n), (0, 0))
         inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
     total = 0.0
-    for a in range(0, n_pad, bsz):
-        total += float(_nll_sum(cfg, params, jnp.asarray(inputs[a:a + bsz]), jnp.asarray(targets[a:a + bsz]),
-                                jnp.asarray(weights[a:a + bsz]), chunk))
+    for step, a in enumerate(range(0, n_pad, bsz)):
+        nll = float(_nll_sum(cfg, params, jnp.asarray(inputs[a:a + bsz]), jnp.asarray(targets[a:a + bsz]),
+                             jnp.asarray(weights[a:a + bsz]), rows))
+        if not math.isfinite(nll):  # step = the batch of windows where it went non-finite
+            raise NonFiniteError('perplexity NLL', stage='perplexity', step=step,
+                                 detail=f'windows {a}..{a + bsz - 1} of {n}')
+        total += nll
     count = int(weights.sum())
-    if not math.isfinite(total):
-        raise ValueError(f'perplexity NLL is not finite ({total}); expected finite model outputs')
     return total, count
 
 
 def perplexity(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
-               batch_size: int = 2, bos_token_id: int | None = None, chunk: int = 256) -> float:
+               batch_size: int = 2, bos_token_id: int | None = None, chunk: int | None = None) -> float:
     """exp(mean NLL) of a 1-D text token stream (no BOS) under the strided protocol above.
 
-    batch_size windows run at once; logits are formed chunk positions at a time (memory
-    batch_size * chunk * vocab floats), which matters for Gemma's 262k vocabulary.
+    batch_size windows run at once; logits are formed chunk positions of each window at a time
+    (batch_size * chunk * vocab floats; by default as many as fit MAX_LOGITS), which matters for
+    Gemma's 262k vocabulary.
     """
     total, count = strided_nll(cfg, params, tokens, window=window, stride=stride, batch_size=batch_size,
                                bos_token_id=bos_token_id, chunk=chunk)
@@ -121,5 +156,5 @@ def perplexity(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, 
 def delta_log_ppl(ppl: float, dense_ppl: float) -> float:
     """log(PPL_pruned) - log(PPL_dense), the paper's damage measure."""
     if not (ppl > 0 and dense_ppl > 0):
-        raise ValueError(f'perplexities must be positive, got {ppl!r} and {dense_ppl!r}')
+        raise InputError(f'perplexities must be positive, got {ppl!r} and {dense_ppl!r}')
     return math.log(ppl) - math.log(dense_ppl)

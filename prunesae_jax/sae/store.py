@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 
+from prunesae_jax.errors import InputError
+
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -28,11 +30,16 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
+def _atomic_save_npy_parts(path: str, parts: list[np.ndarray]) -> None:
+    """np.save of np.concatenate(parts) without the concatenated copy: header, then each part."""
+    shape = (sum(len(p) for p in parts),) + parts[0].shape[1:]
+    header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False, "shape": shape}
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".npy")
     with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
+        np.lib.format.write_array_header_1_0(f, header)
+        for p in parts:
+            f.write(np.ascontiguousarray(p).data)
     os.replace(tmp, path)
 
 
@@ -57,7 +64,7 @@ class _Batches:
     def batch(self, batch_size: int, seed: int, step: int) -> np.ndarray:
         """Batch number `step` of the seeded shuffled stream: float32 [batch_size, d_in]."""
         if not 0 < batch_size <= self.n_tokens:
-            raise ValueError(f"batch_size={batch_size}; accepted: 1..n_tokens={self.n_tokens}")
+            raise InputError(f"batch_size={batch_size}; accepted: 1..n_tokens={self.n_tokens}")
         per_epoch = self.n_tokens // batch_size  # drop the ragged tail of each epoch
         epoch, j = divmod(int(step), per_epoch)
         rows = self._perm(seed, epoch)[j * batch_size:(j + 1) * batch_size]
@@ -89,7 +96,7 @@ class ArrayStore(_Batches):
     def __init__(self, x, metadata: dict | None = None):
         x = np.asarray(x, np.float32)
         if x.ndim != 2:
-            raise ValueError(f"activations shape {x.shape}; expected [n_tokens, d_in]")
+            raise InputError(f"activations shape {x.shape}; expected [n_tokens, d_in]")
         _check_finite(x, "in-memory activations")
         self.x = x
         self.n_tokens, self.d_in = x.shape
@@ -145,9 +152,9 @@ class StoreWriter:
 
     def __init__(self, path, d_in, dtype, metadata, shard_tokens):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}; accepted: {DTYPES}")
+            raise InputError(f"dtype={dtype!r}; accepted: {DTYPES}")
         if os.path.exists(os.path.join(path, "metadata.json")):
-            raise ValueError(f"an activation store already exists at {path!r}; choose a new path")
+            raise InputError(f"an activation store already exists at {path!r}; choose a new path")
         os.makedirs(path, exist_ok=True)
         self.path, self.d_in, self.dtype = path, int(d_in), dtype
         self.metadata = dict(metadata or {})
@@ -161,34 +168,42 @@ class StoreWriter:
     def append(self, x) -> None:
         x = np.asarray(x, np.float32)
         if x.ndim != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"activations shape {x.shape}; this store expects [N, d_in={self.d_in}]")
+            raise InputError(f"activations shape {x.shape}; this store expects [N, d_in={self.d_in}]")
         _check_finite(x, f"capture (after {sum(self._shard_rows) + self._buffered} stored tokens)")
         self._sum_norm += float(np.linalg.norm(x, axis=1).sum())
-        self._buf.append(x)
+        # Buffered already in the store dtype (a float16 shard buffer is half a float32 one) and
+        # written part by part, so the writer holds at most one shard's rows, never a second copy.
+        self._buf.append(self._encode(x))
         self._buffered += len(x)
         while self._buffered >= self.shard_tokens:
             self._flush(self.shard_tokens)
 
-    def _flush(self, n: int) -> None:
-        allx = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
-        head, tail = allx[:n], allx[n:]
+    def _encode(self, x: np.ndarray) -> np.ndarray:
         if self.dtype == "float16":
-            enc = head.astype(np.float16)
-        elif self.dtype == "bfloat16":
-            enc = head.astype(ml_dtypes.bfloat16).view(np.uint16)
-        else:
-            enc = head
-        _atomic_save_npy(os.path.join(self.path, f"shard_{len(self._shard_rows):05d}.npy"), enc)
-        self._shard_rows.append(len(head))
-        self._buf = [tail] if len(tail) else []
-        self._buffered = len(tail)
+            return x.astype(np.float16)
+        if self.dtype == "bfloat16":
+            return x.astype(ml_dtypes.bfloat16).view(np.uint16)
+        return x
+
+    def _flush(self, n: int) -> None:
+        parts, taken = [], 0
+        while taken < n:
+            p = self._buf.pop(0)
+            if taken + len(p) > n:  # split the part that straddles the shard boundary
+                self._buf.insert(0, p[n - taken:])
+                p = p[:n - taken]
+            parts.append(p)
+            taken += len(p)
+        _atomic_save_npy_parts(os.path.join(self.path, f"shard_{len(self._shard_rows):05d}.npy"), parts)
+        self._shard_rows.append(n)
+        self._buffered -= n
 
     def close(self) -> ActivationStore:
         if self._buffered:
             self._flush(self._buffered)
         n = sum(self._shard_rows)
         if n == 0:
-            raise ValueError(f"no activations were appended to the store at {self.path!r}")
+            raise InputError(f"no activations were appended to the store at {self.path!r}")
         meta = dict(self.metadata, n_tokens=n, d_in=self.d_in, dtype=self.dtype, shard_rows=self._shard_rows,
                     mean_norm=self._sum_norm / n)
         _atomic_write_json(os.path.join(self.path, "metadata.json"), meta)
@@ -207,14 +222,13 @@ def capture_activations(model_cfg, params, token_batches, layer: int, path: str 
     path=None returns an in-memory ArrayStore (the one-pass capture+train mode); otherwise an
     ActivationStore on disk with layer/model_id/mask_id/token count in its metadata.
     """
-    import jax  # noqa: PLC0415  (model stage only needed here)
     from prunesae_jax import models  # noqa: PLC0415
 
     if masks is not None:
         from prunesae_jax.pruning.masks import apply_masks  # noqa: PLC0415
         params = apply_masks(params, masks)
     if not 0 <= int(layer) < model_cfg.num_layers:
-        raise ValueError(f"layer={layer}; accepted: 0..{model_cfg.num_layers - 1}")
+        raise InputError(f"layer={layer}; accepted: 0..{model_cfg.num_layers - 1}")
     toks = token_batches if isinstance(token_batches, (list, tuple)) else [token_batches]
     toks = np.concatenate([np.asarray(t, np.int32) for t in toks])
     if attention_masks is None:
@@ -223,8 +237,10 @@ def capture_activations(model_cfg, params, token_batches, layer: int, path: str 
         ams = attention_masks if isinstance(attention_masks, (list, tuple)) else [attention_masks]
         am = np.concatenate([np.asarray(a, np.int32) for a in ams])
         if am.shape != toks.shape:
-            raise ValueError(f"attention_masks shape {am.shape} differs from tokens shape {toks.shape}")
-    fn = jax.jit(lambda p, t, m: models.resid_post(model_cfg, p, t, m, layers=(int(layer),))[int(layer)])
+            raise InputError(f"attention_masks shape {am.shape} differs from tokens shape {toks.shape}")
+    # models.resid_post is jitted with its compilation cached per (config, layers, shape), so repeated
+    # captures (one per mask, per model) reuse it; an outer jax.jit here would recompile every call.
+    fn = lambda p, t, m: models.resid_post(model_cfg, p, t, m, layers=(int(layer),))[int(layer)]  # noqa: E731
     meta = dict(layer=int(layer), model_id=model_id, mask_id=mask_id, exclude_bos=exclude_bos,
                 seq_len=int(toks.shape[1]), n_sequences=int(toks.shape[0]))
     writer = None if path is None else ActivationStore.create(path, model_cfg.hidden_size, dtype, meta, shard_tokens)
