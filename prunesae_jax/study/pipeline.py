@@ -38,11 +38,19 @@ import numpy as np
 from absl import logging
 
 from prunesae_jax.study import report as report_lib
-from prunesae_jax.study.config import ConfigError, validate, validate_layer
+from prunesae_jax.errors import NonFiniteError
+from prunesae_jax.study.config import (
+    ConfigError,
+    validate,
+    validate_layer,
+    validate_nm_widths,
+)
 from prunesae_jax.study.workdir import (
     StageCache,
     atomic_write_json,
     atomic_write_npz,
+    crash_point,
+    hold_workdir,
     provenance,
     stable_hash,
     to_jsonable,
@@ -86,6 +94,7 @@ class _Model:
     tokenizer: Any
     key: str  # identifies the weights and tokenizer in stage keys
     layer: int
+    dictionary: Any = None  # transfer.source='pretrained': (SAEConfig, params, name), loaded up front
 
 
 def conditions_of(config) -> list[tuple[str, float]]:
@@ -150,7 +159,14 @@ def _load_model(config) -> _Model:
         key = {'model': os.path.abspath(os.path.expanduser(spec)) if os.path.exists(
             os.path.expanduser(spec)) else spec, 'dtype': config.dtype}
     layer = validate_layer(config, cfg.num_layers, cfg.hidden_size)
-    return _Model(spec, cfg, params, tok, stable_hash(key), layer)
+    validate_nm_widths(config, {'hidden_size': cfg.hidden_size,
+                                'num_heads x head_dim': cfg.num_heads * cfg.head_dim,
+                                'intermediate_size': cfg.intermediate_size})
+    # A pretrained transfer dictionary is loaded and checked against d_model before any work.
+    dictionary = None
+    if config.transfer.source == 'pretrained':
+        dictionary = _pretrained_dictionary(config, cfg, spec)
+    return _Model(spec, cfg, params, tok, stable_hash(key), layer, dictionary)
 
 
 def _hf_tokenizer(spec: str):
@@ -246,8 +262,21 @@ def _prune_stage(config, model: _Model, method: str, sparsity: float, tokens_key
     params = model.params
     if method == 'sparsegpt':
         params = _with_prunable_weights(params, cache.read_npz('prune', key, 'weights.npz'))
-    params = jax.jit(pruning.apply_masks)(params, masks)
-    return key, params, cache.read_json('prune', key, 'report.json')
+    return key, _apply_masks_shared(params, masks), cache.read_json('prune', key, 'report.json')
+
+
+def _apply_masks_shared(params, masks):
+    """pruning.apply_masks, with every leaf that has no mask kept as the same array.
+
+    Only the masked leaves go through the jit: a jit's pass-through outputs are fresh buffers, so
+    each condition would otherwise hold its own copy of the embedding and norms (0.7 GB for
+    Gemma 3 270M in float32).
+    """
+    from prunesae_jax import pruning  # pylint: disable=g-import-not-at-top
+    none = lambda x: x is None
+    masked_only = jax.tree.map(lambda m, p: None if m is None else p, masks, params, is_leaf=none)
+    masked = jax.jit(pruning.apply_masks)(masked_only, masks)
+    return jax.tree.map(lambda m, p, q: p if m is None else q, masks, params, masked, is_leaf=none)
 
 
 def _prunable_weights(params) -> dict[str, np.ndarray]:
@@ -307,10 +336,15 @@ def _acts_stage(config, model: _Model, params, prune_key: str, tokens_key: str, 
         with cache.writing('acts', key, spec) as tmp:
             writer = ActivationStore.create(str(tmp / 'store'), model.cfg.hidden_size,
                                             config.sae.store_dtype, meta)
-            for batch in _progress(config, _batches(rows, bsz), total=-(-rows.shape[0] // bsz),
-                                   desc=f'capture {label}', unit='batch', leave=False):
+            batches = _progress(config, _batches(rows, bsz), total=-(-rows.shape[0] // bsz),
+                                desc=f'capture {label}', unit='batch', leave=False)
+            for step, batch in enumerate(batches):
                 h = _resid(model.cfg, params, batch, model.layer, bsz)  # [b, T, D]
+                if not np.isfinite(h).all():
+                    raise NonFiniteError('resid_post activations', stage='capture', layer=model.layer,
+                                         step=step, detail=f'capture batch of {bsz} sequences')
                 writer.append(h[:, 1:].reshape(-1, h.shape[-1]))  # BOS is never an SAE token
+                crash_point('capture')
             writer.close()
         timings.add('capture', time.perf_counter() - t0)
     return key, ActivationStore(str(cache.path('acts', key) / 'store'))
@@ -349,6 +383,11 @@ def _sae_configs(config, model: _Model, n_tokens: int, seed: int | None = None):
 
 
 def _mesh(config):
+    if jax.process_count() > 1:
+        # Multi-process: every process trains every seed on one local device. The trainer hands
+        # numpy batches to a jit with mesh shardings (refused under jax.distributed) and reads its
+        # state back with np.asarray (needs arrays the process holds whole); see BUILD.md.
+        return None
     n = jax.device_count()
     if n == 1:
         return None
@@ -362,6 +401,30 @@ def _mesh(config):
     return make_mesh(seed, data)
 
 
+def _place_params(config, model: _Model, params):
+    """params laid out on the ('data', 'model') mesh by config.mesh.model_sharding.
+
+    Unchanged with 'none' or on one device. The model is loaded and pruned unsharded; the
+    perplexity, capture and measure forwards then run on the placed params.
+    """
+    n = jax.device_count()
+    if config.mesh.model_sharding == 'none' or n == 1:
+        return params
+    from prunesae_jax import sharding  # pylint: disable=g-import-not-at-top
+    if n % config.mesh.model:
+        raise ConfigError(f'config.mesh.model={config.mesh.model} does not divide the {n} devices; '
+                          f'accepted: a divisor of {n}')
+    mesh = sharding.make_model_mesh(n // config.mesh.model, config.mesh.model)
+    return sharding.shard_params(params, mesh, config.mesh.model_sharding, model.cfg)
+
+
+def _params_mesh(params):
+    """The ('data', 'model') mesh params were placed on by _place_params, else None."""
+    sh = getattr(params['final_norm'], 'sharding', None)
+    mesh = getattr(sh, 'mesh', None)
+    return mesh if mesh is not None and 'model' in mesh.axis_names else None
+
+
 def _sae_stage(config, model: _Model, acts_key: str, store, cache: StageCache,
                timings: _Timings, label: str, seed: int) -> tuple[str, dict, dict]:
     """S seeds trained in one vmapped run; (key, params with seed axis in raw units, metrics)."""
@@ -369,24 +432,42 @@ def _sae_stage(config, model: _Model, acts_key: str, store, cache: StageCache,
     sae_cfg, train_cfg = _sae_configs(config, model, store.n_tokens, seed)
     spec = {'sae': sae_cfg.to_dict(), 'train': dataclasses.asdict(train_cfg) | {'progress': None}}
     key = cache.key('sae', spec, [acts_key])
+    # Checkpoints live outside the stage folder so that a killed run resumes its training.
+    work = cache.root / 'sae' / f'{key}.train'
     if not cache.done('sae', key):
         t0 = time.perf_counter()
-        # Checkpoints live outside the stage folder so that a killed run resumes its training.
-        work = cache.root / 'sae' / f'{key}.train'
         _say(config, f'[sae] {label}: {train_cfg.n_seeds} seeds x {sae_cfg.n_latents} latents, '
              f'{train_cfg.n_steps} steps of {train_cfg.batch_size} tokens')
-        res = train_saes(sae_cfg, train_cfg, store,
+        res = train_saes(sae_cfg, train_cfg, _CrashPointStore(store),
                               workdir=str(work) if train_cfg.checkpoint_every else None,
                               mesh=_mesh(config))
         final = {k: np.asarray(v).tolist() for k, v in _final_metrics(res.final).items()}
         with cache.writing('sae', key, spec) as tmp:
             atomic_write_npz(tmp / 'params.npz', {k: np.asarray(v) for k, v in res.params.items()})
             atomic_write_json(tmp / 'final.json', final)
-        if work.exists():
-            import shutil  # pylint: disable=g-import-not-at-top
-            shutil.rmtree(work, ignore_errors=True)
         timings.add('sae', time.perf_counter() - t0)
+    if work.exists():  # also when a run was killed between the commit and this cleanup
+        import shutil  # pylint: disable=g-import-not-at-top
+        shutil.rmtree(work, ignore_errors=True)
     return (key, cache.read_npz('sae', key, 'params.npz'), cache.read_json('sae', key, 'final.json'))
+
+
+class _CrashPointStore:
+    """The activation store as the SAE trainer sees it, with crash_point('sae_step') before each
+    training batch, so that tests can kill a run mid-training (see workdir.crash_point)."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def batch(self, *args, **kwargs) -> np.ndarray:
+        crash_point('sae_step')
+        return self._store.batch(*args, **kwargs)
 
 
 def _final_metrics(final) -> dict[str, np.ndarray]:
@@ -401,35 +482,31 @@ def _final_metrics(final) -> dict[str, np.ndarray]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _tail_nll(cfg, layer: int, chunk: int, params, h, tokens):
-    """Mean next-token NLL when blocks layer+1.. run on h [B,T,D] (the resid_post of `layer`)."""
+    """Mean next-token NLL when blocks layer+1.. run on h [B,T,D] (the resid_post of `layer`).
+
+    Logits are formed at most B * chunk positions (and perplexity.MAX_LOGITS entries) at a time,
+    forward and backward, so their memory does not grow with B or T.
+    """
     from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.pruning.perplexity import MAX_LOGITS, chunk_rows, nll_sum  # pylint: disable=g-import-not-at-top
     for i in range(layer + 1, cfg.num_layers):
         h = decoder.block(cfg, params['layers'][i], i, h)
-    B, T, D = h.shape
-    hs, tg = h[:, :-1], tokens[:, 1:]
+    B, T, _ = h.shape
     n = T - 1
-    pad = (-n) % chunk
-    hs = jnp.pad(hs, ((0, 0), (0, pad), (0, 0)))
-    tg = jnp.pad(tg, ((0, 0), (0, pad)))
-    w = jnp.pad(jnp.ones((B, n), jnp.float32), ((0, 0), (0, pad)))
-    hc = hs.reshape(B, -1, chunk, D).swapaxes(0, 1)
-    tc = tg.reshape(B, -1, chunk).swapaxes(0, 1)
-    wc = w.reshape(B, -1, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint  # never keep [B, chunk, V] logits for the backward pass
-    def one(args):
-        hh, tt, ww = args
-        logits = decoder.unembed(cfg, params, hh)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - tgt) * ww)
-
-    return jnp.sum(jax.lax.map(one, (hc, tc, wc))) / (B * n)
+    rows = chunk_rows(B * n, cfg.vocab_size, min(MAX_LOGITS, B * chunk * cfg.vocab_size))
+    w = jnp.ones((B, n), jnp.float32)
+    return nll_sum(cfg, params, h[:, :-1], tokens[:, 1:], w, rows) / (B * n)
 
 
 def _resid(cfg, params, rows: np.ndarray, layer: int, batch: int) -> np.ndarray:
     """resid_post of `layer` [n, T, D] float32, in batches."""
     from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+    mesh = _params_mesh(params)
+    if mesh is not None:  # params placed by config.mesh.model_sharding; batches split over 'data'
+        from prunesae_jax import sharding  # pylint: disable=g-import-not-at-top
+        out = [sharding.host_array(sharding.resid_post(cfg, params, b, layers=(layer,), mesh=mesh)[layer])
+               .astype(np.float32) for b in _batches(rows, batch)]
+        return np.concatenate(out)
     out = [np.asarray(decoder.resid_post(cfg, params, jnp.asarray(b), layers=(layer,))[layer],
                       np.float32) for b in _batches(rows, batch)]
     return np.concatenate(out)
@@ -441,10 +518,15 @@ def _single(params: dict, s: int = 0) -> dict:
 
 def _dictionary(config, model: _Model, dense_sae: dict, cache: StageCache):
     """(SAEConfig, params without seed axis, name) of the fixed dictionary for RQ3."""
-    from prunesae_jax.sae.io import load_sae  # pylint: disable=g-import-not-at-top
     if config.transfer.source == 'dense':
         sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
         return sae_cfg, _single(dense_sae), 'dense SAE (seed 0)'
+    return model.dictionary
+
+
+def _pretrained_dictionary(config, model_cfg, spec: str):
+    """(SAEConfig, params, name) of transfer.path (in transfer.repo, or local), d_in checked."""
+    from prunesae_jax.sae.io import load_sae  # pylint: disable=g-import-not-at-top
     t = config.transfer
     path = os.path.expanduser(t.path)
     if t.repo:
@@ -452,10 +534,14 @@ def _dictionary(config, model: _Model, dense_sae: dict, cache: StageCache):
         local = snapshot_download(t.repo, allow_patterns=[f'{t.path.rstrip("/")}*',
                                                           f'{t.path.rstrip("/")}/*'])
         path = os.path.join(local, t.path)
-    sae_cfg, params = load_sae(path)
-    if sae_cfg.d_in != model.cfg.hidden_size:
+    try:
+        sae_cfg, params = load_sae(path)
+    except (FileNotFoundError, KeyError) as e:  # no SAE files there / a cfg.json without a key
+        raise ConfigError(f'config.transfer.path={t.path!r} holds no readable dictionary ({e}); '
+                          'accepted: a SAELens, Gemma Scope or sparsify SAE') from None
+    if sae_cfg.d_in != model_cfg.hidden_size:
         raise ConfigError(f'config.transfer.path={t.path!r} has d_in={sae_cfg.d_in}; accepted: a '
-                          f'dictionary for d_model={model.cfg.hidden_size} ({model.spec})')
+                          f'dictionary for d_model={model_cfg.hidden_size} ({spec})')
     return sae_cfg, {k: jnp.asarray(v) for k, v in params.items()}, f'{t.repo}/{t.path}'.strip('/')
 
 
@@ -672,6 +758,7 @@ def _measures_stage(config, model: _Model, method: str, sparsity: float, params,
                          'correlation': _iv(corr), 'max_cos': max_cos[keep].tolist(),
                          'effect': effect[keep].tolist()}
     out['transfer'] = _transfer(config, model, params, dense['dictionary'], dense['dict_x'], tokens)
+    crash_point('measures')
     with cache.writing('measures', key, spec) as tmp:
         atomic_write_json(tmp / 'measures.json', out)
     timings.add('measures', time.perf_counter() - t0)
@@ -689,10 +776,9 @@ def _stop_after() -> int | None:
     return int(v)
 
 
-def _run_model(config, cache: StageCache, timings: _Timings) -> tuple[dict, list[dict]]:
-    t0 = time.perf_counter()
-    model = _load_model(config)
-    timings.add('load_model', time.perf_counter() - t0)
+def _run_model(config, model: _Model, cache: StageCache, timings: _Timings,
+               where: dict) -> tuple[dict, list[dict]]:
+    """The grid on one loaded model; `where` names the condition being run (for error messages)."""
     tokens_key, tokens = _tokens_stage(config, model, cache, timings)
     grid = conditions_of(config)
     stop = _stop_after()
@@ -701,11 +787,13 @@ def _run_model(config, cache: StageCache, timings: _Timings) -> tuple[dict, list
     bar = _progress(config, grid, desc=f'{model.spec} conditions', unit='cond')
     for n_done, (method, sparsity) in enumerate(bar):
         label = 'dense' if method == 'dense' else f'{method} {sparsity:.0%}'
+        where['condition'] = 'dense' if method == 'dense' else f'{method}@{sparsity:g}'
         if stop is not None and n_done >= stop:
             raise StudyInterrupted(f'stopped after {n_done} conditions (${STOP_ENV}={stop}); '
                                    're-run to resume')
         prune_key, params, prune_report = _prune_stage(config, model, method, sparsity, tokens_key,
                                                        tokens, cache, timings)
+        params = _place_params(config, model, params)
         ppl = _ppl_stage(config, model, params, prune_key, tokens_key, tokens, cache, timings)
         acts_key, store = _acts_stage(config, model, params, prune_key, tokens_key, tokens, cache,
                                       timings, label)
@@ -736,6 +824,8 @@ def _run_model(config, cache: StageCache, timings: _Timings) -> tuple[dict, list
         }
         conds.append(cond)
         _say(config, report_lib.format_condition(cond))
+        # Drop this condition's pruned weights before the next prune: never two pruned copies.
+        del params, store, sae
     info = {'family': model.cfg.family, 'num_layers': model.cfg.num_layers,
             'd_model': model.cfg.hidden_size, 'layer': model.layer,
             'n_latents': config.sae.expansion * model.cfg.hidden_size, 'dense_ppl': dense['ppl']}
@@ -745,18 +835,37 @@ def _run_model(config, cache: StageCache, timings: _Timings) -> tuple[dict, list
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Runs (or resumes) the study; writes results.json, timings.json, tables, figures, report.md.
 
-    Returns the results dict (schema in prunesae_jax/study/report.py). Raises ConfigError (a
-    ValueError) before any work for a bad config, and StudyInterrupted when
+    Returns the results dict (schema in prunesae_jax/study/report.py). Raises ConfigError (an
+    InputError) before any work for a bad config, InputError for a bad checkpoint or corpus (the
+    model is loaded and checked before the workdir is touched), NonFiniteError naming the stage,
+    condition, layer and step when NaN / inf appears, workdir.WorkdirBusy (an InputError) when
+    another live run holds the workdir, and StudyInterrupted when
     $PRUNESAE_STOP_AFTER_CONDITIONS stops it early.
     """
     validate(config)
     t0 = time.perf_counter()
+    timings = _Timings()
+    model = _load_model(config)  # a bad checkpoint, layer or N:M width fails before anything is written
+    timings.add('load_model', time.perf_counter() - t0)
     workdir = Path(workdir)
+    if jax.process_index() > 0:
+        # Multi-host: every process runs the same stages in lockstep (their collectives must
+        # match), so each keeps its own cache; only process 0 writes into `workdir`.
+        workdir = workdir.with_name(f'{workdir.name}.process{jax.process_index()}')
     workdir.mkdir(parents=True, exist_ok=True)
+    with hold_workdir(workdir):  # one live run per workdir; removes what killed runs left
+        return _run_held(config, model, workdir, timings, t0)
+
+
+def _run_held(config, model: _Model, workdir: Path, timings: _Timings, t0: float) -> dict[str, Any]:
+    """run() once the model is loaded and the workdir is held."""
     atomic_write_json(workdir / 'config.json', config)
     cache = StageCache(workdir)
-    timings = _Timings()
-    info, conds = _run_model(config, cache, timings)
+    where = {'layer': model.layer}
+    try:
+        info, conds = _run_model(config, model, cache, timings, where)
+    except NonFiniteError as e:  # name the condition and layer; finished stages stay cached
+        raise e.with_context(**where) from None
     prov = provenance(config)
     prov.pop('config')
     results = {
@@ -773,8 +882,11 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     results['claims'] = report_lib.summarize_claims(results)
     results = to_jsonable(results)
     atomic_write_json(workdir / 'results.json', results)
+    crash_point('after_results')
     t_report = time.perf_counter()
-    report_lib.write_report(results, workdir, timings={'total_s': time.perf_counter() - t0})
+    # The report is a function of results.json alone (byte-identical across runs and resumes);
+    # wall-clock times live in timings.json only.
+    report_lib.write_report(results, workdir)
     timings.add('report', time.perf_counter() - t_report)
     timings['total_s'] = round(time.perf_counter() - t0, 3)
     atomic_write_json(workdir / 'timings.json', timings)

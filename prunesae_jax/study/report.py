@@ -310,6 +310,13 @@ def _bootstrap_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
     return float(a.mean() - b.mean()), float(lo), float(hi)
 
 
+def _claim(cid: str, claim: str, holds: bool | None, head: str, lines: Sequence[str], paper: str) -> dict[str, Any]:
+    """One claim dict: the headline `head` then one bullet per condition in `lines` as its evidence."""
+    return {'id': cid, 'claim': claim, 'holds': holds,
+            'evidence': head + ('.\n' + '\n'.join(f'- {ln}' for ln in lines) if lines else '.'),
+            'paper': paper}
+
+
 def _claim_wanda(results: Mapping[str, Any]) -> dict[str, Any]:
     by = {(c['model'], c['method'], round(c['sparsity'], 6)): c for c in _pruned(results)}
     lines, wins, total = [], 0, 0
@@ -331,10 +338,9 @@ def _claim_wanda(results: Mapping[str, Any]) -> dict[str, Any]:
     holds = None if total == 0 else wins == total
     head = (f'Wanda keeps more features than magnitude at {wins} of {total} sparsities'
             if total else 'not tested: needs both magnitude and Wanda at a common sparsity')
-    return {'id': 'wanda_beats_magnitude', 'claim': 'Wanda preserves feature structure better than '
-            'magnitude pruning (MNN survival at tau)', 'holds': holds,
-            'evidence': head + ('.\n' + '\n'.join(f'- {ln}' for ln in lines) if lines else '.'),
-            'paper': 'up to 3.7x; Gemma 2 2B at 30%: 0.794 Wanda vs 0.210 magnitude'}
+    return _claim('wanda_beats_magnitude', 'Wanda preserves feature structure better than magnitude pruning '
+                  '(MNN survival at tau)', holds, head, lines,
+                  'up to 3.7x; Gemma 2 2B at 30%: 0.794 Wanda vs 0.210 magnitude')
 
 
 def _claim_rare(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,10 +361,9 @@ def _claim_rare(results: Mapping[str, Any]) -> dict[str, Any]:
     rng = f'; rho(firing, survival) from {min(rhos):.3f} to {max(rhos):.3f}' if rhos else ''
     head = (f'S(Q1) - S(Q5) > 0 with its CI above 0 in {above} of {total} pruned conditions{rng}'
             if total else 'not tested: no pruned condition has fragility measures')
-    return {'id': 'rare_survive_better', 'claim': 'Rare features (firing-rate Q1) survive pruning '
-            'better than frequent ones (Q5)', 'holds': holds,
-            'evidence': head + ('.\n' + '\n'.join(f'- {ln}' for ln in lines) if lines else '.'),
-            'paper': 'v1: rho = -1.0 in 11 of 17 conditions; revision: rho between -0.540 and 0.062'}
+    return _claim('rare_survive_better', 'Rare features (firing-rate Q1) survive pruning better than frequent '
+                  'ones (Q5)', holds, head, lines,
+                  'v1: rho = -1.0 in 11 of 17 conditions; revision: rho between -0.540 and 0.062')
 
 
 def _claim_transfer(results: Mapping[str, Any], viable_fraction: float) -> dict[str, Any]:
@@ -381,10 +386,8 @@ def _claim_transfer(results: Mapping[str, Any], viable_fraction: float) -> dict[
     head = (f'the fixed dictionary keeps >= {viable_fraction:.0%} of its dense CE recovered at {ok} of '
             f'{total} Wanda sparsities up to 50%' if total else
             'not tested: no Wanda condition up to 50% with transfer measures')
-    return {'id': 'transfer_viable_wanda_50', 'claim': 'A fixed (dense or pretrained) SAE stays viable '
-            'on Wanda-pruned models up to 50% sparsity', 'holds': holds,
-            'evidence': head + ('.\n' + '\n'.join(f'- {ln}' for ln in lines) if lines else '.'),
-            'paper': 'Gemma Scope viable on Wanda-pruned Gemma up to 50%'}
+    return _claim('transfer_viable_wanda_50', 'A fixed (dense or pretrained) SAE stays viable on Wanda-pruned '
+                  'models up to 50% sparsity', holds, head, lines, 'Gemma Scope viable on Wanda-pruned Gemma up to 50%')
 
 
 def _claim_causal(results: Mapping[str, Any], weak: float) -> dict[str, Any]:
@@ -403,10 +406,8 @@ def _claim_causal(results: Mapping[str, Any], weak: float) -> dict[str, Any]:
     holds = None if total == 0 else weak_n > total / 2
     head = (f'the correlation is weak (|rho| < {weak} or its CI covers 0) in {weak_n} of {total} pruned '
             'conditions' if total else 'not tested: no pruned condition has causal measures')
-    return {'id': 'survival_not_causal', 'claim': 'Geometric survival does not predict a feature\'s '
-            'causal effect on the loss', 'holds': holds,
-            'evidence': head + ('.\n' + '\n'.join(f'- {ln}' for ln in lines) if lines else '.'),
-            'paper': 'geometric survival does not predict causal importance'}
+    return _claim('survival_not_causal', 'Geometric survival does not predict a feature\'s causal effect on '
+                  'the loss', holds, head, lines, 'geometric survival does not predict causal importance')
 
 
 def summarize_claims(results: Mapping[str, Any], viable_fraction: float = 0.8,
@@ -710,7 +711,8 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
     lines.append(_md_table(t['diagnostics'], [('diagnostic', 'diagnostic'),
                                               ('spearman_vs_delta_log_ppl', 'this run'),
                                               ('n_conditions', 'conditions'), ('paper', 'paper')]))
-    lines += ['Tables as CSV: `tables/`. Every number: `results.json`.', '']
+    lines += ['Tables as CSV: `tables/`. Every number: `results.json`. Wall-clock times per stage: '
+              '`timings.json`.', '']
     return '\n'.join(lines)
 
 
