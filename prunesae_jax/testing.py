@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prunesae_jax.errors import InputError
 from prunesae_jax.models.config import DecoderConfig
 
 _BASE = dict(
@@ -58,7 +59,7 @@ def tiny_config(family: str = 'llama', **overrides) -> DecoderConfig:
     pattern (gemma3_text: a global layer every 4th).
     """
     if family not in _FAMILY:
-        raise ValueError(f'family={family!r} is not supported; expected one of {tuple(_FAMILY)}')
+        raise InputError(f'family={family!r} is not supported; expected one of {tuple(_FAMILY)}')
     kw = {**_BASE, **_FAMILY[family]}
     if 'num_layers' in overrides and 'layer_types' not in overrides:
         L = overrides['num_layers']

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from prunesae_jax.errors import InputError
+
 _EPS = 1e-12
 # The 'lsa' method builds the dense cosine matrix in float64 for scipy; cap it at 2 GiB.
 _LSA_MAX_ENTRIES = 2**28
@@ -34,9 +36,9 @@ _LSA_MAX_ENTRIES = 2**28
 def _as_decoder(D, name: str) -> np.ndarray:
     D = np.asarray(D)
     if D.ndim != 2 or D.shape[0] == 0 or D.shape[1] == 0:
-        raise ValueError(f"{name} has shape {D.shape}; expected a non-empty decoder matrix [n_latents, d]")
+        raise InputError(f"{name} has shape {D.shape}; expected a non-empty decoder matrix [n_latents, d]")
     if not np.issubdtype(D.dtype, np.floating):
-        raise ValueError(f"{name} has dtype {D.dtype}; expected a floating-point decoder matrix")
+        raise InputError(f"{name} has dtype {D.dtype}; expected a floating-point decoder matrix")
     return D
 
 
@@ -44,13 +46,13 @@ def _check_pair(D_a, D_b) -> tuple[np.ndarray, np.ndarray]:
     A = _as_decoder(D_a, "D_a")
     B = _as_decoder(D_b, "D_b")
     if A.shape[1] != B.shape[1]:
-        raise ValueError(f"D_a has d={A.shape[1]} and D_b has d={B.shape[1]}; expected the same model width d")
+        raise InputError(f"D_a has d={A.shape[1]} and D_b has d={B.shape[1]}; expected the same model width d")
     return A, B
 
 
 def _check_block(block_size: int) -> int:
     if int(block_size) < 1:
-        raise ValueError(f"block_size={block_size!r}; expected a positive integer such as 4096")
+        raise InputError(f"block_size={block_size!r}; expected a positive integer such as 4096")
     return int(block_size)
 
 
@@ -189,7 +191,7 @@ class MatchResult:
 def _check_tau(tau: float) -> float:
     tau = float(tau)
     if not -1.0 <= tau <= 1.0:
-        raise ValueError(f"tau={tau!r}; expected a cosine threshold in [-1, 1], e.g. 0.7")
+        raise InputError(f"tau={tau!r}; expected a cosine threshold in [-1, 1], e.g. 0.7")
     return tau
 
 
@@ -216,7 +218,7 @@ def mnn_match(D_a, D_b, tau: float = 0.7, block_size: int = 4096, method: str = 
         partner_cos = np.where(mutual, cos_a, np.nan).astype(np.float32)
     elif method == "lsa":
         if n_a * n_b > _LSA_MAX_ENTRIES:
-            raise ValueError(
+            raise InputError(
                 f"method='lsa' with n_a*n_b={n_a * n_b} cosines; expected at most {_LSA_MAX_ENTRIES} "
                 "(use method='mnn' for large dictionaries)"
             )
@@ -227,7 +229,7 @@ def mnn_match(D_a, D_b, tau: float = 0.7, block_size: int = 4096, method: str = 
         partner_cos = np.full(n_a, np.nan, np.float32)
         partner_cos[rows] = C[rows, cols]
     else:
-        raise ValueError(f"method={method!r}; expected 'mnn' or 'lsa'")
+        raise InputError(f"method={method!r}; expected 'mnn' or 'lsa'")
     with np.errstate(invalid="ignore"):
         matched = partner_cos >= tau
     idx = np.flatnonzero(matched)

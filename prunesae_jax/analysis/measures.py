@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunesae_jax.errors import InputError
 from prunesae_jax.analysis.matching import _check_tau, mnn_match
 from prunesae_jax.analysis.stats import (
     Interval,
@@ -46,10 +47,10 @@ def _as_stack(decoders, name: str) -> list[np.ndarray]:
         arr = np.asarray(decoders)
         mats = [arr] if arr.ndim == 2 else list(arr) if arr.ndim == 3 else None
         if mats is None:
-            raise ValueError(f"{name} has shape {arr.shape}; expected [S, n, d], [n, d] or a sequence of [n, d]")
+            raise InputError(f"{name} has shape {arr.shape}; expected [S, n, d], [n, d] or a sequence of [n, d]")
     for D in mats:
         if D.ndim != 2:
-            raise ValueError(f"{name} holds a matrix of shape {D.shape}; expected decoder matrices [n, d]")
+            raise InputError(f"{name} holds a matrix of shape {D.shape}; expected decoder matrices [n, d]")
     return mats
 
 
@@ -103,7 +104,7 @@ def seed_stability(
     """
     mats = _as_stack(decoders, "decoders")
     if len(mats) < 2:
-        raise ValueError(f"decoders holds {len(mats)} seed(s); expected at least 2 to form seed pairs")
+        raise InputError(f"decoders holds {len(mats)} seed(s); expected at least 2 to form seed pairs")
     tau = _check_tau(tau)
     taus = tuple(_check_tau(t) for t in taus)
     pairs = np.array(list(itertools.combinations(range(len(mats)), 2)), dtype=np.int64)
@@ -160,15 +161,15 @@ def feature_survival(
         pairs = [(i, j) for i in range(len(dense)) for j in range(len(pruned))]
     elif pairing == "same_seed":
         if len(dense) != len(pruned):
-            raise ValueError(
+            raise InputError(
                 f"pairing='same_seed' with {len(dense)} dense and {len(pruned)} pruned seeds; expected equal counts"
             )
         pairs = [(i, i) for i in range(len(dense))]
     else:
-        raise ValueError(f"pairing={pairing!r}; expected 'all' or 'same_seed'")
+        raise InputError(f"pairing={pairing!r}; expected 'all' or 'same_seed'")
     n = dense[0].shape[0]
     if any(D.shape[0] != n for D in dense):
-        raise ValueError(f"dense decoders have latent counts {[D.shape[0] for D in dense]}; expected one size")
+        raise InputError(f"dense decoders have latent counts {[D.shape[0] for D in dense]}; expected one size")
     matched_sum = np.zeros((len(dense), n))
     cos_sum = np.zeros((len(dense), n))
     count = np.zeros(len(dense))
@@ -211,7 +212,7 @@ def fvu(x, x_hat) -> float:
     x = np.asarray(x)
     x_hat = np.asarray(x_hat)
     if x.ndim != 2 or x.shape != x_hat.shape:
-        raise ValueError(f"x shape {x.shape}, x_hat shape {x_hat.shape}; expected two arrays [N, d] of one shape")
+        raise InputError(f"x shape {x.shape}, x_hat shape {x_hat.shape}; expected two arrays [N, d] of one shape")
     return float(_fvu(x, x_hat))
 
 
@@ -219,7 +220,7 @@ def l0(codes) -> float:
     """Mean number of active (nonzero) features per token. codes [N, n]."""
     codes = jnp.asarray(codes)
     if codes.ndim != 2:
-        raise ValueError(f"codes shape {codes.shape}; expected [N tokens, n latents]")
+        raise InputError(f"codes shape {codes.shape}; expected [N tokens, n latents]")
     return float(jnp.mean(jnp.sum(codes != 0, axis=1).astype(jnp.float32)))
 
 
@@ -244,7 +245,7 @@ def jaccard_active(codes_a, codes_b, per_token: bool = False):
     a = jnp.asarray(codes_a)
     b = jnp.asarray(codes_b)
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"codes_a shape {a.shape}, codes_b shape {b.shape}; expected two arrays [N, n] of one shape")
+        raise InputError(f"codes_a shape {a.shape}, codes_b shape {b.shape}; expected two arrays [N, n] of one shape")
     j = _jaccard(a, b)
     return np.asarray(j) if per_token else float(jnp.mean(j))
 
@@ -254,7 +255,7 @@ def _token_mask(mask, shape) -> jnp.ndarray:
         return jnp.ones(shape, jnp.float32)
     mask = jnp.asarray(mask)
     if mask.shape != tuple(shape):
-        raise ValueError(f"mask shape {mask.shape}; expected {tuple(shape)}")
+        raise InputError(f"mask shape {mask.shape}; expected {tuple(shape)}")
     return mask.astype(jnp.float32)
 
 
@@ -277,7 +278,7 @@ def next_token_loss(logits, tokens, mask=None) -> float:
     logits = jnp.asarray(logits)
     tokens = jnp.asarray(tokens, jnp.int32)
     if logits.ndim != 3 or tokens.shape != logits.shape[:2] or tokens.shape[1] < 2:
-        raise ValueError(
+        raise InputError(
             f"logits shape {logits.shape}, tokens shape {tokens.shape}; expected [B, T, V] and [B, T] with T >= 2"
         )
     return float(_next_token_loss(logits, tokens, _token_mask(mask, tokens.shape)))
@@ -316,7 +317,7 @@ def kl_divergence(logits_ref, logits, mask=None) -> float:
     a = jnp.asarray(logits_ref)
     b = jnp.asarray(logits)
     if a.shape != b.shape or a.ndim < 1:
-        raise ValueError(f"logits_ref shape {a.shape}, logits shape {b.shape}; expected one shape [..., V]")
+        raise InputError(f"logits_ref shape {a.shape}, logits shape {b.shape}; expected one shape [..., V]")
     return float(_kl(a, b, _token_mask(mask, a.shape[:-1])))
 
 
@@ -327,7 +328,7 @@ def firing_rate(codes, threshold: float = 0.0) -> np.ndarray:
     """Per-feature firing rate: the fraction of tokens with code > threshold. codes [N, n] -> [n]."""
     codes = jnp.asarray(codes)
     if codes.ndim != 2:
-        raise ValueError(f"codes shape {codes.shape}; expected [N tokens, n latents]")
+        raise InputError(f"codes shape {codes.shape}; expected [N tokens, n latents]")
     return np.asarray(jnp.mean((codes > threshold).astype(jnp.float32), axis=0))
 
 
@@ -340,9 +341,9 @@ def firing_quintiles(rates, n_bins: int = 5) -> np.ndarray:
     """
     rates = np.asarray(rates)
     if rates.ndim != 1:
-        raise ValueError(f"rates shape {rates.shape}; expected [n latents]")
+        raise InputError(f"rates shape {rates.shape}; expected [n latents]")
     if int(n_bins) < 2 or rates.shape[0] < n_bins:
-        raise ValueError(f"n_bins={n_bins!r} with {rates.shape[0]} features; expected 2 <= n_bins <= n")
+        raise InputError(f"n_bins={n_bins!r} with {rates.shape[0]} features; expected 2 <= n_bins <= n")
     order = np.argsort(rates, kind="mergesort")
     rank = np.empty(rates.shape[0], np.int64)
     rank[order] = np.arange(rates.shape[0])
@@ -354,7 +355,7 @@ def survival_by_quintile(survived, rates, n_bins: int = 5) -> np.ndarray:
     survived = np.asarray(survived, dtype=np.float64)
     q = firing_quintiles(rates, n_bins)
     if survived.shape != q.shape:
-        raise ValueError(f"survived shape {survived.shape}; expected {q.shape} like rates")
+        raise InputError(f"survived shape {survived.shape}; expected {q.shape} like rates")
     return np.bincount(q, weights=survived, minlength=n_bins) / np.bincount(q, minlength=n_bins)
 
 
@@ -396,7 +397,7 @@ def fragility(
     if s.ndim == 1:
         s, r = s[None], r[None]
     if s.ndim != 2 or s.shape != r.shape:
-        raise ValueError(f"survived shape {s.shape}, rates shape {r.shape}; expected two arrays [S, n] of one shape")
+        raise InputError(f"survived shape {s.shape}, rates shape {r.shape}; expected two arrays [S, n] of one shape")
     bins = np.stack([firing_quintiles(row, n_bins) for row in r])  # [S, n]
     sums = np.stack([np.bincount(b, weights=x, minlength=n_bins) for b, x in zip(bins, s)])
     counts = np.stack([np.bincount(b, minlength=n_bins) for b in bins]).astype(np.float64)
@@ -436,7 +437,7 @@ def attribution(codes, grads) -> np.ndarray:
     c = jnp.asarray(codes, jnp.float32)
     g = jnp.asarray(grads, jnp.float32)
     if c.shape != g.shape or c.ndim < 1:
-        raise ValueError(f"codes shape {c.shape}, grads shape {g.shape}; expected one shape [..., n]")
+        raise InputError(f"codes shape {c.shape}, grads shape {g.shape}; expected one shape [..., n]")
     return np.asarray(-jnp.sum((c * g).reshape(-1, c.shape[-1]), axis=0))
 
 
@@ -475,7 +476,7 @@ def causal_effects(
     """
     codes = jnp.asarray(codes, jnp.float32)
     if codes.ndim < 1:
-        raise ValueError(f"codes shape {codes.shape}; expected [..., n latents]")
+        raise InputError(f"codes shape {codes.shape}; expected [..., n latents]")
     n = codes.shape[-1]
     clean, grads = jax.jit(jax.value_and_grad(loss_fn))(codes)
     estimate = attribution(codes, grads)
@@ -487,7 +488,7 @@ def causal_effects(
     else:
         idx = np.asarray(features, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"features span [{idx.min()}, {idx.max()}]; expected indices in [0, {n})")
+            raise InputError(f"features span [{idx.min()}, {idx.max()}]; expected indices in [0, {n})")
 
     @jax.jit
     def ablated(c, ids):
@@ -529,7 +530,7 @@ def survival_causal_correlation(
     x = np.asarray(max_cos, dtype=np.float64).reshape(-1)
     y = np.asarray(effect, dtype=np.float64).reshape(-1)
     if x.shape != y.shape:
-        raise ValueError(f"max_cos has {x.size} values and effect {y.size}; expected one value per feature each")
+        raise InputError(f"max_cos has {x.size} values and effect {y.size}; expected one value per feature each")
     if absolute:
         y = np.abs(y)
     return spearman_ci(x, y, n_boot, ci, seed)

@@ -11,6 +11,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from prunesae_jax.errors import InputError
+
 
 class Interval(NamedTuple):
     """A point estimate with a (percentile) confidence interval."""
@@ -22,9 +24,9 @@ class Interval(NamedTuple):
 
 def _check_boot(n_boot: int, ci: float) -> None:
     if int(n_boot) < 1:
-        raise ValueError(f"n_boot={n_boot!r}; expected an integer >= 1")
+        raise InputError(f"n_boot={n_boot!r}; expected an integer >= 1")
     if not 0.0 < float(ci) < 1.0:
-        raise ValueError(f"ci={ci!r}; expected a level strictly between 0 and 1, e.g. 0.95")
+        raise InputError(f"ci={ci!r}; expected a level strictly between 0 and 1, e.g. 0.95")
 
 
 def _percentile_interval(estimate: float, boots: np.ndarray, ci: float) -> Interval:
@@ -75,7 +77,7 @@ def bootstrap_ci(
     _check_boot(n_boot, ci)
     data = np.asarray(data)
     if data.ndim == 0 or data.shape[0] == 0:
-        raise ValueError(f"data shape {data.shape}; expected at least one row along axis 0")
+        raise InputError(f"data shape {data.shape}; expected at least one row along axis 0")
     n = data.shape[0]
     boots = []
     if statistic is None:
@@ -102,7 +104,7 @@ def spearman_ci(x, y, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> In
     x, y = _paired(x, y)
     n = x.shape[0]
     if n == 0:
-        raise ValueError("x and y are empty; expected at least one pair")
+        raise InputError("x and y are empty; expected at least one pair")
     estimate = spearman(x, y)
     ux, ix = np.unique(x, return_inverse=True)
     uy, iy = np.unique(y, return_inverse=True)
@@ -143,7 +145,7 @@ def cluster_bootstrap_ci(
     _check_boot(n_boot, ci)
     clusters = list(clusters)
     if not clusters:
-        raise ValueError("clusters is empty; expected at least one cluster")
+        raise InputError("clusters is empty; expected at least one cluster")
     k = len(clusters)
     estimate = float(statistic(clusters))
     boots = [float(statistic([clusters[j] for j in row])) for idx in _index_chunks(k, int(n_boot), seed) for row in idx]
@@ -154,7 +156,7 @@ def rankdata(x) -> np.ndarray:
     """1-based ranks with ties given their average rank (scipy.stats.rankdata 'average')."""
     x = np.asarray(x)
     if x.ndim != 1:
-        raise ValueError(f"x has shape {x.shape}; expected a 1-D array")
+        raise InputError(f"x has shape {x.shape}; expected a 1-D array")
     n = x.shape[0]
     # Average ranks do not depend on the order among equal values, so any sort kind works.
     order = np.argsort(x)
@@ -174,7 +176,7 @@ def _paired(x, y) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
-        raise ValueError(f"x shape {x.shape}, y shape {y.shape}; expected two 1-D arrays of equal length")
+        raise InputError(f"x shape {x.shape}, y shape {y.shape}; expected two 1-D arrays of equal length")
     return x, y
 
 
@@ -212,7 +214,7 @@ def kendalls_w(ratings) -> float:
     """
     r = np.asarray(ratings, dtype=np.float64)
     if r.ndim != 2:
-        raise ValueError(f"ratings shape {r.shape}; expected [m raters, n items]")
+        raise InputError(f"ratings shape {r.shape}; expected [m raters, n items]")
     m, n = r.shape
     if m < 1 or n < 2:
         return float("nan")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prunesae_jax.errors import InputError
 from prunesae_jax.models.config import DecoderConfig, embed_scale
 
 _INIT_STD = 0.02
@@ -408,13 +409,13 @@ def _from_nnx(cfg: DecoderConfig, tree: dict) -> dict:
 
 def _model(cfg: DecoderConfig, params: dict) -> Decoder:
     if len(params['layers']) != cfg.num_layers:
-        raise ValueError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
+        raise InputError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
     return nnx.merge(_graphdef(cfg), _to_nnx(cfg, params))
 
 
 def _check_tokens(tokens):
     if getattr(tokens, 'ndim', None) != 2:
-        raise ValueError(f'tokens has shape {getattr(tokens, "shape", None)}; expected [B, T] int32')
+        raise InputError(f'tokens has shape {getattr(tokens, "shape", None)}; expected [B, T] int32')
 
 
 # --------------------------------------------------------------------------- public API
@@ -446,10 +447,10 @@ def check_layers(cfg: DecoderConfig, layers) -> tuple[int, ...]:
     out = []
     for l in layers:
         if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not -cfg.num_layers <= l < cfg.num_layers:
-            raise ValueError(f'layer index {l!r} is out of range; expected an int in [0, {cfg.num_layers - 1}]')
+            raise InputError(f'layer index {l!r} is out of range; expected an int in [0, {cfg.num_layers - 1}]')
         out.append(int(l) % cfg.num_layers)
     if not out:
-        raise ValueError('layers=() is empty; expected at least one layer index')
+        raise InputError('layers=() is empty; expected at least one layer index')
     return tuple(sorted(set(out)))
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunesae_jax.errors import InputError
 from prunesae_jax.models.config import DecoderConfig
 from prunesae_jax.models.decoder import resid_post, unembed
 
@@ -41,13 +42,13 @@ def greedy_generate(cfg: DecoderConfig, params: dict, tokens, n_new: int, bucket
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] < 1:
-        raise ValueError(f'tokens has shape {tokens.shape}; expected [1, T] with T >= 1')
+        raise InputError(f'tokens has shape {tokens.shape}; expected [1, T] with T >= 1')
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f'tokens has dtype {tokens.dtype}; expected integer token ids')
+        raise InputError(f'tokens has dtype {tokens.dtype}; expected integer token ids')
     if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
-        raise ValueError(f'n_new={n_new!r} must be a non-negative int')
+        raise InputError(f'n_new={n_new!r} must be a non-negative int')
     if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
-        raise ValueError(f'bucket={bucket!r} must be a positive int')
+        raise InputError(f'bucket={bucket!r} must be a positive int')
     T = tokens.shape[1]
     size = -(-(T + n_new) // bucket) * bucket
     buf = np.zeros((1, size), np.int32)
@@ -61,7 +62,7 @@ def generate_text(model: str, prompt: str, max_new_tokens: int = 32, dtype: str 
     from prunesae_jax.models.zoo import load_zoo
 
     if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f'prompt={prompt!r} must be a non-empty string')
+        raise InputError(f'prompt={prompt!r} must be a non-empty string')
     cfg, params, tokenizer = load_zoo(model, dtype=dtype)
     tokens = np.asarray([tokenizer(prompt).input_ids], np.int32)
     out = np.asarray(greedy_generate(cfg, params, tokens, max_new_tokens))[0, tokens.shape[1]:]

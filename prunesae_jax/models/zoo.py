@@ -24,6 +24,8 @@ import tempfile
 
 import numpy as np
 
+from prunesae_jax.errors import InputError
+
 _CACHE_FORMAT = 1  # bump when the cached folder's contents change meaning
 
 
@@ -48,7 +50,7 @@ ZOO = {
 
 def _entry(name: str) -> ZooEntry:
     if name not in ZOO:
-        raise ValueError(f'zoo model {name!r} is unknown; the zoo has {sorted(ZOO)}')
+        raise InputError(f'zoo model {name!r} is unknown; the zoo has {sorted(ZOO)}')
     return ZOO[name]
 
 

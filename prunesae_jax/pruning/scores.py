@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from prunesae_jax.errors import InputError
+
 
 def magnitude_scores(W):
     """|W| in float32. W: [d_in, d_out]."""
@@ -25,5 +27,5 @@ def wanda_scores(W, x_sq_norm):
     W = jnp.asarray(W, jnp.float32)
     x_sq_norm = jnp.asarray(x_sq_norm, jnp.float32)
     if x_sq_norm.shape != W.shape[:1]:
-        raise ValueError(f'x_sq_norm has shape {x_sq_norm.shape}; expected ({W.shape[0]},) for W {W.shape}')
+        raise InputError(f'x_sq_norm has shape {x_sq_norm.shape}; expected ({W.shape[0]},) for W {W.shape}')
     return jnp.abs(W) * jnp.sqrt(x_sq_norm)[:, None]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunesae_jax.errors import InputError
 from prunesae_jax.pruning.select import check_nm, check_sparsity, lowest_k, nm_prune_rows
 
 
@@ -30,7 +31,7 @@ def inverse_hessian_factor(H, damp: float = 0.01):
     H = jnp.asarray(H, jnp.float32)
     U = _inverse_hessian_factor(H, jnp.float32(damp))
     if not bool(jnp.all(jnp.isfinite(U))):
-        raise ValueError('SparseGPT: the damped Hessian is not finite positive definite; '
+        raise InputError('SparseGPT: the damped Hessian is not finite positive definite; '
                          'expected finite calibration statistics (try a larger damp than %g)' % damp)
     return U
 
@@ -105,13 +106,13 @@ def sparsegpt_prune(W, H, sparsity=None, *, nm=None, block_size: int = 128, damp
     W = jnp.asarray(W)
     d_in, d_out = W.shape
     if tuple(H.shape) != (d_in, d_in):
-        raise ValueError(f'Hessian has shape {tuple(H.shape)}; expected ({d_in}, {d_in}) for W {W.shape}')
+        raise InputError(f'Hessian has shape {tuple(H.shape)}; expected ({d_in}, {d_in}) for W {W.shape}')
     if isinstance(block_size, bool) or int(block_size) < 1:
-        raise ValueError(f'block_size must be a positive int, got {block_size!r}')
+        raise InputError(f'block_size must be a positive int, got {block_size!r}')
     if nm is not None:
         n, m = check_nm(nm, d_in)
         if block_size % m:
-            raise ValueError(f'block_size {block_size} must be a multiple of M={m} for N:M {n}:{m}')
+            raise InputError(f'block_size {block_size} must be a multiple of M={m} for N:M {n}:{m}')
         s = 0.0
     else:
         n, m = 0, 1
@@ -119,7 +120,7 @@ def sparsegpt_prune(W, H, sparsity=None, *, nm=None, block_size: int = 128, damp
     W_new, keep, ok = _sparsegpt_prune(W, jnp.asarray(H, jnp.float32), jnp.float32(damp), sparsity=s, n=n, m=m,
                                        block_size=int(block_size))
     if not bool(ok):
-        raise ValueError('SparseGPT: non-finite inverse Hessian or weights; expected finite calibration '
+        raise InputError('SparseGPT: non-finite inverse Hessian or weights; expected finite calibration '
                          f'statistics and a positive definite damped Hessian (damp={damp})')
     return W_new, keep
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunesae_jax.errors import InputError
+
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 
 
@@ -41,13 +43,13 @@ class SAEConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture={self.architecture!r}; accepted: {ARCHITECTURES}")
+            raise InputError(f"architecture={self.architecture!r}; accepted: {ARCHITECTURES}")
         if int(self.d_in) <= 0 or int(self.n_latents) <= 0:
-            raise ValueError(f"d_in={self.d_in}, n_latents={self.n_latents}; both must be positive integers")
+            raise InputError(f"d_in={self.d_in}, n_latents={self.n_latents}; both must be positive integers")
         if self.architecture in ("topk", "batchtopk") and not 0 < int(self.k) <= int(self.n_latents):
-            raise ValueError(f"k={self.k}; accepted: 1 <= k <= n_latents={self.n_latents}")
+            raise InputError(f"k={self.k}; accepted: 1 <= k <= n_latents={self.n_latents}")
         if self.k_aux is not None and not 0 < int(self.k_aux) <= int(self.n_latents):
-            raise ValueError(f"k_aux={self.k_aux}; accepted: 1 <= k_aux <= n_latents={self.n_latents}")
+            raise InputError(f"k_aux={self.k_aux}; accepted: 1 <= k_aux <= n_latents={self.n_latents}")
 
     @property
     def k_aux_eff(self) -> int:
@@ -106,7 +108,7 @@ def init(keys, cfg: SAEConfig, sample=None):
     if sample is not None:
         sample = jnp.asarray(sample, jnp.float32)
         if sample.ndim != 2 or sample.shape[1] != cfg.d_in:
-            raise ValueError(f"sample shape {tuple(sample.shape)}; expected [N, d_in={cfg.d_in}]")
+            raise InputError(f"sample shape {tuple(sample.shape)}; expected [N, d_in={cfg.d_in}]")
         b_dec = geometric_median(sample)
     else:
         b_dec = jnp.zeros((cfg.d_in,), jnp.float32)
@@ -147,7 +149,7 @@ def encode(cfg: SAEConfig, params, x):
 def encode_topk(cfg: SAEConfig, params, x):
     """TopK codes as (vals [B, k], idx [B, k]) without the dense [B, n] latent array."""
     if cfg.architecture != "topk":
-        raise ValueError(f"encode_topk needs architecture='topk', got {cfg.architecture!r}")
+        raise InputError(f"encode_topk needs architecture='topk', got {cfg.architecture!r}")
     vals, idx = jax.lax.top_k(pre_acts(cfg, params, x), cfg.k)
     return jax.nn.relu(vals), idx
 
@@ -168,7 +170,7 @@ def reconstruct(cfg: SAEConfig, params, x):
 
 def _check_d_in(cfg: SAEConfig, x):
     if x.shape[-1] != cfg.d_in:
-        raise ValueError(f"activations have d_in={x.shape[-1]}; this SAE expects d_in={cfg.d_in}")
+        raise InputError(f"activations have d_in={x.shape[-1]}; this SAE expects d_in={cfg.d_in}")
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -46,7 +46,7 @@ def _atomic_save_npy_parts(path: str, parts: list[np.ndarray]) -> None:
 def _check_finite(x: np.ndarray, what: str) -> None:
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0]
-        raise ValueError(f"non-finite activation {x[tuple(bad)]} at {what} row {bad[0]}; activations must be finite")
+        raise InputError(f"non-finite activation {x[tuple(bad)]} at {what} row {bad[0]}; activations must be finite")
 
 
 class _Batches:

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from prunesae_jax.errors import InputError, NonFiniteError
 from prunesae_jax.study import report as report_lib
-from prunesae_jax.errors import NonFiniteError
 from prunesae_jax.study.config import (
     ConfigError,
     validate,
@@ -77,7 +77,7 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int, bos_token_id: int = 1):
         if vocab_size < 4:
-            raise ValueError(f'vocab_size={vocab_size}; accepted: >= 4')
+            raise InputError(f'vocab_size={vocab_size}; accepted: >= 4')
         self.vocab_size = vocab_size
         self.bos_token_id = bos_token_id
 

@@ -58,6 +58,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from prunesae_jax.errors import InputError
 from prunesae_jax.study.workdir import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -88,7 +89,7 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, encoding='utf-8') as f:
         results = json.load(f)
     if results.get('schema') != SCHEMA:
-        raise ValueError(f'{path}: schema {results.get("schema")!r} is not {SCHEMA!r}')
+        raise InputError(f'{path}: schema {results.get("schema")!r} is not {SCHEMA!r}')
     return results
 
 
@@ -720,7 +721,7 @@ def write_report(results: Mapping[str, Any], workdir: str | os.PathLike,
                  timings: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Writes tables/*.csv, figures/*.png and report.md; returns {name: path}."""
     if results.get('schema') != SCHEMA:
-        raise ValueError(f'results schema {results.get("schema")!r} is not {SCHEMA!r}')
+        raise InputError(f'results schema {results.get("schema")!r} is not {SCHEMA!r}')
     paths: dict[str, Path] = {}
     paths.update({f'tables/{k}': v for k, v in write_tables(results, workdir).items()})
     paths.update({f'figures/{k}': v for k, v in write_figures(results, workdir).items()})

@@ -195,7 +195,7 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, '__array__'):
         arr = np.asarray(obj)
         return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-    raise ValueError(f'cannot write {type(obj).__name__} value {obj!r} to JSON; accepted: '
+    raise InputError(f'cannot write {type(obj).__name__} value {obj!r} to JSON; accepted: '
                      'dicts, lists, numbers, strings, None, numpy arrays')
 
 
