@@ -53,9 +53,10 @@ def test_relu_and_jumprelu_recover_ground_truth(arch, kw, floor):
     assert float(r.final["fvu"][0]) < 0.35 and float(r.final["l0"][0]) < 25
 
 
-def test_vmapped_seeds_equal_each_seed_alone():
+@pytest.mark.parametrize("seeds_per_pass", [1, 3, 4])  # one at a time (CPU default), 3 + 1, all vmapped
+def test_vmapped_seeds_equal_each_seed_alone(seeds_per_pass):
     cfg = sae.SAEConfig(64, 256, k=4, dead_tokens=2048)
-    t = _tcfg(n_steps=30, n_seeds=4, batch_size=256, log_every=0)
+    t = _tcfg(n_steps=30, n_seeds=4, batch_size=256, log_every=0, seeds_per_pass=seeds_per_pass)
     both = sae.train(cfg, t, X[:4096])
     for s in range(4):
         alone = sae.train(cfg, _tcfg(n_steps=30, n_seeds=1, seed=s, batch_size=256, log_every=0), X[:4096])
