@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     if not mults or any(m <= 0 for m in mults):
         ap.error(f'--multipliers={args.multipliers!r}; accepted: positive numbers like 1,2,4')
     base = base_tokens(config_path, args.set)
+    if args.tmpdir:
+        os.makedirs(args.tmpdir, exist_ok=True)
     parent = tempfile.mkdtemp(prefix='prunesae_scaling_', dir=args.tmpdir)
     rows = []
     for m in mults:
