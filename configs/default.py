@@ -40,8 +40,8 @@ def get_config():
     config.dtype = 'float32'
     config.layer = -1  # the middle layer: 9 of 18
 
-    # Budgets for a 2-core CPU (<= 15 minutes; measured 10m43s and 1013 CPU-seconds from an empty
-    # workdir with the zoo model already converted; peak RSS 6.5 GiB, flat in sae.n_tokens, see
+    # Budgets for a 2-core CPU (<= 15 minutes; measured 10m22s, 977 CPU-seconds and 6.6 GiB peak RSS
+    # from an empty workdir with the zoo model already converted; memory flat in sae.n_tokens, see
     # BENCHMARKS.md "Scaling"). There the 270M model's forward
     # pass runs at ~100-300 tokens/s (the 262k-vocabulary unembedding dominates perplexity and the
     # CE losses) and a step of 3 vmapped 5120-latent SAEs on 256 tokens takes ~0.4 s: SAE training
