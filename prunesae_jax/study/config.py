@@ -506,27 +506,14 @@ def paper_base_config() -> ml_collections.ConfigDict:
     c.ppl.stride = 512
     c.ppl.max_tokens = 0
     c.ppl.batch_size = 8
-    c.pruning.methods = ('magnitude', 'wanda')
     c.pruning.sparsities = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-    c.pruning.group = ml_collections.ConfigDict(
-        {'magnitude': 'global', 'wanda': 'per_row', 'sparsegpt': ''})
-    c.pruning.block_sequential = True
-    c.sae.architecture = 'topk'
-    c.sae.expansion = 8
     c.sae.k = 64
     c.sae.n_tokens = 1_500_000
     c.sae.seq_len = 1024
     c.sae.batch_size = 4096
-    c.sae.lr = 0.0
-    c.sae.n_seeds = 3
     c.sae.capture_batch = 8
-    c.analysis.tau = 0.7
-    c.analysis.taus = (0.6, 0.7, 0.8)
-    c.analysis.n_bootstrap = 1000
     c.analysis.transfer_tokens = 65536
     c.analysis.causal_features = 256
     c.analysis.causal_tokens = 16384
     c.analysis.causal_measure = 'exact'
-    c.mesh.seed = 1
-    c.mesh.data = -1
-    return c
+    return c  # everything else (methods, Wanda per row, 3 seeds, tau 0.7, ...) as in base_config()
