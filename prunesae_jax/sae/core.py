@@ -32,12 +32,19 @@ class SAEConfig:
     k: int = 32  # active latents per token (topk) or per token on average (batchtopk)
     k_aux: int | None = None  # AuxK latents; None -> d_in // 2 (OpenAI)
     aux_coeff: float = 1.0 / 32.0
-    dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
+    # a latent is dead (AuxK) after this many training tokens without firing. None = auto, resolved by
+    # train.resolve_dead_tokens from the run's length (a fixed 10M, the papers' value, exceeds what short
+    # runs train on: no latent would ever count as dead and AuxK would never run)
+    dead_tokens: int | None = None
     l1_coeff: float = 5.0  # relu: decoder-norm-weighted L1
     l0_coeff: float = 1.0  # jumprelu: L0 penalty
     jumprelu_bandwidth: float = 0.001
     jumprelu_init_threshold: float = 0.001
-    batchtopk_threshold_momentum: float = 0.99
+    # batchtopk inference threshold (dictionary_learning's BatchTopKTrainer): an EMA with this momentum of
+    # each batch's smallest active pre-activation, updated only on steps after the start step (see
+    # train.batchtopk_threshold_start for runs shorter than twice the start step)
+    batchtopk_threshold_momentum: float = 0.999
+    batchtopk_threshold_start_step: int = 1000
     apply_b_dec_to_input: bool = True  # Gemma Scope SAEs do not subtract b_dec
     unit_norm_decoder: bool = True
 
@@ -50,6 +57,14 @@ class SAEConfig:
             raise InputError(f"k={self.k}; accepted: 1 <= k <= n_latents={self.n_latents}")
         if self.k_aux is not None and not 0 < int(self.k_aux) <= int(self.n_latents):
             raise InputError(f"k_aux={self.k_aux}; accepted: 1 <= k_aux <= n_latents={self.n_latents}")
+        if self.dead_tokens is not None and (isinstance(self.dead_tokens, bool) or int(self.dead_tokens) < 1):
+            raise InputError(f"dead_tokens={self.dead_tokens!r}; accepted: a positive int, or None for auto")
+        if not 0.0 <= float(self.batchtopk_threshold_momentum) < 1.0:
+            raise InputError(f"batchtopk_threshold_momentum={self.batchtopk_threshold_momentum}; "
+                             "accepted: 0 <= m < 1")
+        if int(self.batchtopk_threshold_start_step) < 0:
+            raise InputError(f"batchtopk_threshold_start_step={self.batchtopk_threshold_start_step}; "
+                             "accepted: >= 0")
 
     @property
     def k_aux_eff(self) -> int:
@@ -83,9 +98,13 @@ def geometric_median(x, n_iter: int = 100, eps: float = 1e-8):
     return jax.lax.fori_loop(0, n_iter, body, x.mean(0))
 
 
-def _init_one(key, cfg: SAEConfig, b_dec):
+def _init_decoder_one(key, cfg: SAEConfig):
     w_dec = jax.random.normal(key, (cfg.n_latents, cfg.d_in), jnp.float32)
-    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)  # unit-norm rows
+    return w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)  # unit-norm rows
+
+
+def _init_one(key, cfg: SAEConfig, b_dec):
+    w_dec = _init_decoder_one(key, cfg)
     p = {
         "W_enc": w_dec.T,  # tied init
         "b_enc": jnp.zeros((cfg.n_latents,), jnp.float32),
@@ -95,7 +114,9 @@ def _init_one(key, cfg: SAEConfig, b_dec):
     if cfg.architecture == "jumprelu":
         p["threshold"] = jnp.full((cfg.n_latents,), cfg.jumprelu_init_threshold, jnp.float32)
     elif cfg.architecture == "batchtopk":
-        p["threshold"] = jnp.zeros((cfg.n_latents,), jnp.float32)
+        # < 0 = unset (dictionary_learning): the first update sets it; until then every positive
+        # pre-activation passes the inference rule relu(pre) * (pre > threshold)
+        p["threshold"] = jnp.full((cfg.n_latents,), -1.0, jnp.float32)
     return p
 
 
@@ -118,6 +139,16 @@ def init(keys, cfg: SAEConfig, sample=None):
 @functools.lru_cache(maxsize=16)
 def _init_fn(cfg):
     return jax.jit(jax.vmap(lambda k, b: _init_one(k, cfg, b), in_axes=(0, None)))
+
+
+def init_decoder(keys, cfg: SAEConfig):
+    """The unit-norm decoder rows [S, n, d_in] that init(keys, cfg) starts from (without the rest)."""
+    return _init_decoder_fn(cfg)(keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_decoder_fn(cfg):
+    return jax.jit(jax.vmap(lambda k: _init_decoder_one(k, cfg)))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -206,6 +237,7 @@ def evaluate(cfg: SAEConfig, params, x):
 
 @jax.custom_vjp
 def _jump(pre, threshold, bandwidth):
+    """Heaviside step H(pre - threshold) [B, n] with the rectangle-kernel pseudo-derivative (the L0 term)."""
     return (pre > threshold).astype(pre.dtype)
 
 
@@ -214,7 +246,8 @@ def _jump_fwd(pre, threshold, bandwidth):
 
 
 def _jump_bwd(res, g):
-    # straight-through with a rectangle kernel: d/dtheta H(pre - theta) ~ -K((pre - theta)/eps)/eps
+    # Rajamanoharan et al. 2024 (Gemma Scope): d/dtheta H(pre - theta) ~ -K((pre - theta)/eps)/eps with the
+    # rectangle kernel K(u) = 1{|u| < 1/2}; no gradient reaches pre through the step
     pre, threshold, bandwidth = res
     rect = (jnp.abs(pre - threshold) < bandwidth / 2).astype(pre.dtype) / bandwidth
     return jnp.zeros_like(pre), (-g * rect).sum(0).reshape(threshold.shape), None
@@ -223,10 +256,30 @@ def _jump_bwd(res, g):
 _jump.defvjp(_jump_fwd, _jump_bwd)
 
 
-def _jumprelu_act(pre, threshold, bandwidth):
-    # gradient reaches pre through the identity factor only where the unit is open (as in Gemma Scope)
-    return jax.lax.stop_gradient(pre) * _jump(pre, threshold, bandwidth) + (
-        pre - jax.lax.stop_gradient(pre)) * (pre > threshold)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(pre, threshold, bandwidth: float):
+    """JumpReLU(pre) = pre * H(pre - threshold) for pre [B, n], threshold [n].
+
+    Pseudo-derivatives as in Gemma Scope / SAELens: d/dpre = H(pre - theta) (the identity where the unit
+    is open) and d/dtheta = -(theta / eps) * K((pre - theta) / eps), K the rectangle kernel 1{|u| < 1/2}
+    and eps the bandwidth. The kernel's weight is theta, not pre: the jump that moving theta opens or
+    closes has height theta at the threshold itself.
+    """
+    return pre * (pre > threshold)
+
+
+def _jumprelu_fwd(pre, threshold, bandwidth):
+    return jumprelu(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+    pre, threshold = res
+    rect = (jnp.abs(pre - threshold) < bandwidth / 2).astype(pre.dtype)
+    d_thr = (-(threshold / bandwidth) * rect * g).sum(0).reshape(threshold.shape)
+    return g * (pre > threshold), d_thr
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
 def _chunked(a, c):
@@ -279,14 +332,14 @@ def _sparse_decode_bwd(res, g):
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-def _topk_pass(tgt, xc, pre_sel, idx, w_dec, inv_b: float):
+def _topk_pass(tgt, xc, pre_sel, idx, w_dec, coef):
     """Sparse decode of a TopK SAE and the gradient of its squared error, in ONE chunked pass.
 
     tgt [B, d] is what the decode must match (without b_dec), xc [B, d] the encoder input, pre_sel and
     idx [B, k] the selected pre-activations and their rows of w_dec [n, d];
-    loss = inv_b * sum ||tgt - rec||^2. Each chunk of tokens gathers its k decoder rows once and uses
-    them for the decode AND for d loss / d vals (which needs only the chunk's own residual), then
-    scatter-adds both weight gradients. The encoder's rows are never gathered: pre_sel comes from the
+    loss = coef * sum ||tgt - rec||^2 (coef: a float or a traced scalar, the term's weight in the loss).
+    Each chunk of tokens gathers its k decoder rows once and uses them for the decode AND for
+    d loss / d vals (which needs only the chunk's own residual), then scatter-adds both weight gradients. The encoder's rows are never gathered: pre_sel comes from the
     dense encoder matmul, and the b_dec gradient through the encoder is W_enc @ d b_enc (see
     topk_sq_err). XLA's CPU gather / scatter is slow unless the rows stay in cache, hence the chunks.
     Returns rec [B, d], gpre [B, k] (d loss / d pre_sel), d W_enc^T [n, d], d W_dec [n, d], g [B, d]
@@ -302,7 +355,7 @@ def _topk_pass(tgt, xc, pre_sel, idx, w_dec, inv_b: float):
         rows = w_dec.at[ii].get(mode="promise_in_bounds")  # [c, k, d]
         vals = jax.nn.relu(pv)
         rec = jnp.einsum("ck,ckd->cd", vals, rows)
-        g = (-2.0 * inv_b) * (tt - rec)  # d loss / d x_hat
+        g = (-2.0 * coef) * (tt - rec)  # d loss / d x_hat
         gpre = jnp.einsum("cd,ckd->ck", g, rows) * (pv > 0)  # relu' = 1 only where pv > 0 (as jax.nn.relu)
         fi = ii.reshape(-1)
         dwd = dwd.at[fi].add((vals[:, :, None] * g[:, None, :]).reshape(-1, d), mode="promise_in_bounds")
@@ -337,17 +390,29 @@ def topk_sq_err(apply_b_dec: bool, add_b_dec: bool, w_enc, b_enc, w_dec, b_dec, 
     return ((target - x_hat) ** 2).sum(-1).mean(), vals, x_hat
 
 
-def _topk_sq_err_fwd(apply_b_dec, add_b_dec, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel):
+def _topk_sq_err_parts(apply_b_dec, add_b_dec, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel, coef):
+    """The forward of topk_sq_err with the gradient of coef * (summed squared error) already in hand.
+
+    Returns (sq, vals, x_hat), (grads, g, gpre): sq = sum over tokens of ||target - x_hat||^2 (NOT scaled
+    by coef), grads = d (coef * sq) / d (W_enc, b_enc, W_dec, b_dec).
+    """
     xc = x - b_dec if apply_b_dec else x
     tgt = target - b_dec if add_b_dec else target  # what the sparse decode must match
-    rec, gpre, dwe, dwd, g = _topk_pass(tgt, xc, pre_sel, idx, w_dec, 1.0 / x.shape[0])
+    rec, gpre, dwe, dwd, g = _topk_pass(tgt, xc, pre_sel, idx, w_dec, coef)
     d_b_enc = jnp.zeros_like(b_enc).at[idx.reshape(-1)].add(gpre.reshape(-1))
     d_b_dec = g.sum(0) if add_b_dec else jnp.zeros_like(b_dec)
     if apply_b_dec:  # pre = (x - b_dec) W_enc + b_enc: sum_t d pre_t / d b_dec = -W_enc @ d_b_enc
         d_b_dec = d_b_dec - w_enc @ d_b_enc
     grads = (dwe.T, d_b_enc, dwd, d_b_dec)
     x_hat = rec + b_dec if add_b_dec else rec
-    return (((tgt - rec) ** 2).sum(-1).mean(), jax.nn.relu(pre_sel), x_hat), (grads, g, gpre, idx, w_enc)
+    return (((tgt - rec) ** 2).sum(), jax.nn.relu(pre_sel), x_hat), (grads, g, gpre)
+
+
+def _topk_sq_err_fwd(apply_b_dec, add_b_dec, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel):
+    inv_b = 1.0 / x.shape[0]
+    (sq, vals, x_hat), (grads, g, gpre) = _topk_sq_err_parts(
+        apply_b_dec, add_b_dec, w_enc, b_enc, w_dec, b_dec, x, target, idx, pre_sel, inv_b)
+    return (sq * inv_b, vals, x_hat), (grads, g, gpre, idx, w_enc)
 
 
 def _topk_sq_err_bwd(apply_b_dec, add_b_dec, res, cts):
@@ -388,46 +453,116 @@ def topk_train_loss_seeds(cfg: SAEConfig, params, x, dead, use_aux: bool = True)
     return jax.lax.map(lambda a: train_loss(cfg, a[0], x, a[1], use_aux), (params, dead))
 
 
+def total_variance(x):
+    """Summed squared deviation of the batch x [B, d] from its mean: the denominator of the TopK losses."""
+    return jnp.maximum(((x - x.mean(0)) ** 2).sum(), 1e-30)
+
+
+def _auxk_scale(cfg: SAEConfig, dead):
+    """min(num_dead / k_aux, 1): sparsify damps AuxK while fewer latents are dead than it could use."""
+    return jnp.minimum(dead.sum().astype(jnp.float32) / cfg.k_aux_eff, 1.0)
+
+
+def _auxk_picks(cfg: SAEConfig, pre, dead):
+    """The k_aux largest pre-activations of DEAD latents and their indices [B, k_aux]. With fewer dead
+    latents than k_aux the extra picks get pre-activation 0, i.e. add nothing (sparsify's
+    k_aux = min(k_aux, num_dead))."""
+    a_top, a_idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), cfg.k_aux_eff)
+    return jnp.where(jnp.isfinite(a_top), a_top, 0.0), a_idx
+
+
+def auxk_is_dense(cfg: SAEConfig) -> bool:
+    """Whether topk_loss_and_grads computes AuxK with dense masked matmuls instead of k_aux-row gathers.
+
+    AuxK decodes k_aux = d_in / 2 latents per token: with a small dictionary (n_latents <= 4 * k_aux,
+    i.e. up to 2x expansion) that is a large share of all latents, and three dense [B, n] x [n, d]
+    matmuls cost less than gathering and scatter-adding k_aux decoder rows per token (on CPU 4x
+    faster at 640 latents). The numbers are the same either way (tested).
+    """
+    return cfg.n_latents <= 4 * cfg.k_aux_eff
+
+
+def _auxk_dense(cfg: SAEConfig, params, xc, pre, dead, target, coef):
+    """AuxK's summed squared error and the gradients of coef * it, as dense masked matmuls.
+
+    The latents decoded for a token are its k_aux largest pre-activations among the dead ones (all
+    dead latents when there are at most k_aux), as _auxk_picks selects them; e_hat = relu(pre) on
+    those latents @ W_dec (no b_dec), target = the detached residual. Returns (sq, grads) with grads
+    ordered (W_enc, b_enc, W_dec, b_dec) like _topk_sq_err_parts.
+    """
+    n_dead = dead.sum()
+
+    def kth_mask():
+        kth = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), cfg.k_aux_eff)[0][:, -1:]
+        return dead & (pre >= kth)
+
+    mask = jax.lax.cond(n_dead <= cfg.k_aux_eff, lambda: jnp.broadcast_to(dead, pre.shape), kth_mask)
+    on = mask & (pre > 0)
+    z = jnp.where(on, pre, 0.0)  # [B, n]
+    r = z @ params["W_dec"] - target  # [B, d]
+    g = (2.0 * coef) * r
+    d_w_dec = z.T @ g
+    d_pre = jnp.where(on, g @ params["W_dec"].T, 0.0)  # [B, n]
+    d_b_enc = d_pre.sum(0)
+    d_w_enc = xc.T @ d_pre
+    d_b_dec = -(params["W_enc"] @ d_b_enc) if cfg.apply_b_dec_to_input else jnp.zeros_like(params["b_dec"])
+    return (r ** 2).sum(), (d_w_enc, d_b_enc, d_w_dec, d_b_dec)
+
+
 def topk_loss_and_grads(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
     """TopK loss, metrics AND gradients of one SAE, written out by hand (no autodiff).
 
-    The same numbers as jax.value_and_grad(train_loss) (up to float rounding): loss = mean squared error
-    + aux_coeff * AuxK loss, whose residual target and its variance are constants (stop_gradient). The
-    gradient of each squared-error term is computed in its forward pass (_topk_pass, one gather of the k
-    decoder rows per token), so there is no backward pass, no residuals stored across it and no
-    rescaling by the loss cotangent. Returns (loss, aux, grads) with aux as in train_loss.
+    The same numbers as jax.value_and_grad(train_loss) (up to float rounding): loss = FVU + aux_coeff *
+    AuxK loss, as in train_loss. The gradient of each squared-error term, already scaled by its weight in
+    the loss, is computed in its forward pass (_topk_pass, one gather of the k decoder rows per token), so
+    there is no backward pass, no residuals stored across it and no rescaling afterwards. Returns
+    (loss, aux, grads) with aux as in train_loss.
     """
     w = [params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
     ab = cfg.apply_b_dec_to_input
     xc = x - params["b_dec"] if ab else x
     pre = xc @ params["W_enc"] + params["b_enc"]  # [B, n]: the only dense matmul
     pre_sel, idx = jax.lax.top_k(pre, cfg.k)
-    (err, vals, x_hat), (grads, *_) = _topk_sq_err_fwd(ab, True, *w, x, x, idx, pre_sel)
+    inv_tv = 1.0 / total_variance(x)
+    (sq, vals, x_hat), (grads, *_) = _topk_sq_err_parts(ab, True, *w, x, x, idx, pre_sel, inv_tv)
     fire_count = jnp.zeros((cfg.n_latents,), jnp.int32).at[idx.reshape(-1)].add(
         (vals.reshape(-1) > 0).astype(jnp.int32))
     aux = {"aux_loss": jnp.zeros((), jnp.float32)}
-    loss = err
+    loss = sq * inv_tv
     if use_aux:
-        a_top, a_idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), cfg.k_aux_eff)
-        a_pre = jnp.where(jnp.isfinite(a_top), a_top, 0.0)
-        target = x - x_hat
-        (a_err, _, _), (a_grads, *_) = _topk_sq_err_fwd(ab, False, *w, x, target, a_idx, a_pre)
-        inv_var = jnp.where(dead.any(), 1.0 / jnp.maximum(((target - target.mean(0)) ** 2).sum(-1).mean(), 1e-12), 0.0)
-        a_loss = a_err * inv_var
+        scale = _auxk_scale(cfg, dead)
+        coef = cfg.aux_coeff * scale * inv_tv
+        if auxk_is_dense(cfg):
+            a_sq, a_grads = _auxk_dense(cfg, params, xc, pre, dead, x - x_hat, coef)
+        else:
+            a_pre, a_idx = _auxk_picks(cfg, pre, dead)
+            (a_sq, _, _), (a_grads, *_) = _topk_sq_err_parts(ab, False, *w, x, x - x_hat, a_idx, a_pre, coef)
+        a_loss = scale * a_sq * inv_tv
         loss = loss + cfg.aux_coeff * a_loss
-        c = cfg.aux_coeff * inv_var
-        grads = tuple(g + c * a for g, a in zip(grads, a_grads))
+        grads = tuple(g + a for g, a in zip(grads, a_grads))
         aux["aux_loss"] = a_loss
-    aux.update(mse=err / cfg.d_in, l0=(vals > 0).sum(-1).mean(), fire_count=fire_count, x_hat=x_hat)
+    aux.update(mse=sq / (x.shape[0] * cfg.d_in), l0=(vals > 0).sum(-1).mean(), fire_count=fire_count,
+               x_hat=x_hat)
     return loss, aux, dict(zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads))
 
 
 def train_loss(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
     """Loss and metrics for one SAE on a batch x [B, d_in]; dead [n] bool marks dead latents (AuxK).
 
-    Returns (loss, aux) where aux holds mse, l0, fire_count [n] (tokens that fired it), x_hat and,
-    for batchtopk, the batch's minimum active pre-activation (threshold estimate).
-    use_aux=False skips AuxK (the caller knows no latent is dead).
+    TopK follows EleutherAI sparsify (sparse_coder.py) with the batch's total variance
+    tv = sum ||x - mean(x)||^2 as the common denominator:
+        loss = FVU + aux_coeff * AuxK,   FVU = sum ||x - x_hat||^2 / tv,
+        AuxK = min(num_dead / k_aux, 1) * sum ||e_hat - e||^2 / tv,
+    e = x - x_hat the detached residual and e_hat the decode (without b_dec) of the k_aux largest
+    pre-activations of dead latents. Both terms share tv, so AuxK weighs aux_coeff times the main term per
+    unit of squared error (dividing only AuxK by the residual's variance would weigh it hundreds of times
+    less, and dead latents would never revive).
+    relu / jumprelu / batchtopk: per-token squared error summed over d_in and averaged over tokens, plus
+    the sparsity penalty (Anthropic / Gemma Scope / dictionary_learning conventions).
+
+    Returns (loss, aux) where aux holds mse (mean squared error per element), l0, fire_count [n] (tokens
+    that fired it), x_hat, aux_loss (TopK) and, for batchtopk, the batch's minimum active pre-activation
+    (threshold estimate). use_aux=False skips AuxK (the caller knows no latent is dead).
     """
     arch = cfg.architecture
     xc = x - params["b_dec"] if cfg.apply_b_dec_to_input else x
@@ -438,22 +573,20 @@ def train_loss(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
         pre = jax.lax.stop_gradient(xc @ params["W_enc"] + params["b_enc"])  # [B, n]
         pre_sel, idx = jax.lax.top_k(pre, cfg.k)  # [B, k]
         w = [params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
-        mse_sum, vals, x_hat = topk_sq_err(cfg.apply_b_dec_to_input, True, *w, x, x, idx, pre_sel)
+        tv = total_variance(x)
+        b = x.shape[0]
+        err, vals, x_hat = topk_sq_err(cfg.apply_b_dec_to_input, True, *w, x, x, idx, pre_sel)
+        sq = err * b  # topk_sq_err averages over tokens
         fire_count = jnp.zeros((cfg.n_latents,), jnp.int32).at[idx.reshape(-1)].add(
             (vals.reshape(-1) > 0).astype(jnp.int32))
         l0 = (vals > 0).sum(-1).mean()
-        loss = mse_sum
+        loss = sq / tv
         aux["aux_loss"] = jnp.zeros((), jnp.float32)
         if use_aux:
-            # AuxK: the k_aux largest DEAD latents model the detached residual; b_dec is not added again
-            a_top, a_idx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), cfg.k_aux_eff)
-            # fewer dead latents than k_aux: the extra picks get pre-activation 0, i.e. add nothing
-            a_pre = jnp.where(jnp.isfinite(a_top), a_top, 0.0)
-            target = jax.lax.stop_gradient(x - x_hat)
-            a_mse = topk_sq_err(cfg.apply_b_dec_to_input, False, *w, x, target, a_idx, a_pre)[0]
-            # normalised by the residual's variance (OpenAI / sparsify); zero when nothing is dead
-            a_loss = a_mse / jnp.maximum(((target - target.mean(0)) ** 2).sum(-1).mean(), 1e-12)
-            a_loss = jnp.where(dead.any(), a_loss, 0.0)
+            a_pre, a_idx = _auxk_picks(cfg, pre, dead)
+            target = jax.lax.stop_gradient(x - x_hat)  # x_hat comes back detached already
+            a_sq = topk_sq_err(cfg.apply_b_dec_to_input, False, *w, x, target, a_idx, a_pre)[0] * b
+            a_loss = _auxk_scale(cfg, dead) * a_sq / tv  # zero when nothing is dead
             loss = loss + cfg.aux_coeff * a_loss
             aux["aux_loss"] = a_loss
     if arch != "topk":
@@ -466,12 +599,12 @@ def train_loss(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
         elif arch == "relu":
             z = jax.nn.relu(pre)
         else:  # jumprelu
-            z = _jumprelu_act(pre, params["threshold"], cfg.jumprelu_bandwidth)
+            z = jumprelu(pre, params["threshold"], cfg.jumprelu_bandwidth)
         x_hat = z @ params["W_dec"] + params["b_dec"]
         fire_count = (z != 0).sum(0).astype(jnp.int32)
         l0 = (z != 0).sum(-1).mean()
-        mse_sum = ((x - x_hat) ** 2).sum(-1).mean()
-        loss = mse_sum
+        sq = ((x - x_hat) ** 2).sum()
+        loss = sq / x.shape[0]
         if arch == "relu":
             w_norm = jnp.linalg.norm(params["W_dec"], axis=-1)
             sparsity = (z * w_norm).sum(-1).mean()
@@ -479,7 +612,7 @@ def train_loss(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
         elif arch == "jumprelu":
             l0_smooth = _jump(pre, params["threshold"], cfg.jumprelu_bandwidth).sum(-1).mean()
             loss = loss + cfg.l0_coeff * l0_smooth
-    aux.update(mse=mse_sum / cfg.d_in, l0=l0, fire_count=fire_count, x_hat=x_hat)
+    aux.update(mse=sq / (x.shape[0] * cfg.d_in), l0=l0, fire_count=fire_count, x_hat=x_hat)
     return loss, aux
 
 

@@ -47,7 +47,7 @@ def test_topk_sparse_gradients_equal_dense_reference():
         pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
         v, i = jax.lax.top_k(pre, cfg.k)
         z = jnp.zeros_like(pre).at[jnp.arange(64)[:, None], i].set(jax.nn.relu(v))
-        return ((z @ p["W_dec"] + p["b_dec"] - x) ** 2).sum(-1).mean()
+        return ((z @ p["W_dec"] + p["b_dec"] - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()  # FVU
 
     dead = jnp.zeros(96, bool)
     l_s, g_s = jax.jit(jax.value_and_grad(lambda p: core.train_loss(cfg, p, x, dead, use_aux=False)[0]))(p)
@@ -121,3 +121,114 @@ def test_seed_flattened_topk_loss_equals_vmapped_single_seed_loss():
     assert float(l1[1]) > float(l1[0]) - 1e-3  # seed 1 pays an AuxK term
     for k in g1:
         np.testing.assert_allclose(g1[k], g2[k], atol=1e-5, err_msg=k)
+
+
+def _np_topk_reference(cfg, p, x, dead):
+    """sparsify's TopK loss (sparse_coder.py) in NumPy: (loss, fvu, auxk_loss, mse)."""
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    x = np.asarray(x, np.float64)
+    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    z = np.zeros_like(pre)
+    for t in range(len(x)):
+        top = np.argsort(-pre[t])[:cfg.k]
+        z[t, top] = np.maximum(pre[t, top], 0)
+    x_hat = z @ p["W_dec"] + p["b_dec"]
+    e = x - x_hat
+    tv = ((x - x.mean(0)) ** 2).sum()
+    fvu = (e ** 2).sum() / tv
+    num_dead = int(np.sum(dead))
+    auxk = 0.0
+    if num_dead:
+        k_aux = min(cfg.k_aux_eff, num_dead)
+        scale = min(num_dead / cfg.k_aux_eff, 1.0)
+        za = np.zeros_like(pre)
+        dead_idx = np.flatnonzero(dead)
+        for t in range(len(x)):
+            top = dead_idx[np.argsort(-pre[t, dead_idx])[:k_aux]]
+            za[t, top] = np.maximum(pre[t, top], 0)
+        e_hat = za @ p["W_dec"]  # no b_dec
+        auxk = scale * ((e_hat - e) ** 2).sum() / tv
+    return fvu + cfg.aux_coeff * auxk, fvu, auxk, (e ** 2).mean()
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 20])  # none, fewer than k_aux=8 (scale 3/8), more than k_aux
+def test_topk_loss_matches_numpy_sparsify_formula(n_dead):
+    cfg = core.SAEConfig(16, 64, k=4, k_aux=8, aux_coeff=0.5)
+    p = _one(cfg, seed=3)
+    r = np.random.default_rng(7)
+    p = dict(p, b_enc=jnp.asarray(r.normal(0, 0.2, 64), jnp.float32),
+             b_dec=jnp.asarray(r.normal(0, 0.3, 16), jnp.float32))
+    x = jnp.asarray(r.normal(1.0, 1.5, (40, 16)), jnp.float32)
+    dead = np.zeros(64, bool)
+    dead[r.choice(64, n_dead, replace=False)] = True
+    loss_ref, fvu_ref, aux_ref, mse_ref = _np_topk_reference(cfg, p, x, dead)
+    loss, aux = jax.jit(lambda p: core.train_loss(cfg, p, x, jnp.asarray(dead), True))(p)
+    loss_h, aux_h, _ = jax.jit(lambda p: core.topk_loss_and_grads(cfg, p, x, jnp.asarray(dead), True))(p)
+    for lo, au in ((loss, aux), (loss_h, aux_h)):
+        assert float(lo) == pytest.approx(loss_ref, rel=2e-5)
+        assert float(au["aux_loss"]) == pytest.approx(aux_ref, rel=2e-5, abs=1e-9)
+        assert float(au["mse"]) == pytest.approx(mse_ref, rel=2e-5)  # per element, as before
+    if n_dead:
+        assert aux_ref > 0.05 * fvu_ref  # the example does exercise AuxK at a comparable weight
+
+
+@pytest.mark.parametrize("k_aux,n_dead", [(8, 5), (8, 12), (32, 5), (32, 40)])
+def test_topk_hand_written_grads_equal_autodiff_with_auxk(k_aux, n_dead):
+    # k_aux 8 of 64 latents: the k_aux-row gather path; k_aux 32: the dense masked path (auxk_is_dense),
+    # each with fewer and with more dead latents than k_aux
+    cfg = core.SAEConfig(16, 64, k=4, k_aux=k_aux, aux_coeff=0.5)
+    assert core.auxk_is_dense(cfg) == (k_aux == 32)
+    p = _one(cfg, seed=4)
+    r = np.random.default_rng(8)
+    p = dict(p, b_enc=jnp.asarray(r.normal(0, 0.2, 64), jnp.float32),
+             b_dec=jnp.asarray(r.normal(0, 0.3, 16), jnp.float32))
+    x = jnp.asarray(r.normal(0.5, 1.0, (48, 16)), jnp.float32)
+    dead = jnp.zeros(64, bool).at[5:5 + n_dead].set(True)
+    l_a, g_a = jax.jit(jax.value_and_grad(lambda p: core.train_loss(cfg, p, x, dead, True)[0]))(p)
+    l_h, _, g_h = jax.jit(lambda p: core.topk_loss_and_grads(cfg, p, x, dead, True))(p)
+    assert float(l_h) == pytest.approx(float(l_a), rel=1e-5)
+    for k in g_h:
+        np.testing.assert_allclose(g_h[k], g_a[k], atol=1e-6, rtol=1e-4, err_msg=k)
+
+
+def test_jumprelu_threshold_gradient_uses_theta_over_eps():
+    """d loss / d theta on a tiny JumpReLU SAE against the Gemma Scope pseudo-derivatives by hand:
+    recon: -(theta/eps) K((z - theta)/eps) * dL/dz, L0: -(1/eps) K((z - theta)/eps), K = 1{|u| < 1/2}."""
+    d, n, eps, l0c = 3, 4, 0.5, 0.7
+    cfg = core.SAEConfig(d, n, architecture="jumprelu", jumprelu_bandwidth=eps, l0_coeff=l0c,
+                         apply_b_dec_to_input=False)
+    w_enc = np.eye(d, n, dtype=np.float32)  # pre[:, i] = x[:, i] + b_enc[i] (latent 3 sees nothing)
+    w_dec = np.asarray([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.6, 0.8, 0]], np.float32)
+    p = {"W_enc": jnp.asarray(w_enc), "b_enc": jnp.zeros(n, jnp.float32), "W_dec": jnp.asarray(w_dec),
+         "b_dec": jnp.asarray([0.1, -0.2, 0.05], jnp.float32),
+         "threshold": jnp.asarray([1.0, 1.0, 2.0, 0.5], jnp.float32)}
+    # pre values inside the window |z - theta| < eps/2, both sides, and outside; z differs from theta
+    x = np.asarray([[1.2, 0.9, 2.1], [0.6, 1.24, 3.0], [1.3, 0.76, 1.8]], np.float32)
+    theta = np.asarray(p["threshold"], np.float64)
+    z = x.astype(np.float64) @ w_enc
+    open_ = z > theta
+    x_hat = (z * open_) @ w_dec + np.asarray(p["b_dec"], np.float64)
+    dl_dz = (-2.0 * (x - x_hat) @ w_dec.T) / len(x)  # d mean_t ||x - x_hat||^2 / d z
+    kern = (np.abs(z - theta) < eps / 2).astype(np.float64)
+    g_rec = (-(theta / eps) * kern * dl_dz).sum(0)
+    g_l0 = l0c * (-(1.0 / eps) * kern / len(x)).sum(0)
+    assert kern.sum() >= 4 and not np.allclose(z[kern > 0], np.broadcast_to(theta, z.shape)[kern > 0])
+    g = jax.grad(lambda p: core.train_loss(cfg, p, jnp.asarray(x), jnp.zeros(n, bool))[0])(p)
+    np.testing.assert_allclose(g["threshold"], g_rec + g_l0, rtol=1e-5, atol=1e-6)
+    # and the gradient w.r.t. pre is H(z - theta): through W_enc only where open
+    g_wenc = x.T @ (dl_dz * open_)
+    np.testing.assert_allclose(g["W_enc"], g_wenc, rtol=1e-5, atol=1e-6)
+    # the reconstruction term alone, through the public function
+    zf, gf = jnp.asarray(z, jnp.float32), jnp.asarray(dl_dz, jnp.float32)
+    gj = jax.grad(lambda t: (core.jumprelu(zf, t, eps) * gf).sum())(jnp.asarray(theta, jnp.float32))
+    np.testing.assert_allclose(gj, g_rec, rtol=1e-5, atol=1e-6)
+
+
+def test_initial_decoder_is_init_decoder():
+    from prunesae_jax.sae.train import TrainConfig, init_state, initial_decoder
+    cfg = core.SAEConfig(16, 48, k=4)
+    w0 = initial_decoder(cfg, 5, 3)
+    st = init_state(cfg, TrainConfig(n_seeds=3, seed=5), np.ones((8, 16), np.float32))
+    np.testing.assert_array_equal(w0, np.asarray(st["params"]["W_dec"]))
+    np.testing.assert_array_equal(initial_decoder(cfg, 6, 1)[0], w0[1])  # seed by seed
+    np.testing.assert_allclose(np.linalg.norm(w0, axis=-1), 1.0, atol=1e-6)

@@ -34,14 +34,14 @@ def test_topk_recovers_ground_truth_directions(tmp_path):
 def test_batchtopk_recovers_ground_truth_and_learns_threshold():
     cfg = sae.SAEConfig(64, 512, architecture="batchtopk", k=4, dead_tokens=5000)
     r = sae.train(cfg, _tcfg(), X)
-    assert recovered(r.params["W_dec"], DIRS)[0] >= 0.85  # measured 0.95
+    assert recovered(r.params["W_dec"], DIRS)[0] >= 0.85  # measured 0.86 (also before the threshold changes)
     thr = r.params["threshold"][0]
     assert thr.min() == thr.max() > 0  # one learned inference threshold
     assert 2.5 < float(r.final["l0"][0]) < 6.0  # inference with the threshold keeps L0 near k=4
 
 
 @pytest.mark.parametrize("arch,kw,floor", [
-    # measured on this data (800 steps, lr 1e-2): relu 0.63-0.68, jumprelu 0.79-0.80 of the 256 directions;
+    # measured on this data (800 steps, lr 1e-2): relu 0.63-0.68, jumprelu 0.82 of the 256 directions;
     # L1 shrinkage and the threshold's slow STE learning make these converge slower than TopK
     ("relu", dict(l1_coeff=2.0), 0.5),
     ("jumprelu", dict(l0_coeff=1.0, jumprelu_init_threshold=1.0, jumprelu_bandwidth=0.3), 0.65),
