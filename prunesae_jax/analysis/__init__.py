@@ -3,8 +3,11 @@
 matching: mutual-nearest-neighbour / optimal matching of decoder directions, max cosine.
 measures: seed stability, feature survival, transfer (FVU, L0, Jaccard, CE loss recovered, KL),
           fragility by firing-rate quintile, causal relevance.
-stats:    bootstrap and cluster bootstrap CIs, Spearman, Kendall's W.
+stats:    bootstrap, cluster bootstrap and seed-level bootstrap CIs, Spearman, Kendall's W.
+checks:   the one finite / non-empty input check every public function uses.
 """
+
+from prunesae_jax.analysis.checks import check_finite, check_nonempty
 
 from prunesae_jax.analysis.matching import (
     MatchResult,
@@ -19,7 +22,9 @@ from prunesae_jax.analysis.measures import (
     FeatureSurvival,
     Fragility,
     SeedStability,
+    SurvivalCausal,
     attribution,
+    causal_agreement,
     causal_effects,
     ce_loss_recovered,
     count_rho_minus_one,
@@ -38,21 +43,31 @@ from prunesae_jax.analysis.measures import (
     tau_agreement,
 )
 from prunesae_jax.analysis.stats import (
+    FEW_SEEDS,
     Interval,
+    SeedInterval,
     bootstrap_ci,
     cluster_bootstrap_ci,
     kendalls_w,
+    matched_bootstrap_ci,
     pearson,
     rankdata,
+    seed_bootstrap_ci,
+    seed_difference_ci,
     spearman,
     spearman_ci,
+    two_way_bootstrap_ci,
 )
 
 __all__ = [
     "MatchResult", "cosine_matrix", "max_cosine", "mnn_match", "nearest_neighbours", "normalize_rows",
-    "CausalEffects", "FeatureSurvival", "Fragility", "SeedStability", "attribution", "causal_effects",
+    "check_finite", "check_nonempty",
+    "CausalEffects", "FeatureSurvival", "Fragility", "SeedStability", "SurvivalCausal", "attribution",
+    "causal_agreement", "causal_effects",
     "ce_loss_recovered", "count_rho_minus_one", "feature_survival", "firing_quintiles", "firing_rate",
     "fragility", "fvu", "jaccard_active", "kl_divergence", "l0", "next_token_loss", "seed_stability",
     "survival_by_quintile", "survival_causal_correlation", "tau_agreement",
-    "Interval", "bootstrap_ci", "cluster_bootstrap_ci", "kendalls_w", "pearson", "rankdata", "spearman", "spearman_ci",
+    "FEW_SEEDS", "Interval", "SeedInterval", "bootstrap_ci", "cluster_bootstrap_ci", "kendalls_w",
+    "matched_bootstrap_ci", "pearson", "rankdata", "seed_bootstrap_ci", "seed_difference_ci", "spearman",
+    "spearman_ci", "two_way_bootstrap_ci",
 ]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from prunesae_jax.analysis.checks import check_finite
 from prunesae_jax.errors import InputError
 
 _EPS = 1e-12
@@ -39,6 +40,7 @@ def _as_decoder(D, name: str) -> np.ndarray:
         raise InputError(f"{name} has shape {D.shape}; expected a non-empty decoder matrix [n_latents, d]")
     if not np.issubdtype(D.dtype, np.floating):
         raise InputError(f"{name} has dtype {D.dtype}; expected a floating-point decoder matrix")
+    check_finite(D, name, "finite decoder rows")
     return D
 
 
@@ -57,11 +59,15 @@ def _check_block(block_size: int) -> int:
 
 
 @jax.jit
-def normalize_rows(D):
-    """Rows scaled to unit L2 norm (float32), sign kept; all-zero rows (dead latents) stay zero."""
+def _normalize_rows(D):
     D = jnp.asarray(D, jnp.float32)
     norm = jnp.linalg.norm(D, axis=-1, keepdims=True)
     return D / jnp.maximum(norm, _EPS)
+
+
+def normalize_rows(D):
+    """Rows scaled to unit L2 norm (float32), sign kept; all-zero rows (dead latents) stay zero."""
+    return _normalize_rows(check_finite(D, "D", "finite decoder rows"))
 
 
 def cosine_matrix(D_a, D_b) -> np.ndarray:
@@ -69,7 +75,7 @@ def cosine_matrix(D_a, D_b) -> np.ndarray:
     use nearest_neighbours / mnn_match for large dictionaries."""
     A, B = _check_pair(D_a, D_b)
     return np.asarray(
-        jnp.dot(normalize_rows(A), normalize_rows(B).T, precision=jax.lax.Precision.HIGHEST)
+        jnp.dot(_normalize_rows(A), _normalize_rows(B).T, precision=jax.lax.Precision.HIGHEST)
     )
 
 
@@ -78,8 +84,8 @@ def _nn_pass(A, B, n_a: int, n_b: int, bs_a: int, bs_b: int):
     # A [ka*bs_a, d], B [kb*bs_b, d], zero padded; padded entries are masked to -inf.
     d = A.shape[1]
     ka, kb = A.shape[0] // bs_a, B.shape[0] // bs_b
-    A = normalize_rows(A).reshape(ka, bs_a, d)
-    B = normalize_rows(B).reshape(kb, bs_b, d)
+    A = _normalize_rows(A).reshape(ka, bs_a, d)
+    B = _normalize_rows(B).reshape(kb, bs_b, d)
     row_valid = (jnp.arange(ka * bs_a) < n_a).reshape(ka, bs_a)
     col_valid = (jnp.arange(kb * bs_b) < n_b).reshape(kb, bs_b)
     neg = jnp.float32(-jnp.inf)

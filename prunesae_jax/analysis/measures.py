@@ -21,22 +21,27 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from prunesae_jax.errors import InputError
+from prunesae_jax.analysis.checks import check_finite, check_nonempty
 from prunesae_jax.analysis.matching import _check_tau, mnn_match
 from prunesae_jax.analysis.stats import (
+    FEW_SEEDS,
     Interval,
-    bootstrap_ci,
+    SeedInterval,
     cluster_bootstrap_ci,
     kendalls_w,
+    matched_bootstrap_ci,
     pearson,
+    seed_bootstrap_ci,
     spearman,
     spearman_ci,
+    two_way_bootstrap_ci,
 )
 
 
@@ -48,9 +53,10 @@ def _as_stack(decoders, name: str) -> list[np.ndarray]:
         mats = [arr] if arr.ndim == 2 else list(arr) if arr.ndim == 3 else None
         if mats is None:
             raise InputError(f"{name} has shape {arr.shape}; expected [S, n, d], [n, d] or a sequence of [n, d]")
-    for D in mats:
+    for k, D in enumerate(mats):
         if D.ndim != 2:
             raise InputError(f"{name} holds a matrix of shape {D.shape}; expected decoder matrices [n, d]")
+        check_finite(D, f"{name}[{k}]", "finite decoder rows")
     return mats
 
 
@@ -60,9 +66,11 @@ def _as_stack(decoders, name: str) -> list[np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class SeedStability:
     """RQ1 result. fractions[k, p]: matched fraction of seed pair p at taus[k];
-    shared: mean matched fraction at `tau` over pairs with a bootstrap CI over pairs;
+    shared: mean matched fraction at `tau` over pairs with a CI that resamples SEEDS
+    (stats.seed_bootstrap_ci: pairs sharing a seed are not independent);
     divergence = 1 - shared (the paper's seed floor); kendalls_w: agreement of the tau
-    levels on the ranking of the seed pairs."""
+    levels on the ranking of the seed pairs. pair_min / pair_max: the smallest and largest
+    pair fraction at `tau`, to print beside the CI when few_seeds (n_seeds < FEW_SEEDS)."""
 
     pair_indices: np.ndarray  # [P, 2]
     taus: tuple[float, ...]
@@ -71,6 +79,17 @@ class SeedStability:
     shared: Interval
     divergence: Interval
     kendalls_w: float
+    pair_min: float = float("nan")
+    pair_max: float = float("nan")
+    n_seeds: int = 0
+
+    @property
+    def few_seeds(self) -> bool:
+        return self.n_seeds < FEW_SEEDS
+
+    def shared_dict(self) -> dict[str, float]:
+        """JSON form of `shared` with the pair range: {estimate, low, high, min, max, n_seeds}."""
+        return SeedInterval(*self.shared, self.pair_min, self.pair_max, self.n_seeds)._asdict()
 
 
 def tau_agreement(scores) -> float:
@@ -100,7 +119,8 @@ def seed_stability(
     bootstrap CI over pairs; divergence = 1 - shared, the seed floor every pruning
     effect is compared with (paper: divergence 0.0273, CI [0.0113, 0.0393] over 22 pairs).
     The same matches are re-thresholded at every tau in `taus`; Kendall's W over the
-    pairs summarises whether the tau levels agree.
+    pairs summarises whether the tau levels agree. The CI resamples seeds, not pairs
+    (stats.seed_bootstrap_ci); pair_min / pair_max give the range of the pair fractions.
     """
     mats = _as_stack(decoders, "decoders")
     if len(mats) < 2:
@@ -111,10 +131,11 @@ def seed_stability(
     results = [mnn_match(mats[i], mats[j], tau, block_size) for i, j in pairs]
     fractions = np.array([[r.fraction_at(t) for r in results] for t in taus], dtype=np.float64)
     primary = np.array([r.matched_fraction for r in results], dtype=np.float64)
-    shared = bootstrap_ci(primary, None, n_boot, ci, seed)
+    boot = seed_bootstrap_ci(primary, pairs, len(mats), n_boot, ci, seed)
+    shared = boot.interval
     divergence = Interval(1.0 - shared.estimate, 1.0 - shared.high, 1.0 - shared.low)
     w = tau_agreement(fractions) if len(pairs) >= 2 and len(taus) >= 1 else float("nan")
-    return SeedStability(pairs, taus, fractions, tau, shared, divergence, w)
+    return SeedStability(pairs, taus, fractions, tau, shared, divergence, w, boot.min, boot.max, len(mats))
 
 
 # ----------------------------------------------------------------------------- RQ2
@@ -123,10 +144,12 @@ def seed_stability(
 @dataclasses.dataclass(frozen=True)
 class FeatureSurvival:
     """RQ2 result. fractions[p]: matched fraction of dense seed pair_indices[p, 0] against
-    pruned seed pair_indices[p, 1]; survival: their mean with a bootstrap CI over pairs;
+    pruned seed pair_indices[p, 1]; survival: their mean with a CI that resamples seeds
+    (two-way over dense and pruned seeds, one-way for pairing='same_seed');
     per_feature[s, i] in [0, 1]: share of the pruned seeds paired with dense seed s in which
     dense feature i has an MNN match; max_cos[s, i]: its max cosine to the pruned
-    dictionary, averaged over those pruned seeds."""
+    dictionary, averaged over those pruned seeds. survival_seeds: the same CI with the
+    range of the pair fractions and the seed count (SeedInterval)."""
 
     pair_indices: np.ndarray  # [P, 2]
     fractions: np.ndarray  # [P]
@@ -134,6 +157,8 @@ class FeatureSurvival:
     survival: Interval
     per_feature: np.ndarray  # [S_dense, n]
     max_cos: np.ndarray  # [S_dense, n]
+    survival_seeds: SeedInterval | None = None
+    pairing: str = "all"
 
 
 def feature_survival(
@@ -150,9 +175,13 @@ def feature_survival(
     match (cosine >= tau, sign kept) in an SAE trained on the pruned model's activations.
 
     dense_decoders [S_d, n, d], pruned_decoders [S_p, m, d].
-    pairing='all': every (dense seed, pruned seed) pair; 'same_seed': pair seed s with
-    seed s (needs S_d == S_p). Survival is averaged over the pairs with a percentile
-    bootstrap CI over pairs. Per-feature survival and max cosine feed RQ4 and RQ5.
+    pairing='all': every (dense seed, pruned seed) pair; 'distinct': the pairs with
+    i != j (when seed s of both conditions starts from the same initialisation, the pair
+    (s, s) shares its init and is left out); 'same_seed': pair seed s with seed s (needs
+    S_d == S_p). Survival is averaged over the pairs; its CI resamples seeds: dense and
+    pruned seeds independently ('all', 'distinct'; stats.two_way_bootstrap_ci) or the
+    seed s as one unit ('same_seed'; stats.matched_bootstrap_ci). Per-feature survival and
+    max cosine feed RQ4 and RQ5.
     """
     dense = _as_stack(dense_decoders, "dense_decoders")
     pruned = _as_stack(pruned_decoders, "pruned_decoders")
@@ -165,8 +194,12 @@ def feature_survival(
                 f"pairing='same_seed' with {len(dense)} dense and {len(pruned)} pruned seeds; expected equal counts"
             )
         pairs = [(i, i) for i in range(len(dense))]
+    elif pairing == "distinct":
+        pairs = [(i, j) for i in range(len(dense)) for j in range(len(pruned)) if i != j]
+        if not pairs:
+            raise InputError("pairing='distinct' with a single dense and pruned seed; expected at least 2 seeds")
     else:
-        raise InputError(f"pairing={pairing!r}; expected 'all' or 'same_seed'")
+        raise InputError(f"pairing={pairing!r}; expected 'all', 'distinct' or 'same_seed'")
     n = dense[0].shape[0]
     if any(D.shape[0] != n for D in dense):
         raise InputError(f"dense decoders have latent counts {[D.shape[0] for D in dense]}; expected one size")
@@ -181,11 +214,15 @@ def feature_survival(
         cos_sum[i] += r.max_cos_a
         count[i] += 1
     fractions = np.array(fractions, dtype=np.float64)
-    survival = bootstrap_ci(fractions, None, n_boot, ci, seed)
+    pairs = np.array(pairs, dtype=np.int64)
+    if pairing == "same_seed":
+        boot = matched_bootstrap_ci(fractions, n_boot, ci, seed)
+    else:
+        boot = two_way_bootstrap_ci(fractions, pairs, len(dense), len(pruned), n_boot, ci, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_feature = matched_sum / count[:, None]
         max_cos = cos_sum / count[:, None]
-    return FeatureSurvival(np.array(pairs, dtype=np.int64), fractions, tau, survival, per_feature, max_cos)
+    return FeatureSurvival(pairs, fractions, tau, boot.interval, per_feature, max_cos, boot, pairing)
 
 
 # ----------------------------------------------------------------------------- RQ3
@@ -213,6 +250,9 @@ def fvu(x, x_hat) -> float:
     x_hat = np.asarray(x_hat)
     if x.ndim != 2 or x.shape != x_hat.shape:
         raise InputError(f"x shape {x.shape}, x_hat shape {x_hat.shape}; expected two arrays [N, d] of one shape")
+    check_nonempty(x, "x", "at least one token of a non-empty width [N, d]")
+    check_finite(x, "x", "finite activations")
+    check_finite(x_hat, "x_hat", "finite reconstructions")
     return float(_fvu(x, x_hat))
 
 
@@ -221,6 +261,8 @@ def l0(codes) -> float:
     codes = jnp.asarray(codes)
     if codes.ndim != 2:
         raise InputError(f"codes shape {codes.shape}; expected [N tokens, n latents]")
+    check_nonempty(codes, "codes", "at least one token [N >= 1, n]", axis=0)
+    check_finite(codes, "codes", "finite feature activations")
     return float(jnp.mean(jnp.sum(codes != 0, axis=1).astype(jnp.float32)))
 
 
@@ -246,6 +288,9 @@ def jaccard_active(codes_a, codes_b, per_token: bool = False):
     b = jnp.asarray(codes_b)
     if a.ndim != 2 or a.shape != b.shape:
         raise InputError(f"codes_a shape {a.shape}, codes_b shape {b.shape}; expected two arrays [N, n] of one shape")
+    check_nonempty(a, "codes_a", "at least one token [N >= 1, n]", axis=0)
+    check_finite(a, "codes_a", "finite feature activations")
+    check_finite(b, "codes_b", "finite feature activations")
     j = _jaccard(a, b)
     return np.asarray(j) if per_token else float(jnp.mean(j))
 
@@ -256,6 +301,7 @@ def _token_mask(mask, shape) -> jnp.ndarray:
     mask = jnp.asarray(mask)
     if mask.shape != tuple(shape):
         raise InputError(f"mask shape {mask.shape}; expected {tuple(shape)}")
+    check_finite(mask, "mask", "a finite 0/1 token mask")
     return mask.astype(jnp.float32)
 
 
@@ -281,7 +327,12 @@ def next_token_loss(logits, tokens, mask=None) -> float:
         raise InputError(
             f"logits shape {logits.shape}, tokens shape {tokens.shape}; expected [B, T, V] and [B, T] with T >= 2"
         )
-    return float(_next_token_loss(logits, tokens, _token_mask(mask, tokens.shape)))
+    check_nonempty(logits, "logits", "at least one sequence and a non-empty vocabulary")
+    check_finite(logits, "logits", "finite logits")
+    m = _token_mask(mask, tokens.shape)
+    if not bool(jnp.any((m[:, 1:] * m[:, :-1]) != 0)):
+        raise InputError("mask leaves no next-token target (no two adjacent real tokens); expected at least one")
+    return float(_next_token_loss(logits, tokens, m))
 
 
 def ce_loss_recovered(clean_loss: float, spliced_loss: float, zero_ablation_loss: float) -> float:
@@ -294,6 +345,8 @@ def ce_loss_recovered(clean_loss: float, spliced_loss: float, zero_ablation_loss
     nothing, 0 = as bad as zero-ablation (can fall outside [0, 1]). nan if L_zero == L_clean.
     """
     clean, spliced, zero = float(clean_loss), float(spliced_loss), float(zero_ablation_loss)
+    for name, v in (("clean_loss", clean), ("spliced_loss", spliced), ("zero_ablation_loss", zero)):
+        check_finite(np.float64(v), name, "a finite loss in nats")
     den = zero - clean
     if den == 0.0:
         return float("nan")
@@ -318,7 +371,13 @@ def kl_divergence(logits_ref, logits, mask=None) -> float:
     b = jnp.asarray(logits)
     if a.shape != b.shape or a.ndim < 1:
         raise InputError(f"logits_ref shape {a.shape}, logits shape {b.shape}; expected one shape [..., V]")
-    return float(_kl(a, b, _token_mask(mask, a.shape[:-1])))
+    check_nonempty(a, "logits_ref", "at least one token and a non-empty vocabulary")
+    check_finite(a, "logits_ref", "finite logits")
+    check_finite(b, "logits", "finite logits")
+    m = _token_mask(mask, a.shape[:-1])
+    if not bool(jnp.any(m != 0)):
+        raise InputError("mask is all zero; expected at least one token to average the KL over")
+    return float(_kl(a, b, m))
 
 
 # ----------------------------------------------------------------------------- RQ4
@@ -329,6 +388,9 @@ def firing_rate(codes, threshold: float = 0.0) -> np.ndarray:
     codes = jnp.asarray(codes)
     if codes.ndim != 2:
         raise InputError(f"codes shape {codes.shape}; expected [N tokens, n latents]")
+    check_nonempty(codes, "codes", "at least one token [N >= 1, n]", axis=0)
+    check_finite(codes, "codes", "finite feature activations")
+    check_finite(np.float64(threshold), "threshold", "a finite activation threshold")
     return np.asarray(jnp.mean((codes > threshold).astype(jnp.float32), axis=0))
 
 
@@ -342,6 +404,7 @@ def firing_quintiles(rates, n_bins: int = 5) -> np.ndarray:
     rates = np.asarray(rates)
     if rates.ndim != 1:
         raise InputError(f"rates shape {rates.shape}; expected [n latents]")
+    check_finite(rates, "rates", "finite firing rates")
     if int(n_bins) < 2 or rates.shape[0] < n_bins:
         raise InputError(f"n_bins={n_bins!r} with {rates.shape[0]} features; expected 2 <= n_bins <= n")
     order = np.argsort(rates, kind="mergesort")
@@ -353,6 +416,7 @@ def firing_quintiles(rates, n_bins: int = 5) -> np.ndarray:
 def survival_by_quintile(survived, rates, n_bins: int = 5) -> np.ndarray:
     """Mean survival per firing-rate bin (Q1 rarest first). survived [n] (bool or [0, 1]), rates [n]."""
     survived = np.asarray(survived, dtype=np.float64)
+    check_finite(survived, "survived", "finite survival values in [0, 1]")
     q = firing_quintiles(rates, n_bins)
     if survived.shape != q.shape:
         raise InputError(f"survived shape {survived.shape}; expected {q.shape} like rates")
@@ -398,6 +462,8 @@ def fragility(
         s, r = s[None], r[None]
     if s.ndim != 2 or s.shape != r.shape:
         raise InputError(f"survived shape {s.shape}, rates shape {r.shape}; expected two arrays [S, n] of one shape")
+    check_finite(s, "survived", "finite survival values in [0, 1]")
+    check_finite(r, "rates", "finite firing rates")
     bins = np.stack([firing_quintiles(row, n_bins) for row in r])  # [S, n]
     sums = np.stack([np.bincount(b, weights=x, minlength=n_bins) for b, x in zip(bins, s)])
     counts = np.stack([np.bincount(b, minlength=n_bins) for b in bins]).astype(np.float64)
@@ -420,6 +486,8 @@ def count_rho_minus_one(rhos, atol: float = 1e-9) -> int:
     """Number of conditions whose Spearman rho equals -1 (within atol), as the paper counts
     them ("rho = -1.0 in 11 of 17 conditions"); nan rhos do not count."""
     rhos = np.asarray(rhos, dtype=np.float64).reshape(-1)
+    if np.any(np.isinf(rhos)):
+        check_finite(np.where(np.isnan(rhos), 0.0, rhos), "rhos", "correlations in [-1, 1] or nan")
     return int(np.sum(np.isfinite(rhos) & (np.abs(rhos + 1.0) <= atol)))
 
 
@@ -438,6 +506,8 @@ def attribution(codes, grads) -> np.ndarray:
     g = jnp.asarray(grads, jnp.float32)
     if c.shape != g.shape or c.ndim < 1:
         raise InputError(f"codes shape {c.shape}, grads shape {g.shape}; expected one shape [..., n]")
+    check_finite(c, "codes", "finite feature activations")
+    check_finite(g, "grads", "finite gradients")
     return np.asarray(-jnp.sum((c * g).reshape(-1, c.shape[-1]), axis=0))
 
 
@@ -445,7 +515,10 @@ def attribution(codes, grads) -> np.ndarray:
 class CausalEffects:
     """RQ5 result. estimate [n]: gradient x activation effect of zero-ablating each feature;
     exact_idx [k] / exact [k]: measured loss(ablated) - loss(clean) for a subset;
-    pearson / spearman: agreement of estimate[exact_idx] with exact."""
+    pearson / spearman: agreement of estimate[exact_idx] with exact (the check that the
+    attribution measures what exact ablation does; `causal_agreement` gives its CI);
+    fires [n]: on how many of the causal tokens each feature is active (0 = never fires:
+    its attribution is exactly 0 and it is left out of survival_causal_correlation)."""
 
     clean_loss: float
     estimate: np.ndarray
@@ -453,6 +526,7 @@ class CausalEffects:
     exact: np.ndarray
     pearson: float
     spearman: float
+    fires: np.ndarray | None = None
 
 
 def causal_effects(
@@ -477,11 +551,13 @@ def causal_effects(
     codes = jnp.asarray(codes, jnp.float32)
     if codes.ndim < 1:
         raise InputError(f"codes shape {codes.shape}; expected [..., n latents]")
+    check_finite(codes, "codes", "finite feature activations")
     n = codes.shape[-1]
     clean, grads = jax.jit(jax.value_and_grad(loss_fn))(codes)
     estimate = attribution(codes, grads)
+    fires = np.asarray(jnp.sum(codes.reshape(-1, n) != 0, axis=0), np.int64)
     if features is None:
-        active = np.flatnonzero(np.asarray(jnp.any(codes.reshape(-1, n) != 0, axis=0)))
+        active = np.flatnonzero(fires > 0)
         k = min(int(n_exact), active.size)
         rng = np.random.Generator(np.random.PCG64(seed))
         idx = np.sort(rng.choice(active, size=k, replace=False)) if k else np.zeros(0, np.int64)
@@ -508,29 +584,90 @@ def causal_effects(
         exact=exact,
         pearson=pearson(est_sub, exact) if idx.size >= 2 else float("nan"),
         spearman=spearman(est_sub, exact) if idx.size >= 2 else float("nan"),
+        fires=fires,
     )
+
+
+def causal_agreement(estimate, exact_idx, exact, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> Interval:
+    """Agreement of the attribution estimate with exact ablation: Spearman of
+    estimate[exact_idx] with exact over the exactly ablated features, with a percentile
+    bootstrap CI over those features (CausalEffects.spearman is its estimate).
+
+    estimate [n] (CausalEffects.estimate), exact_idx [k], exact [k]. Returns
+    Interval(nan, nan, nan) with fewer than 3 ablated features (nothing to correlate).
+    """
+    est = np.asarray(estimate, dtype=np.float64).reshape(-1)
+    idx = np.asarray(exact_idx).reshape(-1)
+    ex = np.asarray(exact, dtype=np.float64).reshape(-1)
+    if idx.shape != ex.shape:
+        raise InputError(f"exact_idx has {idx.size} entries and exact {ex.size}; expected one effect per index")
+    check_finite(est, "estimate", "finite attribution effects")
+    check_finite(ex, "exact", "finite ablation effects")
+    if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= est.size):
+        raise InputError(f"exact_idx holds {idx.tolist()[:5]}...; expected integer feature indices in [0, {est.size})")
+    if idx.size < 3:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    return spearman_ci(est[idx.astype(np.int64)], ex, n_boot, ci, seed)
+
+
+class SurvivalCausal(NamedTuple):
+    """RQ5 correlation. estimate / low / high: Spearman(survival, |effect|) over the live
+    features with its bootstrap CI (the primary figure: importance is |effect|); signed:
+    Spearman(survival, effect), the same features; n_live of n_features fire."""
+
+    estimate: float
+    low: float
+    high: float
+    signed: Interval
+    n_live: int
+    n_features: int
+
+    @property
+    def interval(self) -> Interval:
+        return Interval(self.estimate, self.low, self.high)
 
 
 def survival_causal_correlation(
     max_cos,
     effect,
-    absolute: bool = False,
+    live=None,
     n_boot: int = 2000,
     ci: float = 0.95,
     seed: int = 0,
-) -> Interval:
+) -> SurvivalCausal:
     """RQ5: does geometric survival predict causal importance?
 
     Spearman correlation between each dense feature's survival (its max cosine to the
-    pruned-model SAE, FeatureSurvival.max_cos) and its causal effect (CausalEffects.estimate
-    or exact ablation effects), with a percentile bootstrap CI over features.
-    absolute=True correlates with |effect| (importance regardless of sign). The paper
-    reports that survival does not predict causal importance (rho near 0).
+    pruned-model SAE, FeatureSurvival.max_cos) and its causal importance |effect|
+    (CausalEffects.estimate or exact ablation effects), with a percentile bootstrap CI over
+    features; the signed correlation is reported beside it (result.signed).
+    live [n]: bool mask, or firing counts (CausalEffects.fires; live = count > 0), aligned
+      with max_cos / effect. A feature that never fires on the causal tokens has an
+      attribution of exactly 0, which says nothing about its importance, so only live
+      features are correlated; None = every feature is live.
+    The paper reports that survival does not predict causal importance (rho near 0).
     """
     x = np.asarray(max_cos, dtype=np.float64).reshape(-1)
     y = np.asarray(effect, dtype=np.float64).reshape(-1)
     if x.shape != y.shape:
         raise InputError(f"max_cos has {x.size} values and effect {y.size}; expected one value per feature each")
-    if absolute:
-        y = np.abs(y)
-    return spearman_ci(x, y, n_boot, ci, seed)
+    check_finite(x, "max_cos", "finite survival values")
+    check_finite(y, "effect", "finite causal effects")
+    if live is None:
+        keep = np.ones(x.shape, bool)
+    else:
+        lv = np.asarray(live).reshape(-1)
+        if lv.shape != x.shape:
+            raise InputError(f"live has {lv.size} values for {x.size} features; expected one per feature")
+        if lv.dtype != bool:
+            check_finite(lv, "live", "a bool mask or non-negative firing counts")
+            if np.any(lv < 0):
+                raise InputError(f"live has a negative count at [{int(np.argmax(lv < 0))}]; expected counts >= 0")
+        keep = lv > 0
+    n_live = int(keep.sum())
+    if n_live == 0:
+        raise InputError(f"none of the {x.size} features fires (live is all False / 0); expected at least one")
+    x, y = x[keep], y[keep]
+    primary = spearman_ci(x, np.abs(y), n_boot, ci, seed)
+    signed = spearman_ci(x, y, n_boot, ci, seed)
+    return SurvivalCausal(*primary, signed, n_live, int(keep.size))

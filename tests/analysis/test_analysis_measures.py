@@ -244,8 +244,47 @@ def test_exact_ablation_on_nonlinear_model_matches_brute_force():
 def test_survival_causal_correlation():
     x = np.linspace(0, 1, 60)
     iv = measures.survival_causal_correlation(x, -x**3, n_boot=200)
-    assert iv.estimate == pytest.approx(-1.0)
-    assert measures.survival_causal_correlation(x, -x**3, absolute=True, n_boot=200).estimate == pytest.approx(1.0)
+    # Importance is |effect|: the primary figure is +1, the signed correlation -1 beside it.
+    assert iv.estimate == pytest.approx(1.0)
+    assert iv.signed.estimate == pytest.approx(-1.0)
+    assert (iv.n_live, iv.n_features) == (60, 60)
     rng = np.random.default_rng(11)
     iv = measures.survival_causal_correlation(rng.random(300), rng.random(300), n_boot=300)
     assert iv.low < 0 < iv.high
+
+
+def test_survival_causal_correlation_uses_live_features_only():
+    # 40 live features whose importance rises with survival, and 40 that never fire (effect
+    # exactly 0) at high survival: they would drag the correlation down.
+    x = np.concatenate([np.linspace(0, 0.5, 40), np.linspace(0.6, 1.0, 40)])
+    effect = np.concatenate([np.linspace(0.1, 2.0, 40), np.zeros(40)])
+    fires = np.concatenate([np.full(40, 7), np.zeros(40, int)])
+    all_feats = measures.survival_causal_correlation(x, effect, n_boot=100)
+    assert all_feats.estimate < 0.2
+    live = measures.survival_causal_correlation(x, effect, live=fires, n_boot=100)
+    assert live.estimate == pytest.approx(1.0) and (live.n_live, live.n_features) == (40, 80)
+    mask = measures.survival_causal_correlation(x, effect, live=fires > 0, n_boot=100)
+    assert mask == live
+    with pytest.raises(ValueError, match="none of the 80 features fires"):
+        measures.survival_causal_correlation(x, effect, live=np.zeros(80))
+    with pytest.raises(ValueError, match="live has 3 values"):
+        measures.survival_causal_correlation(x, effect, live=[1, 0, 1])
+
+
+def test_causal_agreement_and_firing_counts():
+    rng = np.random.default_rng(12)
+    N, n = 30, 12
+    codes = np.abs(rng.normal(size=(N, n))) * (rng.random((N, n)) < 0.5)
+    codes[:, 5] = 0.0
+    W = rng.normal(size=(n, 3)).astype(np.float32)
+
+    def loss_fn(c):
+        return jnp.mean(jnp.square(c @ W))
+
+    res = measures.causal_effects(loss_fn, codes, n_exact=8, seed=0)
+    np.testing.assert_array_equal(res.fires, (codes != 0).sum(0))
+    assert res.fires[5] == 0 and res.estimate[5] == 0.0
+    ag = measures.causal_agreement(res.estimate, res.exact_idx, res.exact, n_boot=200)
+    assert ag.estimate == pytest.approx(res.spearman)
+    assert ag.low <= ag.estimate <= ag.high
+    assert np.isnan(measures.causal_agreement(res.estimate, [0, 1], [0.1, 0.2]).estimate)
