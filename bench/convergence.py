@@ -127,16 +127,17 @@ def main(argv):
     t0 = time.perf_counter()
     x, layer, d = _activations(_MODEL.value, _LAYER.value, n)
     print(f'captured {x.shape[0]} tokens of layer {layer} in {time.perf_counter() - t0:.0f} s', flush=True)
+    os.makedirs(_OUT.value, exist_ok=True)
+    meta = {'model': _MODEL.value, 'layer': layer, 'd_model': d, 'batch': _BATCH.value, 'lr': _LR.value,
+            'seeds': _SEEDS.value, 'tau': _TAU.value, 'machine': _common.machine()}
     rows = []
     for spec in specs:
         rows.append(_run(x, spec))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
-    os.makedirs(_OUT.value, exist_ok=True)
-    meta = {'model': _MODEL.value, 'layer': layer, 'd_model': d, 'batch': _BATCH.value, 'lr': _LR.value,
-            'seeds': _SEEDS.value, 'tau': _TAU.value, 'machine': _common.machine()}
-    with open(os.path.join(_OUT.value, 'convergence.json'), 'w') as f:
-        json.dump({'meta': meta, 'runs': rows}, f, indent=1)
-    _figure(rows, os.path.join(_OUT.value, 'seed_agreement.png'))
+        # rewritten after every run, so a stopped benchmark keeps the rows it finished
+        with open(os.path.join(_OUT.value, 'convergence.json'), 'w') as f:
+            json.dump({'meta': meta, 'runs': rows}, f, indent=1)
+        _figure(rows, os.path.join(_OUT.value, 'seed_agreement.png'))
     body = (f'`bench/convergence.py`: TopK SAEs on {_MODEL.value} resid_post layer {layer} (d {d}), the built-in '
             f'corpus, batch {_BATCH.value}, lr {_LR.value}, {_SEEDS.value} seeds per run (same data order, '
             f'distinct inits); shared = the MNN matched fraction of the seed pair at tau {_TAU.value}, measured '

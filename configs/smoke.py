@@ -28,7 +28,7 @@ def get_config():
     config.calibration.seq_len = 32
     config.ppl.window = 64
     config.ppl.stride = 32
-    config.ppl.max_tokens = 512
+    config.ppl.max_tokens = 4096  # the minimum (study.config.MIN_TOKENS)
     config.ppl.batch_size = 4
 
     config.pruning.methods = ('magnitude', 'wanda')
@@ -44,9 +44,10 @@ def get_config():
     config.sae.capture_batch = 8
 
     config.analysis.n_bootstrap = 50
-    config.analysis.transfer_tokens = 256
+    config.analysis.transfer_tokens = 2048  # the minima (study.config.MIN_TOKENS)
     config.analysis.causal_features = 8
-    config.analysis.causal_tokens = 128
+    config.analysis.causal_tokens = 1024
+    config.analysis.min_firings = 2
 
     config.transfer.source = 'dense'
     config.progress = False

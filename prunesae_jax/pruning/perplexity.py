@@ -23,9 +23,16 @@ from prunesae_jax.models.config import DecoderConfig
 from prunesae_jax.errors import InputError, NonFiniteError
 
 
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise InputError(f'{name}={v!r}; accepted: a positive int')
+    return int(v)
+
+
 def window_spans(n_tokens: int, window: int = 1024, stride: int = 512) -> list[tuple[int, int, int]]:
     """[(begin, end, n_scored)] over a stream of n_tokens; n_scored sums to n_tokens."""
-    if window < 1 or stride < 1 or stride > window:
+    window, stride = _positive_int('window', window), _positive_int('stride', stride)
+    if stride > window:
         raise InputError(f'window={window}, stride={stride}; expected 1 <= stride <= window')
     spans, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
@@ -38,11 +45,28 @@ def window_spans(n_tokens: int, window: int = 1024, stride: int = 512) -> list[t
 
 
 def strided_windows(tokens, bos_token_id: int, window: int = 1024, stride: int = 512, pad_id: int = 0):
-    """(inputs, targets, weights), each [n_windows, window + 1]: BOS + window, next-token targets,
-    1.0 where a target token is scored."""
-    t = np.asarray(tokens).reshape(-1).astype(np.int32)
+    """(inputs, targets, weights), each [n_windows, min(window, n_tokens) + 1]: BOS + window,
+    next-token targets, 1.0 where a target token is scored.
+
+    A window longer than the text is clamped to the text (stride with it): the one window then covers
+    the whole text, exactly as the unclamped window would (the padding it saves is invisible to the
+    real tokens), but the model runs on n_tokens + 1 positions instead of window + 1.
+    """
+    t = np.asarray(tokens)
+    if t.dtype.kind not in 'iu':
+        raise InputError(f'perplexity tokens have dtype {t.dtype}; expected integer token ids')
+    t = t.reshape(-1)
     if t.size < 1:
         raise InputError('perplexity text is empty; expected at least one token')
+    if t.min() < 0 or t.max() > np.iinfo(np.int32).max:
+        raise InputError(f'perplexity tokens hold id {int(t.min() if t.min() < 0 else t.max())}; '
+                         'accepted: 0 <= id < vocab_size')
+    t = t.astype(np.int32)
+    window, stride = _positive_int('window', window), _positive_int('stride', stride)
+    if stride > window:
+        raise InputError(f'window={window}, stride={stride}; expected 1 <= stride <= window')
+    window = min(window, t.size)
+    stride = min(stride, window)
     spans = window_spans(t.size, window, stride)
     T = window + 1
     inputs = np.full((len(spans), T), pad_id, np.int32)
@@ -70,15 +94,16 @@ def chunk_rows(n_rows: int, vocab_size: int, max_logits: int = MAX_LOGITS) -> in
     return -(-int(n_rows) // n_chunks)
 
 
-def nll_sum(cfg: DecoderConfig, params: dict, h, targets, weights, rows: int | None = None):
-    """Sum of weights * next-token NLL from the last block's output h [..., D] (traceable).
+def nll_tokens(cfg: DecoderConfig, params: dict, h, targets, weights, rows: int | None = None):
+    """weights * next-token NLL of every position, shaped like `targets` (traceable).
 
-    targets / weights: [...] like h without D. Tokens are flattened and unembedded `rows` at a
-    time (default: chunk_rows, <= MAX_LOGITS logit entries), so at most one [rows, vocab] float32
-    block of logits exists at once; the chunk body is rematerialised under jax.grad, so the
-    backward pass holds one chunk too.
+    h [..., D] is the last block's output, targets / weights [...] like h without D. Tokens are
+    flattened and unembedded `rows` at a time (default: chunk_rows, <= MAX_LOGITS logit entries),
+    so at most one [rows, vocab] float32 block of logits exists at once; the chunk body is
+    rematerialised under jax.grad, so the backward pass holds one chunk too.
     """
     D = h.shape[-1]
+    shape = targets.shape
     h = h.reshape(-1, D)
     t = targets.reshape(-1)
     w = weights.reshape(-1).astype(jnp.float32)
@@ -97,27 +122,63 @@ def nll_sum(cfg: DecoderConfig, params: dict, h, targets, weights, rows: int | N
         logits = _dec.unembed(cfg, params, hh[None])[0]  # [r, V] float32
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse - tgt) * ww)
+        return (lse - tgt) * ww
 
-    return jnp.sum(jax.lax.map(one, (h.reshape(n_chunks, r, D), t.reshape(n_chunks, r),
-                                     w.reshape(n_chunks, r))))
+    per = jax.lax.map(one, (h.reshape(n_chunks, r, D), t.reshape(n_chunks, r), w.reshape(n_chunks, r)))
+    return per.reshape(-1)[:n].reshape(shape)
+
+
+def nll_sum(cfg: DecoderConfig, params: dict, h, targets, weights, rows: int | None = None):
+    """Sum of weights * next-token NLL from the last block's output h [..., D] (traceable; see
+    nll_tokens for the memory bound)."""
+    return jnp.sum(nll_tokens(cfg, params, h, targets, weights, rows))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _nll_sum(cfg, params, inputs, targets, weights, rows):
+def _window_nll(cfg, params, inputs, targets, weights, rows):
     # inputs/targets/weights: [B, T]; the model runs on T positions, the logits `rows` at a time.
+    # Returns the summed NLL of each window [B].
     L = cfg.num_layers
     h = _dec._resid_post(cfg, params, inputs, None, (L - 1,))[L - 1]  # [B,T,D]
-    return nll_sum(cfg, params, h, targets, weights, rows)
+    return jnp.sum(nll_tokens(cfg, params, h, targets, weights, rows), axis=-1)
 
 
-def strided_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
-                batch_size: int = 2, bos_token_id: int | None = None, chunk: int | None = None) -> tuple[float, int]:
-    """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream."""
+def _valid_id(cfg: DecoderConfig, v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and 0 <= v < cfg.vocab_size
+
+
+def _check_ids(cfg: DecoderConfig, tokens, bos, pad) -> int:
+    """The text and BOS ids inside the vocabulary (an id past it would read a NaN embedding and be
+    reported as a non-finite perplexity; a negative one would wrap around); returns the pad id to use.
+
+    The pad only fills the unscored tail of the last window, so a config pad id outside the vocabulary
+    (some configs say -1) is replaced by BOS instead of refused: any real id pads the same.
+    """
+    if not _valid_id(cfg, bos):
+        raise InputError(f'bos_token_id={bos!r}; accepted: an int with 0 <= id < vocab_size={cfg.vocab_size}')
+    t = np.asarray(tokens)
+    if t.dtype.kind not in 'iu':
+        raise InputError(f'perplexity tokens have dtype {t.dtype}; expected integer token ids')
+    _dec.check_token_ids(cfg, t, what='perplexity tokens')
+    return int(pad) if _valid_id(cfg, pad) else int(bos)
+
+
+def window_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
+               batch_size: int = 2, bos_token_id: int | None = None,
+               chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(summed NLL in nats [n_windows], scored tokens [n_windows]) of every strided window.
+
+    The per-window sums are what a confidence interval for the perplexity resamples; their totals
+    are strided_nll's.
+    """
     bos = cfg.bos_token_id if bos_token_id is None else bos_token_id
     if bos is None:
         raise InputError('no BOS id: cfg.bos_token_id is None; pass bos_token_id=<int>')
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else bos
+    pad = _check_ids(cfg, tokens, bos, pad)
+    batch_size = _positive_int('batch_size', batch_size)  # more than the windows: clamped below
+    if chunk is not None:
+        chunk = _positive_int('chunk', chunk)  # longer than a window: clamped below
     inputs, targets, weights = strided_windows(tokens, bos, window, stride, pad)
     T = inputs.shape[1]
     n = inputs.shape[0]
@@ -128,16 +189,23 @@ def strided_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024,
     if n_pad != n:  # whole padded windows with zero weight keep one compiled shape
         p = ((0, n_pad - n), (0, 0))
         inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
-    total = 0.0
+    out = []
     for step, a in enumerate(range(0, n_pad, bsz)):
-        nll = float(_nll_sum(cfg, params, jnp.asarray(inputs[a:a + bsz]), jnp.asarray(targets[a:a + bsz]),
-                             jnp.asarray(weights[a:a + bsz]), rows))
-        if not math.isfinite(nll):  # step = the batch of windows where it went non-finite
+        nll = np.asarray(_window_nll(cfg, params, jnp.asarray(inputs[a:a + bsz]), jnp.asarray(targets[a:a + bsz]),
+                                     jnp.asarray(weights[a:a + bsz]), rows), np.float64)
+        if not np.isfinite(nll).all():  # step = the batch of windows where it went non-finite
             raise NonFiniteError('perplexity NLL', stage='perplexity', step=step,
                                  detail=f'windows {a}..{a + bsz - 1} of {n}')
-        total += nll
-    count = int(weights.sum())
-    return total, count
+        out.append(nll)
+    return np.concatenate(out)[:n], weights[:n].sum(-1).astype(np.int64)
+
+
+def strided_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
+                batch_size: int = 2, bos_token_id: int | None = None, chunk: int | None = None) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream."""
+    nll, count = window_nll(cfg, params, tokens, window=window, stride=stride, batch_size=batch_size,
+                            bos_token_id=bos_token_id, chunk=chunk)
+    return float(nll.sum()), int(count.sum())
 
 
 def perplexity(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,

@@ -482,6 +482,32 @@ def auxk_is_dense(cfg: SAEConfig) -> bool:
     return cfg.n_latents <= 4 * cfg.k_aux_eff
 
 
+# With at most this many dead latents (and at most k_aux), AuxK runs on the dead latents' columns only.
+AUXK_SUBSET = 128
+
+
+def _auxk_few_dead(cfg: SAEConfig, params, xc, pre, dead, target, coef, m: int):
+    """AuxK when at most m <= k_aux latents are dead: every dead latent is decoded (k_aux picks would
+    take them all), as dense matmuls over their m gathered columns / rows. Returns (sq, grads) ordered
+    (W_enc, b_enc, W_dec, b_dec) like _topk_sq_err_parts."""
+    idx = jnp.nonzero(dead, size=m, fill_value=0)[0]  # [m]; padding entries are masked out below
+    valid = jnp.arange(m) < dead.sum()
+    p_sub = pre[:, idx]  # [B, m]
+    on = valid & (p_sub > 0)
+    z = jnp.where(on, p_sub, 0.0)
+    w_rows = params["W_dec"][idx]  # [m, d]
+    r = z @ w_rows - target
+    g = (2.0 * coef) * r
+    d_pre = jnp.where(on, g @ w_rows.T, 0.0)  # [B, m]
+    d_b_sub = d_pre.sum(0)
+    d_w_dec = jnp.zeros_like(params["W_dec"]).at[idx].add(z.T @ g)
+    d_w_enc = jnp.zeros_like(params["W_enc"]).at[:, idx].add(xc.T @ d_pre)
+    d_b_enc = jnp.zeros_like(params["b_enc"]).at[idx].add(d_b_sub)
+    d_b_dec = (-(params["W_enc"][:, idx] @ d_b_sub) if cfg.apply_b_dec_to_input
+               else jnp.zeros_like(params["b_dec"]))
+    return (r ** 2).sum(), (d_w_enc, d_b_enc, d_w_dec, d_b_dec)
+
+
 def _auxk_dense(cfg: SAEConfig, params, xc, pre, dead, target, coef):
     """AuxK's summed squared error and the gradients of coef * it, as dense masked matmuls.
 
@@ -532,11 +558,21 @@ def topk_loss_and_grads(cfg: SAEConfig, params, x, dead, use_aux: bool = True):
     if use_aux:
         scale = _auxk_scale(cfg, dead)
         coef = cfg.aux_coeff * scale * inv_tv
-        if auxk_is_dense(cfg):
-            a_sq, a_grads = _auxk_dense(cfg, params, xc, pre, dead, x - x_hat, coef)
-        else:
+        target = x - x_hat
+
+        def general():
+            if auxk_is_dense(cfg):
+                return _auxk_dense(cfg, params, xc, pre, dead, target, coef)
             a_pre, a_idx = _auxk_picks(cfg, pre, dead)
-            (a_sq, _, _), (a_grads, *_) = _topk_sq_err_parts(ab, False, *w, x, x - x_hat, a_idx, a_pre, coef)
+            (sq, _, _), (gr, *_) = _topk_sq_err_parts(ab, False, *w, x, target, a_idx, a_pre, coef)
+            return sq, gr
+
+        # Usually only a few latents are dead: then AuxK decodes all of them, as small dense matmuls
+        # over just their columns (the same numbers as the general paths, tested).
+        m = min(AUXK_SUBSET, cfg.k_aux_eff)
+        a_sq, a_grads = jax.lax.cond(dead.sum() <= m,
+                                     lambda: _auxk_few_dead(cfg, params, xc, pre, dead, target, coef, m),
+                                     general)
         a_loss = scale * a_sq * inv_tv
         loss = loss + cfg.aux_coeff * a_loss
         grads = tuple(g + a for g, a in zip(grads, a_grads))

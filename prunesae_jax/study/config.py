@@ -34,16 +34,26 @@ fields (all required; types are enforced by ConfigDict on override):
                        hidden size), k, n_tokens (activation tokens per condition), seq_len (context of
                        the captured sequences), batch_size, lr (0.0 = lr scaling rule
                        2e-4 / sqrt(n_latents / 2^14)), n_seeds (>= 2, trained in one vmapped run), seed,
-                       aux_k_coef, dead_tokens (tokens without firing before a latent counts as dead),
+                       aux_k_coef, dead_tokens (tokens without firing before a latent counts as dead;
+                       0 = min(10M, training tokens / 10); a window longer than the run is refused),
                        capture_batch (sequences per forward pass when capturing activations),
                        epochs (passes over the captured tokens), store_dtype (float32 | float16 |
-                       bfloat16 on disk), checkpoint_every (steps between Orbax checkpoints, 0 = none)
+                       bfloat16 on disk), checkpoint_every (steps between Orbax checkpoints, 0 = none),
+                       snapshots (fractions of the training steps at which every seed's decoder is
+                       kept, to measure the seed agreement during training: convergence)
   analysis             tau (MNN cosine threshold), taus (robustness thresholds), n_bootstrap, ci
                        (confidence level), n_quintiles, seed, transfer_tokens (tokens for FVU / L0 /
                        Jaccard / CE recovered), causal_features (dense features ablated exactly),
                        causal_tokens (tokens of each ablation), causal_measure ('exact': correlate
                        survival with the exactly ablated features' effects; 'attribution': with the
-                       gradient x activation estimate of every feature)
+                       gradient x activation estimate of every feature), pairing ('distinct': every
+                       condition's SAEs start from their own inits, survival over all (dense seed,
+                       pruned seed) pairs; 'shared': seed s starts from the same init and data order in
+                       every condition, survival over the pairs (s, s), with the init-only null),
+                       min_seed_floor (a dense seed floor below it makes survival and fragility "not
+                       readable"), min_firings (training firings a latent needs to enter the fragility
+                       quintiles). Minimum sizes (MIN_TOKENS): ppl.max_tokens, transfer_tokens and
+                       causal_tokens below them give intervals too wide to separate conditions
   transfer             the fixed dictionary for RQ3: source 'dense' (the dense condition's SAE, seed 0)
                        or 'pretrained'; repo (HF repo id, e.g. 'google/gemma-scope-2b-pt-res'), path
                        (file or folder inside it, or a local path when repo is ''); the format
@@ -81,6 +91,10 @@ __all__ = [
     'validate_layer',
     'validate_nm_widths',
     'resolve_layer',
+    'n_sequences',
+    'sae_budget',
+    'MIN_TOKENS',
+    'PAIRINGS',
     'MODEL_ZOO',
     'TINY_FAMILIES',
     'METHODS',
@@ -96,6 +110,9 @@ GROUPS = ('per_row', 'per_matrix', 'global')
 # The groups prunesae_jax.pruning.prune accepts per method (N:M patterns work for every method).
 METHOD_GROUPS = {'magnitude': GROUPS, 'wanda': ('per_row', 'per_matrix'), 'sparsegpt': ()}
 DTYPES = ('float32', 'bfloat16', 'float16')
+PAIRINGS = ('distinct', 'shared')
+# The fewest tokens each measure is computed on (below them the CIs do not separate conditions).
+MIN_TOKENS = {'ppl.max_tokens': 4096, 'analysis.transfer_tokens': 2048, 'analysis.causal_tokens': 1024}
 SAE_ARCHITECTURES = ('topk', 'batchtopk', 'relu', 'jumprelu')
 TRANSFER_SOURCES = ('dense', 'pretrained')
 MODEL_SHARDINGS = ('none', 'fsdp', 'tp')  # == prunesae_jax.sharding.STRATEGIES
@@ -159,11 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sae.n_seeds = 3
     c.sae.seed = 0
     c.sae.aux_k_coef = 1.0 / 32
-    c.sae.dead_tokens = 10_000_000
+    c.sae.dead_tokens = 0
     c.sae.capture_batch = 16
     c.sae.epochs = 1
     c.sae.store_dtype = 'float32'
     c.sae.checkpoint_every = 0
+    c.sae.snapshots = (0.25, 0.5, 1.0)
 
     c.analysis = ml_collections.ConfigDict()
     c.analysis.tau = 0.7
@@ -176,6 +194,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.analysis.causal_features = 64
     c.analysis.causal_tokens = 2048
     c.analysis.causal_measure = 'attribution'
+    c.analysis.pairing = 'distinct'
+    c.analysis.min_seed_floor = 0.2
+    c.analysis.min_firings = 10
 
     c.transfer = ml_collections.ConfigDict(
         {'source': 'dense', 'repo': '', 'path': ''})
@@ -283,6 +304,35 @@ def _check_group(method: str, group: Any) -> None:
     _fail(field, group, f"{names} | 'N:M' with 0 < N < M (e.g. '2:4')")
 
 
+_SNIFF_BYTES = 1 << 20
+
+
+def _check_data_file(field: str, src: str) -> None:
+    """A .parquet file needs pyarrow; a .txt / .jsonl file must be UTF-8 (its first MiB is checked
+    here; the rest where it is read)."""
+    import codecs  # pylint: disable=g-import-not-at-top
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    path = os.path.expanduser(src)
+    if src.lower().endswith('.parquet'):
+        if importlib.util.find_spec('pyarrow') is None:
+            raise ConfigError(f'config.{field}.source={src!r} is a .parquet file and pyarrow is not '
+                              'installed; accepted: a .txt / .jsonl file, or install the reader: pip '
+                              'install prunesae_jax[datasets]')
+        return
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise ConfigError(f'config.{field}.source={src!r} cannot be read ({e.strerror}); accepted: a '
+                          'readable .txt / .jsonl / .parquet file') from None
+    try:  # incremental: a character cut at the end of the chunk is not an error
+        codecs.getincrementaldecoder('utf-8')().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'config.{field}.source={src!r} is not UTF-8 text ({e.reason}: byte '
+                          f'{head[e.start:e.start + 1]!r} at offset {e.start}); accepted: UTF-8 .txt / '
+                          '.jsonl files (convert with iconv)') from None
+
+
 def _check_data_source(cfg: Any, which: str) -> None:
     d = cfg.data[which]
     field = f'data.{which}'
@@ -304,6 +354,7 @@ def _check_data_source(cfg: Any, which: str) -> None:
         if os.path.getsize(os.path.expanduser(src)) == 0:  # caught here, before any model is loaded
             raise ConfigError(f'config.{field}.source={src!r} is an empty file (zero tokens); '
                               'accepted: a file with text')
+        _check_data_file(field, src)
         return
     if os.sep in src or src.startswith(('.', '~')) or os.path.splitext(src)[1]:
         raise ConfigPathError(f'config.{field}.source={src!r} does not exist; accepted: a local '
@@ -340,6 +391,9 @@ def validate(config: Any) -> ml_collections.ConfigDict:
     window = _int(config, 'ppl.window', 2)
     _int(config, 'ppl.stride', 1, window)
     _int(config, 'ppl.max_tokens', 0)
+    if 0 < config.ppl.max_tokens < MIN_TOKENS['ppl.max_tokens']:
+        _fail('ppl.max_tokens', config.ppl.max_tokens,
+              f"0 (the whole split) or an int >= {MIN_TOKENS['ppl.max_tokens']}")
     _int(config, 'ppl.batch_size', 1)
 
     methods = config.pruning.methods
@@ -383,11 +437,20 @@ def validate(config: Any) -> ml_collections.ConfigDict:
     _int(config, 'sae.n_seeds', 2)
     _int(config, 'sae.seed', 0)
     _float(config, 'sae.aux_k_coef', 0.0, float('inf'))
-    _int(config, 'sae.dead_tokens', 1)
+    _int(config, 'sae.dead_tokens', 0)
     _int(config, 'sae.capture_batch', 1)
     _int(config, 'sae.epochs', 1)
     _choice(config.sae.store_dtype, 'sae.store_dtype', ('float32', 'float16', 'bfloat16'))
     _int(config, 'sae.checkpoint_every', 0)
+    snaps = config.sae.snapshots
+    if not isinstance(snaps, (tuple, list)) or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f <= 1.0 for f in snaps):
+        _fail('sae.snapshots', snaps, 'a tuple of fractions in (0, 1], e.g. (0.25, 0.5, 1.0)')
+    tokens, steps, batch = sae_budget(config)
+    if config.sae.dead_tokens > steps * batch:
+        _fail('sae.dead_tokens', config.sae.dead_tokens,
+              f'at most the {steps * batch} tokens the SAEs train on ({steps} steps of {batch}; a '
+              'longer window is never reached, so AuxK never runs), or 0 for min(10M, tokens / 10)')
 
     _float(config, 'analysis.tau', 0.0, 1.0, lo_open=True)
     taus = config.analysis.taus
@@ -400,9 +463,12 @@ def validate(config: Any) -> ml_collections.ConfigDict:
     _float(config, 'analysis.ci', 0.0, 1.0, lo_open=True, hi_open=True)
     _int(config, 'analysis.n_quintiles', 2)
     _int(config, 'analysis.seed', 0)
-    _int(config, 'analysis.transfer_tokens', 1)
+    _int(config, 'analysis.transfer_tokens', MIN_TOKENS['analysis.transfer_tokens'])
     _int(config, 'analysis.causal_features', 0)
-    _int(config, 'analysis.causal_tokens', 1)
+    _int(config, 'analysis.causal_tokens', MIN_TOKENS['analysis.causal_tokens'])
+    _choice(config.analysis.pairing, 'analysis.pairing', PAIRINGS)
+    _float(config, 'analysis.min_seed_floor', 0.0, 1.0)
+    _int(config, 'analysis.min_firings', 1)
     _choice(config.analysis.causal_measure, 'analysis.causal_measure', ('exact', 'attribution'))
     if config.analysis.causal_measure == 'exact' and config.analysis.causal_features < 3:
         _fail('analysis.causal_features', config.analysis.causal_features,
@@ -450,6 +516,19 @@ def validate(config: Any) -> ml_collections.ConfigDict:
     return config
 
 
+def n_sequences(n_tokens: int, seq_len: int) -> int:
+    """Rows of seq_len tokens that hold n_tokens SAE tokens (BOS is never an SAE token)."""
+    return max(1, -(-int(n_tokens) // (int(seq_len) - 1)))
+
+
+def sae_budget(config: Any) -> tuple[int, int, int]:
+    """(activation tokens stored per condition, training steps, batch size) of config.sae."""
+    sae = config.sae
+    tokens = n_sequences(sae.n_tokens, sae.seq_len) * (sae.seq_len - 1)
+    batch = min(sae.batch_size, tokens)
+    return tokens, max(1, (tokens * sae.epochs) // batch), batch
+
+
 def resolve_layer(config: Any, num_layers: int) -> int:
     """The 0-based resid_post layer: config.layer, or num_layers // 2 when it is -1."""
     return num_layers // 2 if config.layer == -1 else int(config.layer)
@@ -464,6 +543,14 @@ def validate_layer(config: Any, num_layers: int, d_model: int | None = None) -> 
     if d_model is not None and config.sae.k > config.sae.expansion * d_model:
         _fail('sae.k', config.sae.k, f'at most sae.expansion x hidden size = '
               f'{config.sae.expansion * d_model}')
+    # The fragility quintiles (RQ4) take >= 10 latents each: more bins than n_latents / 10 can
+    # never be filled, whatever the SAEs learn.
+    n_latents = None if d_model is None else config.sae.expansion * d_model
+    if n_latents is not None and 10 * config.analysis.n_quintiles > n_latents:
+        _fail('analysis.n_quintiles', config.analysis.n_quintiles,
+              f'an int in [2, {max(2, n_latents // 10)}] for {config.model}: each bin needs >= 10 '
+              f'latents and the SAEs have {n_latents} (sae.expansion={config.sae.expansion} x hidden '
+              f'size {d_model})')
     return layer
 
 
@@ -489,7 +576,7 @@ def paper_base_config() -> ml_collections.ConfigDict:
     """The paper's grid, shared by configs/paper_*.py; each sets model, layer and transfer.
 
     Magnitude and Wanda at 0 (dense) and six pruned levels 10-60 %; 8x TopK SAEs on ~1.5M
-    FineWeb-Edu tokens; tau = 0.7 (robustness at 0.6 / 0.8); calibration 128 x 2048 tokens
+    FineWeb-Edu tokens (16 passes, so that they converge); tau = 0.7 (robustness at 0.6 / 0.8); calibration 128 x 2048 tokens
     (~262K, the Wanda reference's budget; the paper used ~300K FineWeb-Edu tokens); perplexity on
     WikiText-2 raw test, window 1024, stride 512, BOS prepended, bf16 weights.
     """
@@ -509,6 +596,11 @@ def paper_base_config() -> ml_collections.ConfigDict:
     c.pruning.sparsities = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
     c.sae.k = 64
     c.sae.n_tokens = 1_500_000
+    # 16 passes over the paper's 1.5M tokens (~5.9k steps of 4096): one pass (366 steps) leaves 8x
+    # SAEs near their init, where survival reads the shared init rather than pruning (docs/method.md,
+    # "Pairing protocols"). --config.sae.epochs=1 reproduces the paper's budget; the report's
+    # convergence table and seed floor say whether a budget sufficed.
+    c.sae.epochs = 16
     c.sae.seq_len = 1024
     c.sae.batch_size = 4096
     c.sae.capture_batch = 8

@@ -41,6 +41,7 @@ from prunesae_jax.errors import InputError, NonFiniteError
 from prunesae_jax.study import report as report_lib
 from prunesae_jax.study.config import (
     ConfigError,
+    n_sequences,
     validate,
     validate_layer,
     validate_nm_widths,
@@ -52,14 +53,16 @@ from prunesae_jax.study.workdir import (
     crash_point,
     hold_workdir,
     provenance,
+    set_activity,
     stable_hash,
     to_jsonable,
+    write_config,
 )
 
 __all__ = ['run', 'StudyInterrupted', 'ByteTokenizer', 'conditions_of', 'condition_seed', 'STOP_ENV']
 
 # Bumped whenever the measures stage's output changes, so older cached measures are recomputed.
-MEASURES_VERSION = 2
+MEASURES_VERSION = 3
 # For tests and demos: stop (as if killed) after this many finished conditions.
 STOP_ENV = 'PRUNESAE_STOP_AFTER_CONDITIONS'
 
@@ -162,6 +165,7 @@ def _load_model(config) -> _Model:
     validate_nm_widths(config, {'hidden_size': cfg.hidden_size,
                                 'num_heads x head_dim': cfg.num_heads * cfg.head_dim,
                                 'intermediate_size': cfg.intermediate_size})
+    _mesh(config)  # a config.mesh that does not fit the devices fails here, not at the first SAE
     # A pretrained transfer dictionary is loaded and checked against d_model before any work.
     dictionary = None
     if config.transfer.source == 'pretrained':
@@ -169,16 +173,34 @@ def _load_model(config) -> _Model:
     return _Model(spec, cfg, params, tok, stable_hash(key), layer, dictionary)
 
 
+_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json', 'vocab.json',
+                    'spiece.model')
+
+
 def _hf_tokenizer(spec: str):
+    """The tokenizer of a local HF folder, a .gguf file or a hub id; InputError naming config.model
+    when there is none or it cannot be loaded."""
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     path = os.path.expanduser(spec)
-    if path.lower().endswith('.gguf'):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
-    if not os.path.isdir(path):
-        from prunesae_jax.models.convert import download_hub  # pylint: disable=g-import-not-at-top
-        path = download_hub(spec)
-    return AutoTokenizer.from_pretrained(path)
+    accepted = ('accepted: a model folder with its tokenizer files (' + ', '.join(_TOKENIZER_FILES)
+                + '), a .gguf file with its tokenizer, or a hub id')
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise ConfigError(f'config.model={spec!r} has no tokenizer (none of {", ".join(_TOKENIZER_FILES)});'
+                          f' {accepted}')
+    try:
+        if path.lower().endswith('.gguf'):
+            return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                 gguf_file=os.path.basename(path))
+        if not os.path.isdir(path):
+            from prunesae_jax.models.convert import download_hub  # pylint: disable=g-import-not-at-top
+            path = download_hub(spec)
+        return AutoTokenizer.from_pretrained(path)
+    except InputError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # transformers' many error types
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        raise ConfigError(f'config.model={spec!r}: its tokenizer cannot be loaded ({type(e).__name__}: '
+                          f'{first}); {accepted}') from None
 
 
 def _corpus(source_cfg) -> Any:
@@ -187,9 +209,28 @@ def _corpus(source_cfg) -> Any:
                       hf_config=source_cfg.hf_config or None, hf_split=source_cfg.hf_split or None)
 
 
+def _read_corpus(config, which: str, fn, *args, **kwargs):
+    """fn(corpus of config.data.<which>, *args, **kwargs), with a corpus that is no UTF-8 text or
+    needs a package that is not installed reported as InputError naming config.data.<which>."""
+    src = config.data[which].source
+    try:
+        return fn(_corpus(config.data[which]), *args, **kwargs)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'config.data.{which}.source={src!r} is not UTF-8 text ({e.reason}: byte '
+                          f'{e.object[e.start:e.start + 1]!r} at offset {e.start} of a chunk); '
+                          'accepted: UTF-8 .txt / .jsonl files (convert with iconv)') from None
+    except ImportError as e:  # .parquet without pyarrow, an HF dataset without `datasets`
+        raise ConfigError(f'config.data.{which}.source={src!r} cannot be read here: {e}; accepted: a '
+                          'source whose reader is installed (.txt / .jsonl need none)') from None
+    except InputError as e:  # too few tokens, a missing text field, ...: say which source
+        if str(e).startswith('config.'):
+            raise
+        raise ConfigError(f'config.data.{which}.source={src!r}: {e}') from None
+
+
 def _n_seqs(n_tokens: int, seq_len: int) -> int:
     # BOS is never an SAE training or measurement token: seq_len - 1 usable tokens per row.
-    return max(1, -(-n_tokens // (seq_len - 1)))
+    return n_sequences(n_tokens, seq_len)
 
 
 def _tokens_stage(config, model: _Model, cache: StageCache, timings: _Timings) -> tuple[str, dict]:
@@ -205,17 +246,17 @@ def _tokens_stage(config, model: _Model, cache: StageCache, timings: _Timings) -
     if not cache.done('tokens', key):
         t0 = time.perf_counter()
         tok, bos = model.tokenizer, model.cfg.bos_token_id
+        read = functools.partial(_read_corpus, config)  # names config.data.<which> in errors
         out = {
-            'calibration': data.take_tokens(_corpus(config.data.calibration), tok,
-                                            config.calibration.n_samples, config.calibration.seq_len,
-                                            split=config.data.calibration.split, bos_id=bos),
-            'eval_stream': data.token_stream(_corpus(config.data.eval), tok,
-                                             split=config.data.eval.split,
-                                             max_tokens=config.ppl.max_tokens or None),
-            'train': data.take_tokens(_corpus(config.data.train), tok, n_train, sae.seq_len,
-                                      split=config.data.train.split, bos_id=bos),
-            'heldout': data.take_tokens(_corpus(config.data.eval), tok, n_held, sae.seq_len,
-                                        split=config.data.eval.split, bos_id=bos),
+            'calibration': read('calibration', data.take_tokens, tok,
+                                config.calibration.n_samples, config.calibration.seq_len,
+                                split=config.data.calibration.split, bos_id=bos),
+            'eval_stream': read('eval', data.token_stream, tok, split=config.data.eval.split,
+                                max_tokens=config.ppl.max_tokens or None),
+            'train': read('train', data.take_tokens, tok, n_train, sae.seq_len,
+                          split=config.data.train.split, bos_id=bos),
+            'heldout': read('eval', data.take_tokens, tok, n_held, sae.seq_len,
+                            split=config.data.eval.split, bos_id=bos),
         }
         with cache.writing('tokens', key, spec) as tmp:
             atomic_write_npz(tmp / 'tokens.npz', out)
@@ -297,17 +338,25 @@ def _with_prunable_weights(params, weights: dict[str, np.ndarray]):
 
 def _ppl_stage(config, model: _Model, params, prune_key: str, tokens_key: str, tokens: dict,
                cache: StageCache, timings: _Timings) -> dict:
-    from prunesae_jax.pruning.perplexity import strided_nll  # pylint: disable=g-import-not-at-top
-    spec = {'ppl': config.ppl.to_dict()}
+    from prunesae_jax.analysis import stats  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.pruning.perplexity import window_nll  # pylint: disable=g-import-not-at-top
+    ana = config.analysis
+    spec = {'ppl': config.ppl.to_dict(), 'ci': [ana.n_bootstrap, ana.ci, ana.seed]}
     key = cache.key('ppl', spec, [prune_key, tokens_key])
     if not cache.done('ppl', key):
         t0 = time.perf_counter()
-        nll, count = strided_nll(model.cfg, params, tokens['eval_stream'], window=config.ppl.window,
-                                 stride=config.ppl.stride, batch_size=config.ppl.batch_size,
-                                 bos_token_id=model.cfg.bos_token_id)
+        nll, count = window_nll(model.cfg, params, tokens['eval_stream'], window=config.ppl.window,
+                                stride=config.ppl.stride, batch_size=config.ppl.batch_size,
+                                bos_token_id=model.cfg.bos_token_id)
+        # The interval resamples the windows (each scores a disjoint stretch of the text).
+        iv = stats.bootstrap_ci(np.stack([nll, count], 1),
+                                lambda a: math.exp(a[:, 0].sum() / a[:, 1].sum()),
+                                n_boot=max(ana.n_bootstrap, 1), ci=ana.ci, seed=ana.seed)
         with cache.writing('ppl', key, spec) as tmp:
-            atomic_write_json(tmp / 'ppl.json', {'nll': nll, 'n_tokens': count,
-                                                 'ppl': math.exp(nll / count)})
+            atomic_write_json(tmp / 'ppl.json', {'nll': float(nll.sum()), 'n_tokens': int(count.sum()),
+                                                 'n_windows': int(nll.size),
+                                                 'ppl': math.exp(nll.sum() / count.sum()),
+                                                 'ppl_ci': [iv.low, iv.high]})
         timings.add('ppl', time.perf_counter() - t0)
     return cache.read_json('ppl', key, 'ppl.json')
 
@@ -353,13 +402,16 @@ def _acts_stage(config, model: _Model, params, prune_key: str, tokens_key: str, 
 # --------------------------------------------------------------------------- SAE training
 
 def condition_seed(config, method: str, sparsity: float) -> int:
-    """The first SAE seed of a condition: sae.seed for dense, a stable offset for pruned ones.
+    """The first SAE seed of a condition.
 
-    Every condition's SAEs start from inits no other condition uses, so survival (dense vs pruned)
-    is measured across different inits exactly like the seed floor (dense vs dense): with shared
-    inits an under-trained pruned SAE would "match" its dense twin through the init alone.
+    analysis.pairing='distinct': sae.seed for dense, a stable offset for pruned ones, so every
+    condition's SAEs start from inits no other condition uses and survival (dense vs pruned) is
+    measured across different inits exactly like the seed floor (dense vs dense).
+    analysis.pairing='shared': sae.seed for every condition: seed s starts from the same init (and
+    sees the same data order) in every condition; survival pairs (s, s), and the init-only null
+    says how much of it the shared init alone explains.
     """
-    if method == 'dense':
+    if method == 'dense' or config.analysis.pairing == 'shared':
         return config.sae.seed
     h = int(stable_hash({'method': method, 'sparsity': round(float(sparsity), 9)}, 6), 16)
     return config.sae.seed + config.sae.n_seeds * (1 + h % 100_000)
@@ -371,13 +423,14 @@ def _sae_configs(config, model: _Model, n_tokens: int, seed: int | None = None):
     sae = config.sae
     d = model.cfg.hidden_size
     sae_cfg = SAEConfig(d_in=d, n_latents=sae.expansion * d, architecture=sae.architecture,
-                        k=sae.k, aux_coeff=sae.aux_k_coef, dead_tokens=sae.dead_tokens)
+                        k=sae.k, aux_coeff=sae.aux_k_coef, dead_tokens=sae.dead_tokens or None)
     batch = min(sae.batch_size, n_tokens)
     n_steps = max(1, (n_tokens * sae.epochs) // batch)
     train_cfg = TrainConfig(n_seeds=sae.n_seeds, seed=sae.seed if seed is None else seed,
                             batch_size=batch, n_steps=n_steps,
                             lr=sae.lr or None, warmup_steps=max(1, min(100, n_steps // 10)),
                             checkpoint_every=sae.checkpoint_every,
+                            snapshot_fracs=tuple(float(f) for f in sae.snapshots),
                             eval_tokens=min(16384, n_tokens), progress=config.progress)
     return sae_cfg, train_cfg
 
@@ -427,7 +480,11 @@ def _params_mesh(params):
 
 def _sae_stage(config, model: _Model, acts_key: str, store, cache: StageCache,
                timings: _Timings, label: str, seed: int) -> tuple[str, dict, dict]:
-    """S seeds trained in one vmapped run; (key, params with seed axis in raw units, metrics)."""
+    """S seeds trained in one vmapped run: (key, params with seed axis in raw units, training record).
+
+    The record holds final.json (per-seed FVU / L0 / dead fraction, distance from init, curves)
+    plus 'snapshots' {step: W_dec [S, n, d]} and 'firing_rate' [S, n] over the training tokens.
+    """
     from prunesae_jax.sae.train import train as train_saes  # pylint: disable=g-import-not-at-top
     sae_cfg, train_cfg = _sae_configs(config, model, store.n_tokens, seed)
     spec = {'sae': sae_cfg.to_dict(), 'train': dataclasses.asdict(train_cfg) | {'progress': None}}
@@ -442,14 +499,35 @@ def _sae_stage(config, model: _Model, acts_key: str, store, cache: StageCache,
                               workdir=str(work) if train_cfg.checkpoint_every else None,
                               mesh=_mesh(config))
         final = {k: np.asarray(v).tolist() for k, v in _final_metrics(res.final).items()}
+        final.update(init_cos=np.asarray(res.final['init_cos']).tolist(), n_steps=train_cfg.n_steps,
+                     batch_size=train_cfg.batch_size, train_tokens=int(store.n_tokens),
+                     curve=_curve(res.metrics))
         with cache.writing('sae', key, spec) as tmp:
             atomic_write_npz(tmp / 'params.npz', {k: np.asarray(v) for k, v in res.params.items()})
+            # The decoders at the snapshot steps (convergence) and how often each latent fired over
+            # the training tokens (the fragility quintiles).
+            atomic_write_npz(tmp / 'training.npz', {
+                **{f'W_dec@{step}': np.asarray(w) for step, w in sorted(res.snapshots.items())},
+                'firing_rate': np.asarray(res.final['train_firing_rate'], np.float64)})
             atomic_write_json(tmp / 'final.json', final)
         timings.add('sae', time.perf_counter() - t0)
     if work.exists():  # also when a run was killed between the commit and this cleanup
         import shutil  # pylint: disable=g-import-not-at-top
         shutil.rmtree(work, ignore_errors=True)
-    return (key, cache.read_npz('sae', key, 'params.npz'), cache.read_json('sae', key, 'final.json'))
+    final = cache.read_json('sae', key, 'final.json')
+    training = cache.read_npz('sae', key, 'training.npz')
+    final['snapshots'] = {int(k.split('@')[1]): v for k, v in training.items() if k.startswith('W_dec@')}
+    final['firing_rate'] = training['firing_rate']
+    return key, cache.read_npz('sae', key, 'params.npz'), final
+
+
+def _curve(logged: list[dict]) -> dict[str, list[float]]:
+    """Training curves from the trainer's log rows: each metric's mean over seeds per logged step."""
+    names = ('fvu', 'l0', 'dead_frac', 'aux_loss')
+    out = {'step': [int(r['step']) for r in logged]}
+    for name in names:
+        out[name] = [float(np.mean(r[name])) for r in logged if name in r]
+    return out
 
 
 class _CrashPointStore:
@@ -482,20 +560,21 @@ def _final_metrics(final) -> dict[str, np.ndarray]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _tail_nll(cfg, layer: int, chunk: int, params, h, tokens):
-    """Mean next-token NLL when blocks layer+1.. run on h [B,T,D] (the resid_post of `layer`).
+    """Mean next-token NLL of each row [B] when blocks layer+1.. run on h [B,T,D] (the resid_post
+    of `layer`).
 
     Logits are formed at most B * chunk positions (and perplexity.MAX_LOGITS entries) at a time,
     forward and backward, so their memory does not grow with B or T.
     """
     from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
-    from prunesae_jax.pruning.perplexity import MAX_LOGITS, chunk_rows, nll_sum  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.pruning.perplexity import MAX_LOGITS, chunk_rows, nll_tokens  # pylint: disable=g-import-not-at-top
     for i in range(layer + 1, cfg.num_layers):
         h = decoder.block(cfg, params['layers'][i], i, h)
     B, T, _ = h.shape
     n = T - 1
     rows = chunk_rows(B * n, cfg.vocab_size, min(MAX_LOGITS, B * chunk * cfg.vocab_size))
     w = jnp.ones((B, n), jnp.float32)
-    return nll_sum(cfg, params, h[:, :-1], tokens[:, 1:], w, rows) / (B * n)
+    return jnp.sum(nll_tokens(cfg, params, h[:, :-1], tokens[:, 1:], w, rows), axis=-1) / n
 
 
 def _resid(cfg, params, rows: np.ndarray, layer: int, batch: int) -> np.ndarray:
@@ -531,14 +610,23 @@ def _pretrained_dictionary(config, model_cfg, spec: str):
     path = os.path.expanduser(t.path)
     if t.repo:
         from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-        local = snapshot_download(t.repo, allow_patterns=[f'{t.path.rstrip("/")}*',
-                                                          f'{t.path.rstrip("/")}/*'])
+        try:
+            local = snapshot_download(t.repo, allow_patterns=[f'{t.path.rstrip("/")}*',
+                                                              f'{t.path.rstrip("/")}/*'])
+        except Exception as e:  # pylint: disable=broad-except  # offline, no such repo, ...
+            first = (str(e).strip().splitlines() or [''])[0][:160]
+            raise ConfigError(f'config.transfer.repo={t.repo!r} could not be fetched ({type(e).__name__}: '
+                              f'{first}); accepted: a hub repo reachable from here (or in the HF '
+                              "cache), or transfer.repo='' with a local transfer.path") from None
         path = os.path.join(local, t.path)
     try:
         sae_cfg, params = load_sae(path)
-    except (FileNotFoundError, KeyError) as e:  # no SAE files there / a cfg.json without a key
-        raise ConfigError(f'config.transfer.path={t.path!r} holds no readable dictionary ({e}); '
-                          'accepted: a SAELens, Gemma Scope or sparsify SAE') from None
+    except InputError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # missing, garbled or foreign files there
+        raise ConfigError(f'config.transfer.path={t.path!r} holds no readable dictionary '
+                          f'({type(e).__name__}: {e}); accepted: a SAELens, Gemma Scope or sparsify '
+                          'SAE') from None
     if sae_cfg.d_in != model_cfg.hidden_size:
         raise ConfigError(f'config.transfer.path={t.path!r} has d_in={sae_cfg.d_in}; accepted: a '
                           f'dictionary for d_model={model_cfg.hidden_size} ({spec})')
@@ -560,18 +648,6 @@ def _decode(sae_cfg, params, z):
 def _encode_all(sae_cfg, params, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     return np.concatenate([np.asarray(_encode(sae_cfg, params, jnp.asarray(x[a:a + batch])))
                            for a in range(0, x.shape[0], batch)])
-
-
-def _firing_rates(config, model, dense_sae: dict, dense_params, tokens: dict) -> np.ndarray:
-    """[S, n] firing rate of each dense seed's features on held-out dense activations."""
-    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
-    sae_cfg, _ = _sae_configs(config, model, config.sae.n_tokens)
-    rows = tokens['heldout']
-    x = _resid(model.cfg, dense_params, rows, model.layer, config.sae.capture_batch)[:, 1:]
-    x = x.reshape(-1, x.shape[-1])[:config.analysis.transfer_tokens]
-    S = dense_sae['W_dec'].shape[0]
-    return np.stack([measures.firing_rate(_encode_all(sae_cfg, _single(dense_sae, s), x))
-                     for s in range(S)])
 
 
 def _causal_spec(config, model: _Model) -> dict:
@@ -608,14 +684,19 @@ def _causal_stage(config, model: _Model, dense_sae_key: str, dense_sae: dict, to
 
         def loss_fn(c):
             x_new = (core.decode(sae_cfg, p, c) + err).astype(h.dtype).reshape(B, T - 1, D)
-            return _tail_nll(model.cfg, model.layer, chunk, model.params, h.at[:, 1:].set(x_new), rows)
+            return jnp.mean(_tail_nll(model.cfg, model.layer, chunk, model.params,
+                                      h.at[:, 1:].set(x_new), rows))
 
         eff = measures.causal_effects(loss_fn, codes, n_exact=ana.causal_features, seed=ana.seed)
+        agreement = measures.causal_agreement(eff.estimate, eff.exact_idx, eff.exact,
+                                              n_boot=max(ana.n_bootstrap, 1), ci=ana.ci, seed=ana.seed)
         with cache.writing('causal', key, spec) as tmp:
             atomic_write_json(tmp / 'causal.json', {
                 'clean_loss': eff.clean_loss, 'estimate': eff.estimate.tolist(),
                 'exact_idx': eff.exact_idx.tolist(), 'exact': eff.exact.tolist(),
-                'pearson': eff.pearson, 'spearman': eff.spearman})
+                'fires': np.asarray(eff.fires).tolist(), 'n_tokens': int(codes.shape[0]),
+                'pearson': eff.pearson, 'spearman': eff.spearman,
+                'agreement': _iv(agreement)})
         timings.add('causal', time.perf_counter() - t0)
     return cache.read_json('causal', key, 'causal.json')
 
@@ -653,8 +734,13 @@ def _iv(interval) -> dict[str, float]:
 
 
 def _transfer(config, model: _Model, params, dictionary, dense_codes_x, tokens: dict) -> dict:
-    """RQ3: the fixed dictionary on this condition's held-out activations."""
-    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
+    """RQ3: the fixed dictionary on this condition's held-out activations, with CIs over sequences.
+
+    FVU, L0, Jaccard and CE loss recovered are ratios or means of per-sequence sums; their
+    percentile intervals resample the held-out sequences (tokens of one sequence are not
+    independent).
+    """
+    from prunesae_jax.analysis import measures, stats  # pylint: disable=g-import-not-at-top
     sae_cfg, p, name = dictionary
     ana = config.analysis
     n_rows = _n_seqs(ana.transfer_tokens, config.sae.seq_len)
@@ -667,32 +753,165 @@ def _transfer(config, model: _Model, params, dictionary, dense_codes_x, tokens: 
     dense_codes = _encode_all(sae_cfg, p, dense_codes_x)
     chunk = min(128, T - 1)
     dt = params['embed'].dtype
-    losses = {'clean': 0.0, 'spliced': 0.0, 'zero': 0.0}
+    losses = {'clean': [], 'spliced': [], 'zero': []}
     bsz = config.sae.capture_batch
     for a in range(0, B, bsz):
         h = jnp.asarray(h_all[a:a + bsz], dt)
         tk = jnp.asarray(rows[a:a + bsz])
         xh = jnp.asarray(x_hat.reshape(B, T - 1, D)[a:a + bsz], dt)
-        w = h.shape[0] / B
-        losses['clean'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params, h, tk))
-        losses['spliced'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params,
-                                                 h.at[:, 1:].set(xh), tk))
-        losses['zero'] += w * float(_tail_nll(model.cfg, model.layer, chunk, params,
-                                              h.at[:, 1:].set(0), tk))
+        for what, hh in (('clean', h), ('spliced', h.at[:, 1:].set(xh)), ('zero', h.at[:, 1:].set(0))):
+            losses[what].append(np.asarray(_tail_nll(model.cfg, model.layer, chunk, params, hh, tk),
+                                           np.float64))
+    # One row per held-out sequence: the sums each measure is a ratio or mean of.
+    per_seq = np.stack([
+        ((x - x_hat) ** 2).reshape(B, -1).sum(1),  # FVU numerator
+        ((x - x.mean(0)) ** 2).reshape(B, -1).sum(1),  # FVU denominator (around the mean)
+        (codes != 0).reshape(B, T - 1, -1).sum(-1).mean(-1),  # L0
+        measures.jaccard_active(dense_codes, codes, per_token=True).reshape(B, -1).mean(1),
+        *(np.concatenate(losses[w]) for w in ('clean', 'spliced', 'zero'))], 1)
+    boot = dict(n_boot=max(ana.n_bootstrap, 1), ci=ana.ci, seed=ana.seed)
+
+    def ci(stat):
+        return [float(v) for v in stats.bootstrap_ci(per_seq, stat, **boot)[1:]]
+
+    def ce_recovered(a):
+        m = a.mean(0)
+        return measures.ce_loss_recovered(m[4], m[5], m[6])
+
+    clean, spliced, zero = (float(v) for v in per_seq[:, 4:].mean(0))
     return {
-        'dictionary': name, 'fvu': measures.fvu(x, x_hat), 'l0': measures.l0(codes),
-        'jaccard': measures.jaccard_active(dense_codes, codes), 'ce_clean': losses['clean'],
-        'ce_spliced': losses['spliced'], 'ce_zero': losses['zero'],
-        'ce_recovered': measures.ce_loss_recovered(losses['clean'], losses['spliced'],
-                                                   losses['zero']),
+        'dictionary': name, 'n_tokens': int(x.shape[0]), 'n_sequences': int(B),
+        'fvu': measures.fvu(x, x_hat), 'fvu_ci': ci(lambda a: a[:, 0].sum() / a[:, 1].sum()),
+        'l0': measures.l0(codes), 'l0_ci': ci(lambda a: a[:, 2].mean()),
+        'jaccard': measures.jaccard_active(dense_codes, codes), 'jaccard_ci': ci(lambda a: a[:, 3].mean()),
+        'ce_clean': clean, 'ce_spliced': spliced, 'ce_zero': zero,
+        'ce_recovered': measures.ce_loss_recovered(clean, spliced, zero),
+        'ce_recovered_ci': ci(ce_recovered),
     }
 
 
+def _convergence(config, final: dict, boot: dict) -> dict:
+    """How far one condition's SAEs trained: seed agreement at each snapshot, distance from init,
+    final FVU / L0 / dead fraction and the training curves (docs/method.md, "Convergence")."""
+    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
+    tau = float(config.analysis.tau)
+    steps = sorted(final['snapshots'])
+    shared = [measures.seed_stability(final['snapshots'][st], tau=tau, taus=(tau,), **boot).shared.estimate
+              for st in steps]
+    return {'n_steps': final['n_steps'], 'batch_size': final['batch_size'],
+            'train_tokens': final['train_tokens'], 'steps': steps,
+            'tokens': [st * final['batch_size'] for st in steps], 'shared': [float(v) for v in shared],
+            'init_cos': final['init_cos'], 'fvu': final.get('fvu'), 'l0': final.get('l0'),
+            'dead_frac': final.get('dead_frac'), 'curve': final['curve']}
+
+
+def _survival(config, model: _Model, W_dense: np.ndarray, W: np.ndarray, boot: dict):
+    """RQ2: MNN survival of the dense features in this condition's SAEs, by analysis.pairing.
+
+    'distinct': every (dense seed i, pruned seed j) pair, CI resampling both seed sets;
+    'shared': the pairs (s, s) of SAEs that started from one init, CI resampling s, and the
+    init-only null: the matched fraction of dense seed s's SAE against its untrained init, i.e.
+    what survival would read if the pruned SAE had never left the init it shares.
+    Returns (JSON dict, per dense feature the share of its pairs it matched in [S_d, n], and its
+    mean max cosine to the pruned SAEs [S_d, n]).
+    """
+    from prunesae_jax.analysis import matching, stats  # pylint: disable=g-import-not-at-top
+    ana = config.analysis
+    taus = [float(t) for t in ana.taus]
+    S_d, S_p = W_dense.shape[0], W.shape[0]
+    shared = ana.pairing == 'shared'
+    pairs = [(s, s) for s in range(min(S_d, S_p))] if shared else [
+        (i, j) for i in range(S_d) for j in range(S_p)]
+    matches = [matching.mnn_match(W_dense[i], W[j], ana.tau) for i, j in pairs]
+    fractions = np.array([r.matched_fraction for r in matches])
+    n_pairs = np.zeros(S_d)
+    per_feature = np.zeros(W_dense.shape[:2])
+    max_cos = np.zeros(W_dense.shape[:2])
+    for (i, _), r in zip(pairs, matches):
+        n_pairs[i] += 1
+        per_feature[i] += r.matched
+        max_cos[i] += r.max_cos_a
+    per_feature /= np.maximum(n_pairs, 1)[:, None]
+    max_cos /= np.maximum(n_pairs, 1)[:, None]
+    iv = (stats.matched_bootstrap_ci(fractions, **boot) if shared else
+          stats.two_way_bootstrap_ci(fractions, np.array(pairs), S_d, S_p, **boot))
+    out = {**iv._asdict(), 'pairing': ana.pairing, 'fractions': fractions.tolist(),
+           'pairs': [list(p) for p in pairs],
+           'by_tau': {str(t): float(np.mean([r.fraction_at(t) for r in matches])) for t in taus},
+           'mean_max_cos': float(np.mean(max_cos))}
+    if shared:
+        from prunesae_jax.sae.train import initial_decoder  # pylint: disable=g-import-not-at-top
+        sae_cfg, train_cfg = _sae_configs(config, model, config.sae.n_tokens)
+        init = initial_decoder(sae_cfg, train_cfg.seed, S_d)
+        null = np.array([matching.mnn_match(W_dense[s], init[s], ana.tau).matched_fraction
+                         for s in range(S_d)])
+        out['null'] = stats.matched_bootstrap_ci(null, **boot)._asdict()
+    return out, per_feature, max_cos
+
+
+def _fragility(config, per_feature: np.ndarray, dense_final: dict, boot: dict) -> dict:
+    """RQ4 on the dense SAEs' firing rates over their training tokens.
+
+    Only latents that fired at least analysis.min_firings times in training enter the quintiles
+    (a rarer latent's rate is a handful of ties); when fewer than 10 per quintile qualify in some
+    seed the analysis is not run and the reason is recorded.
+    """
+    from prunesae_jax.analysis import measures, stats  # pylint: disable=g-import-not-at-top
+    ana = config.analysis
+    rates = np.asarray(dense_final['firing_rate'], np.float64)  # [S, n]
+    seen = dense_final['n_steps'] * dense_final['batch_size']
+    ok = rates * seen >= ana.min_firings
+    n_ok = ok.sum(1)
+    need = 10 * ana.n_quintiles
+    if n_ok.min() < need:
+        return {'not_run': f'only {int(n_ok.min())} latents of a dense seed fired >= analysis.min_firings='
+                           f'{ana.min_firings} times in training; the quintiles need >= {need}'}
+    # Seeds keep their qualifying latents, truncated to a common count (a seed with more drops its
+    # rarest qualifying latents) so that the per-seed arrays stack.
+    keep = int(n_ok.min())
+    order = [np.argsort(-np.where(ok[s], rates[s], -1.0), kind='stable')[:keep] for s in range(len(rates))]
+    surv = np.stack([per_feature[s][o] for s, o in enumerate(order)])
+    rate = np.stack([rates[s][o] for s, o in enumerate(order)])
+    fr = measures.fragility(surv, rate, n_bins=ana.n_quintiles, **boot)
+    q_ci = []
+    for q in range(fr.per_seed.shape[1]):
+        col = fr.per_seed[:, q]
+        q_ci.append([float(v) for v in stats.bootstrap_ci(col, None, **boot)[1:]] if col.size >= 2 else None)
+    return {'per_quintile': fr.per_quintile.tolist(), 'per_quintile_ci': q_ci, 'effect': _iv(fr.effect),
+            'rho_quintile': float(fr.rho_quintile), 'rho_feature': _iv(fr.rho_feature),
+            'rates_from': 'training', 'training_tokens': int(seen), 'min_firings': ana.min_firings,
+            'n_latents': keep, 'n_latents_total': int(rates.shape[1])}
+
+
+def _causal(config, causal: dict, max_cos: np.ndarray, boot: dict) -> dict:
+    """RQ5: Spearman(survival, |effect|) over the dense features that fire on the causal tokens,
+    the signed correlation beside it, and the attribution-vs-ablation agreement."""
+    from prunesae_jax.analysis import measures  # pylint: disable=g-import-not-at-top
+    ana = config.analysis
+    fires = np.asarray(causal['fires'], np.int64)
+    if ana.causal_measure == 'exact':
+        idx = np.asarray(causal['exact_idx'], np.int64)
+        effect = np.asarray(causal['exact'], np.float64)
+    else:
+        idx = np.arange(len(causal['estimate']))
+        effect = np.asarray(causal['estimate'], np.float64)
+    cos = max_cos[0][idx]
+    corr = measures.survival_causal_correlation(cos, effect, live=fires[idx], **boot)
+    live = np.flatnonzero(fires[idx] > 0)
+    # At most 512 points in the scatter (a seeded subset of the live features); the correlation
+    # uses all of them.
+    keep = np.sort(np.random.default_rng(ana.seed).permutation(live.size)[:512])
+    return {'n_features': int(idx.size), 'n_live': int(corr.n_live), 'measure': ana.causal_measure,
+            'correlation': _iv(corr.interval), 'correlation_signed': _iv(corr.signed),
+            'agreement': causal['agreement'], 'agreement_features': len(causal['exact_idx']),
+            'max_cos': cos[live][keep].tolist(), 'effect': effect[live][keep].tolist()}
+
+
 def _measures_stage(config, model: _Model, method: str, sparsity: float, params, keys: dict,
-                    sae: dict, dense: dict, tokens: dict, cache: StageCache,
+                    sae: dict, final: dict, dense: dict, tokens: dict, cache: StageCache,
                     timings: _Timings) -> dict:
-    """RQ1-RQ5 of one condition against the dense condition, as plain JSON."""
-    from prunesae_jax.analysis import matching, measures, stats  # pylint: disable=g-import-not-at-top
+    """RQ1-RQ5 and convergence of one condition against the dense condition, as plain JSON."""
+    from prunesae_jax.analysis import matching, measures  # pylint: disable=g-import-not-at-top
     ana = config.analysis
     spec = {'analysis': ana.to_dict(), 'transfer': config.transfer.to_dict(),
             'method': method, 'sparsity': sparsity, 'version': MEASURES_VERSION}
@@ -706,57 +925,23 @@ def _measures_stage(config, model: _Model, method: str, sparsity: float, params,
     W_dense = np.asarray(dense['sae']['W_dec'])
     taus = [float(t) for t in ana.taus]
     st = measures.seed_stability(W, tau=ana.tau, taus=taus, **boot)
-    stability = {'shared': _iv(st.shared), 'divergence': _iv(st.divergence),
+    stability = {'shared': st.shared_dict(), 'divergence': _iv(st.divergence),
                  'n_pairs': int(len(st.pair_indices)), 'kendalls_w': float(st.kendalls_w),
                  'by_tau': {str(t): float(np.mean(st.fractions[i])) for i, t in enumerate(taus)}}
-    out: dict[str, Any] = {'stability': stability, 'fragility': None, 'causal': None}
-
+    out: dict[str, Any] = {'stability': stability, 'fragility': None, 'causal': None,
+                           'convergence': _convergence(config, final, boot)}
     if method == 'dense':
         # Dense vs dense over distinct seed pairs is the seed floor itself.
         # mean max cosine: a threshold-free companion of the matched fraction.
         cos = [float(np.mean(matching.max_cosine(W[i], W[j])[0])) for i, j in st.pair_indices]
-        out['survival'] = {**stability['shared'], 'fractions': st.fractions[taus.index(ana.tau)].tolist()
-                           if ana.tau in taus else None, 'by_tau': stability['by_tau'],
+        out['survival'] = {**stability['shared'], 'pairing': 'distinct',
+                           'fractions': st.fractions[taus.index(ana.tau)].tolist() if ana.tau in taus else None,
+                           'pairs': st.pair_indices.tolist(), 'by_tau': stability['by_tau'],
                            'mean_max_cos': float(np.mean(cos))}
     else:
-        # RQ2 over every (dense seed, pruned seed) pair, as measures.feature_survival(pairing='all')
-        # does, with one MNN match per pair re-thresholded at every tau (feature_survival would
-        # match each pair again per tau).
-        pairs = [(i, j) for i in range(W_dense.shape[0]) for j in range(W.shape[0])]
-        matches = [matching.mnn_match(W_dense[i], W[j], ana.tau) for i, j in pairs]
-        fractions = np.array([r.matched_fraction for r in matches])
-        per_feature = np.zeros(W_dense.shape[:2])
-        max_cos_all = np.zeros(W_dense.shape[:2])
-        for (i, _), r in zip(pairs, matches):
-            per_feature[i] += r.matched / W.shape[0]
-            max_cos_all[i] += r.max_cos_a / W.shape[0]
-        by_tau = {str(t): float(np.mean([r.fraction_at(t) for r in matches])) for t in taus}
-        out['survival'] = {**_iv(stats.bootstrap_ci(fractions, None, **boot)),
-                           'fractions': fractions.tolist(), 'by_tau': by_tau,
-                           'mean_max_cos': float(np.mean(max_cos_all))}
-        fr = measures.fragility(per_feature, dense['rates'], n_bins=ana.n_quintiles, **boot)
-        q_ci = []
-        for q in range(fr.per_seed.shape[1]):
-            col = fr.per_seed[:, q]
-            q_ci.append([float(v) for v in stats.bootstrap_ci(col, None, **boot)[1:]]
-                        if col.size >= 2 else None)
-        out['fragility'] = {'per_quintile': fr.per_quintile.tolist(), 'per_quintile_ci': q_ci,
-                            'effect': _iv(fr.effect), 'rho_quintile': float(fr.rho_quintile),
-                            'rho_feature': _iv(fr.rho_feature)}
-        causal = dense['causal']
-        if ana.causal_measure == 'exact':
-            idx = np.asarray(causal['exact_idx'], np.int64)
-            effect = np.asarray(causal['exact'], np.float64)
-        else:
-            idx = np.arange(len(causal['estimate']))
-            effect = np.asarray(causal['estimate'], np.float64)
-        max_cos = max_cos_all[0][idx]
-        corr = measures.survival_causal_correlation(max_cos, effect, **boot)
-        # At most 512 points in the scatter (a seeded subset), the correlation uses all of them.
-        keep = np.sort(np.random.default_rng(ana.seed).permutation(idx.size)[:512])
-        out['causal'] = {'n_features': int(idx.size), 'measure': ana.causal_measure,
-                         'correlation': _iv(corr), 'max_cos': max_cos[keep].tolist(),
-                         'effect': effect[keep].tolist()}
+        out['survival'], per_feature, max_cos = _survival(config, model, W_dense, W, boot)
+        out['fragility'] = _fragility(config, per_feature, dense['final'], boot)
+        out['causal'] = _causal(config, dense['causal'], max_cos, boot)
     out['transfer'] = _transfer(config, model, params, dense['dictionary'], dense['dict_x'], tokens)
     crash_point('measures')
     with cache.writing('measures', key, spec) as tmp:
@@ -788,6 +973,7 @@ def _run_model(config, model: _Model, cache: StageCache, timings: _Timings,
     for n_done, (method, sparsity) in enumerate(bar):
         label = 'dense' if method == 'dense' else f'{method} {sparsity:.0%}'
         where['condition'] = 'dense' if method == 'dense' else f'{method}@{sparsity:g}'
+        set_activity(condition=where['condition'])  # for the launcher's line on an interrupt
         if stop is not None and n_done >= stop:
             raise StudyInterrupted(f'stopped after {n_done} conditions (${STOP_ENV}={stop}); '
                                    're-run to resume')
@@ -802,25 +988,25 @@ def _run_model(config, model: _Model, cache: StageCache, timings: _Timings,
         if method == 'dense':
             dense = _DenseReference(timings, {
                 # Default arguments bind this iteration's values (the loop rebinds sae / params).
-                'rates': lambda sae=sae, params=params: _firing_rates(config, model, sae, params, tokens),
                 'causal': lambda sae=sae, sae_key=sae_key: _causal_stage(
                     config, model, sae_key, sae, tokens_key, tokens, cache, timings),
                 'dictionary': lambda sae=sae: _dictionary(config, model, sae, cache),
                 'dict_x': lambda params=params: _heldout_resid(config, model, params, tokens),
             })
-            dense.update(sae=sae, sae_key=sae_key, ppl=ppl['ppl'],
+            dense.update(sae=sae, final=final, sae_key=sae_key, ppl=ppl['ppl'],
                          causal_key=_causal_key(config, model, sae_key, tokens_key))
         keys = {'sae': sae_key, 'dense_sae': dense['sae_key'], 'prune': prune_key,
                 'tokens': tokens_key, 'causal': dense['causal_key']}
-        m = _measures_stage(config, model, method, sparsity, params, keys, sae, dense, tokens, cache,
-                            timings)
+        m = _measures_stage(config, model, method, sparsity, params, keys, sae, final, dense, tokens,
+                            cache, timings)
         cond = {
             'model': model.spec, 'layer': model.layer, 'method': method, 'sparsity': sparsity,
             'achieved_sparsity': float(prune_report.get('overall', 0.0)),
             'achieved_by_kind': prune_report.get('per_kind'),
             'group': None if method == 'dense' else (config.pruning.group[method] or None),
-            'ppl': ppl['ppl'], 'delta_log_ppl': math.log(ppl['ppl']) - math.log(dense['ppl']),
-            **m, 'sae': final,
+            'ppl': ppl['ppl'], 'ppl_ci': ppl.get('ppl_ci'), 'ppl_tokens': ppl['n_tokens'],
+            'delta_log_ppl': math.log(ppl['ppl']) - math.log(dense['ppl']),
+            **m, 'sae': {k: final[k] for k in ('fvu', 'l0', 'dead_frac') if k in final},
         }
         conds.append(cond)
         _say(config, report_lib.format_condition(cond))
@@ -845,6 +1031,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     validate(config)
     t0 = time.perf_counter()
     timings = _Timings()
+    set_activity('load model', condition=None)
     model = _load_model(config)  # a bad checkpoint, layer or N:M width fails before anything is written
     timings.add('load_model', time.perf_counter() - t0)
     workdir = Path(workdir)
@@ -852,20 +1039,21 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         # Multi-host: every process runs the same stages in lockstep (their collectives must
         # match), so each keeps its own cache; only process 0 writes into `workdir`.
         workdir = workdir.with_name(f'{workdir.name}.process{jax.process_index()}')
-    workdir.mkdir(parents=True, exist_ok=True)
-    with hold_workdir(workdir):  # one live run per workdir; removes what killed runs left
+    # Creates the workdir; one live run per workdir; removes what killed runs left.
+    with hold_workdir(workdir):
         return _run_held(config, model, workdir, timings, t0)
 
 
 def _run_held(config, model: _Model, workdir: Path, timings: _Timings, t0: float) -> dict[str, Any]:
     """run() once the model is loaded and the workdir is held."""
-    atomic_write_json(workdir / 'config.json', config)
+    write_config(workdir, config)  # a changed config first removes the old config's results
     cache = StageCache(workdir)
     where = {'layer': model.layer}
     try:
         info, conds = _run_model(config, model, cache, timings, where)
     except NonFiniteError as e:  # name the condition and layer; finished stages stay cached
         raise e.with_context(**where) from None
+    set_activity('results and report', condition=None)
     prov = provenance(config)
     prov.pop('config')
     results = {

@@ -172,10 +172,13 @@ def test_topk_loss_matches_numpy_sparsify_formula(n_dead):
         assert aux_ref > 0.05 * fvu_ref  # the example does exercise AuxK at a comparable weight
 
 
-@pytest.mark.parametrize("k_aux,n_dead", [(8, 5), (8, 12), (32, 5), (32, 40)])
-def test_topk_hand_written_grads_equal_autodiff_with_auxk(k_aux, n_dead):
-    # k_aux 8 of 64 latents: the k_aux-row gather path; k_aux 32: the dense masked path (auxk_is_dense),
-    # each with fewer and with more dead latents than k_aux
+@pytest.mark.parametrize("k_aux,n_dead,subset", [(8, 5, 128), (8, 12, 128), (32, 5, 128), (32, 40, 128),
+                                                 (32, 20, 4), (8, 6, 4)])
+def test_topk_hand_written_grads_equal_autodiff_with_auxk(k_aux, n_dead, subset, monkeypatch):
+    # every AuxK path against autodiff of train_loss: n_dead <= min(AUXK_SUBSET, k_aux): the dead
+    # latents' columns only; otherwise k_aux 8 of 64 latents: the k_aux-row gather path, k_aux 32: the
+    # dense masked path (auxk_is_dense) with all dead latents picked (n_dead <= k_aux) or the top k_aux
+    monkeypatch.setattr(core, "AUXK_SUBSET", subset)
     cfg = core.SAEConfig(16, 64, k=4, k_aux=k_aux, aux_coeff=0.5)
     assert core.auxk_is_dense(cfg) == (k_aux == 32)
     p = _one(cfg, seed=4)

@@ -23,7 +23,8 @@ def load(name):
 def test_shipped_configs_validate(name):
     cfg = load(name)
     assert validate(cfg) is cfg
-    assert cfg.sae.expansion == 8 and cfg.analysis.tau == 0.7
+    # the paper's 8x dictionaries everywhere but the CPU default, sized to converge on 2 cores
+    assert cfg.sae.expansion == (1 if name == 'default' else 8) and cfg.analysis.tau == 0.7
     assert tuple(cfg.analysis.taus) == (0.6, 0.7, 0.8)
 
 
@@ -38,7 +39,29 @@ def test_paper_configs_grid():
     assert load('paper_llama32_1b').transfer.source == 'dense'
     d = load('default')
     assert d.model == 'gemma-3-270m' and tuple(d.pruning.methods) == ('magnitude', 'wanda')
-    assert tuple(d.pruning.sparsities) == (0.0, 0.3, 0.5) and d.sae.n_seeds == 3
+    assert tuple(d.pruning.sparsities) == (0.0, 0.5) and d.sae.n_seeds == 3
+    assert d.analysis.pairing == 'distinct' and d.sae.dead_tokens == 0  # dead window scaled to the run
+
+
+def test_dead_window_must_be_reachable():
+    # smoke: 66 rows of 31 tokens = 2,046 stored tokens x 4 epochs // 256 = 32 steps of 256 tokens
+    _bad(lambda c: setattr(c.sae, 'dead_tokens', 10_000_000),
+         r'config.sae.dead_tokens=10000000 .*at most the 8192 tokens the SAEs train on \(32 steps of 256')
+    cfg = load('smoke')
+    cfg.sae.dead_tokens = 8192
+    validate(cfg)
+    cfg.sae.dead_tokens = 8193
+    with pytest.raises(ConfigError, match='8193'):
+        validate(cfg)
+
+
+def test_measure_minimum_sizes_and_new_analysis_fields():
+    _bad(lambda c: setattr(c.ppl, 'max_tokens', 1024), r'config.ppl.max_tokens=1024 .*or an int >= 4096')
+    _bad(lambda c: setattr(c.analysis, 'transfer_tokens', 256), r'config.analysis.transfer_tokens=256 .*>= 2048')
+    _bad(lambda c: setattr(c.analysis, 'causal_tokens', 128), r'config.analysis.causal_tokens=128 .*>= 1024')
+    _bad(lambda c: setattr(c.analysis, 'pairing', 'same'), r"config.analysis.pairing='same' .*distinct \| shared")
+    _bad(lambda c: setattr(c.analysis, 'min_seed_floor', 1.5), r'config.analysis.min_seed_floor=1.5')
+    _bad(lambda c: setattr(c.sae, 'snapshots', (0.5, 1.5)), r'config.sae.snapshots=\(0.5, 1.5\)')
 
 
 def _bad(mutate, match, exc=ConfigError):

@@ -28,14 +28,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = {
     'pruning.methods': ('magnitude',),
     'calibration.n_samples': 2,
-    'ppl.max_tokens': 256,
+    'ppl.max_tokens': 4096,  # the minima (study.config.MIN_TOKENS); the tiny model is fast
     'sae.n_tokens': 512,
     'sae.batch_size': 128,
     'sae.epochs': 2,
     'sae.checkpoint_every': 3,
     'analysis.n_bootstrap': 20,
-    'analysis.transfer_tokens': 128,
-    'analysis.causal_tokens': 64,
+    'analysis.transfer_tokens': 2048,
+    'analysis.causal_tokens': 1024,
     'analysis.causal_features': 4,
 }
 

@@ -109,8 +109,8 @@ def test_run_names_condition_and_layer_and_keeps_finished_stages(tmp_path, monke
     config = smoke.get_config()
     config.sae.n_tokens = 256
     config.sae.batch_size = 128
-    config.analysis.transfer_tokens = 64
-    config.analysis.causal_tokens = 64
+    config.analysis.transfer_tokens = 2048  # the minima (study.config.MIN_TOKENS)
+    config.analysis.causal_tokens = 1024
     calls = []
 
     def fake_ppl(*args, **kwargs):

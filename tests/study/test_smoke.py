@@ -92,7 +92,20 @@ def test_numbers_in_range(smoke_run):
     assert {c['id'] for c in results['claims']} == {
         'wanda_beats_magnitude', 'rare_survive_better', 'transfer_viable_wanda_50',
         'survival_not_causal'}
-    assert all(c['holds'] in (True, False, None) for c in results['claims'])
+    # 32 SAE steps leave the smoke SAEs at their init: a dense seed floor below
+    # analysis.min_seed_floor, so every claim that rests on survival is 'not readable', never 'holds'.
+    status = {c['id']: c['status'] for c in results['claims']}
+    assert dense['stability']['shared']['estimate'] < smoke_config().analysis.min_seed_floor
+    assert status['wanda_beats_magnitude'] == status['rare_survive_better'] == 'not readable'
+    assert status['survival_not_causal'] == 'not readable'
+    assert status['transfer_viable_wanda_50'] in ('holds', 'fails', 'not resolved')
+    for c in conds:  # convergence: the seed agreement at 25 / 50 / 100 % of the 32 steps
+        conv = c['convergence']
+        assert conv['steps'] == [8, 16, 32] and len(conv['shared']) == 3
+        assert conv['tokens'] == [8 * 256, 16 * 256, 32 * 256]
+        assert all(0.0 <= v <= 1.0 for v in conv['shared'])
+        assert len(conv['init_cos']) == smoke_config().sae.n_seeds
+        assert all(0.0 < v <= 1.0 + 1e-6 for v in conv['init_cos'])
 
 
 def test_csv_matches_results(smoke_run):
@@ -126,3 +139,23 @@ def test_interrupt_and_resume_is_identical(smoke_run, tmp_path, monkeypatch):
 
 
 # SIGKILL at every stage, then resume: tests/study/test_crash.py. Determinism: test_determinism.py.
+
+
+def test_shared_pairing_matches_seed_s_with_seed_s_and_reports_the_init_null(tmp_path):
+    """analysis.pairing='shared': seed s of every condition starts from one init, survival pairs
+    (s, s), and the init-only null says how much of it the shared init explains. The smoke SAEs
+    barely leave their init (32 steps), so shared-init survival is high for a reason that has
+    nothing to do with pruning, exactly as high as the null, while distinct inits share nothing."""
+    config = smoke_config()
+    config.analysis.pairing = 'shared'
+    config.pruning.methods = ('wanda',)
+    assert pipeline.condition_seed(config, 'wanda', 0.5) == pipeline.condition_seed(config, 'dense', 0.0)
+    results = study.run(config, tmp_path)
+    dense, wanda = results['conditions']
+    sv = wanda['survival']
+    assert sv['pairing'] == 'shared' and sv['pairs'] == [[0, 0], [1, 1]]
+    assert sv['estimate'] > 0.5 and sv['null']['estimate'] > 0.5
+    assert dense['stability']['shared']['estimate'] < 0.1  # distinct inits: the seed floor
+    status = {c['id']: c['status'] for c in results['claims']}
+    assert status['wanda_beats_magnitude'] == 'not tested'  # no magnitude condition here
+    assert 'null' in (tmp_path / 'report.md').read_text()
