@@ -2,7 +2,8 @@
 
 - `InputError` (a ValueError): the user's input is wrong (a file, a shape, a value out of range).
   Its message is one line naming the value and what is accepted. `MissingFileError` is the one
-  for a path that does not exist (also a FileNotFoundError).
+  for a path that does not exist (also a FileNotFoundError); `DiskFullError` for a write that found
+  no space left on the device (ENOSPC / EDQUOT; also an OSError, with that errno).
 - `NonFiniteError` (a FloatingPointError): NaN or inf appeared in a computation. It names the
   stage, the condition, the layer and the step where it was seen, so a long run that dies says
   where; a stage that catches it on the way out adds the fields it knows with `with_context`.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ['InputError', 'MissingFileError', 'NonFiniteError']
+__all__ = ['InputError', 'MissingFileError', 'DiskFullError', 'NonFiniteError']
 
 
 class InputError(ValueError):
@@ -21,6 +22,20 @@ class InputError(ValueError):
 
 class MissingFileError(InputError, FileNotFoundError):
     """A path the user gave does not exist (still a FileNotFoundError for callers that expect one)."""
+
+
+class DiskFullError(InputError, OSError):
+    """A write found no space left (ENOSPC) or no quota left (EDQUOT) where the user asked to write.
+
+    Still an OSError whose errno is that of the failed write, for callers that expect one.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None):
+        InputError.__init__(self, message)
+        self.errno = errno_
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclasses.dataclass

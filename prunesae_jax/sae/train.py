@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prunesae_jax.errors import InputError, NonFiniteError
@@ -59,13 +60,31 @@ class TrainConfig:
     snapshot_fracs: tuple[float, ...] = ()
 
     def __post_init__(self):
-        if self.n_steps <= 0 or self.n_seeds <= 0 or self.batch_size <= 0:
-            raise InputError(f"n_steps={self.n_steps}, n_seeds={self.n_seeds}, batch_size={self.batch_size}; "
-                             "all must be positive")
-        if not 0.0 <= self.decay_frac <= 1.0:
-            raise InputError(f"decay_frac={self.decay_frac}; accepted: 0..1")
-        if self.seeds_per_pass < 0:
-            raise InputError(f"seeds_per_pass={self.seeds_per_pass}; accepted: 0 (auto) or a positive int")
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("n_steps", "n_seeds", "batch_size", "geometric_median_tokens", "eval_tokens"):
+            v = getattr(self, name)
+            if not is_int(v) or v <= 0:
+                raise InputError(f"{name}={v!r}; accepted: a positive int")
+        for name in ("seed", "data_seed", "warmup_steps", "checkpoint_every", "log_every"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 0:
+                raise InputError(f"{name}={v!r}; accepted: an int >= 0")
+        if self.lr is not None and (not is_real(self.lr) or self.lr <= 0):
+            # a negative rate would train by gradient ascent, 0 would not train at all
+            raise InputError(f"lr={self.lr!r}; accepted: a finite learning rate > 0, or None for the default")
+        for name in ("adam_b1", "adam_b2"):
+            v = getattr(self, name)
+            if not is_real(v) or not 0.0 <= v < 1.0:
+                raise InputError(f"{name}={v!r}; accepted: 0 <= {name} < 1")
+        if not is_real(self.decay_frac) or not 0.0 <= self.decay_frac <= 1.0:
+            raise InputError(f"decay_frac={self.decay_frac!r}; accepted: 0..1")
+        if not is_int(self.seeds_per_pass) or self.seeds_per_pass < 0:
+            raise InputError(f"seeds_per_pass={self.seeds_per_pass!r}; accepted: 0 (auto) or a positive int")
         fracs = self.snapshot_fracs
         if isinstance(fracs, (str, bytes)) or not hasattr(fracs, "__iter__"):
             raise InputError(f"snapshot_fracs={fracs!r}; accepted: a tuple of fractions in (0, 1]")
@@ -376,27 +395,140 @@ def _batch(store, tcfg, step):
     return b
 
 
+def _sha256_file(path: str) -> list:
+    """[size, sha256] of a file."""
+    import hashlib  # noqa: PLC0415
+
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return [size, h.hexdigest()]
+
+
+def _file_sums(root: str) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under root."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = _sha256_file(p)
+    return dict(sorted(out.items()))
+
+
+def _file_sums_of(path: str) -> list[list]:
+    """[[size, sha256]] of one file, or [] when it does not exist."""
+    return [_sha256_file(path)] if os.path.exists(path) else []
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 class _Checkpointer:
+    """Orbax checkpoints in workdir/checkpoints/<step>, with the size and sha256 of each file in
+    workdir/checkpoint_sums/<step>.json: a damaged checkpoint is found before it is restored (and one
+    orbax cannot read is caught when it is), dropped, and training resumes from the previous good one,
+    or from the start (see restore_last_good)."""
+
     def __init__(self, workdir):
         import orbax.checkpoint as ocp  # noqa: PLC0415  (slow import, only when checkpointing)
         self.ocp = ocp
-        self.mgr = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+        self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.sums = os.path.abspath(os.path.join(workdir, "checkpoint_sums"))
+        try:
+            self.mgr = self._manager()
+            self.mgr.all_steps()
+        except Exception as e:  # noqa: BLE001  (a damaged checkpoint folder: start it afresh)
+            logging.warning("SAE checkpoints in %s cannot be read (%s); removing them", self.dir, _first_line(e))
+            import shutil  # noqa: PLC0415
+            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.sums, ignore_errors=True)
+            self.mgr = self._manager()
+
+    def _manager(self):
+        return self.ocp.CheckpointManager(
+            self.dir, options=self.ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
 
     def latest(self):
         return self.mgr.latest_step()
 
-    def save(self, step, state, extra):
+    def _sums_path(self, step) -> str:
+        return os.path.join(self.sums, f"{int(step)}.json")
+
+    def save(self, step, state, extra, files=()):
+        """Saves checkpoint `step`; `files`: other files a resume from it reads (the decoder snapshots
+        up to it), summed with it."""
         self.mgr.save(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardSave(state), extra=self.ocp.args.JsonSave(extra)))
         self.mgr.wait_until_finished()
+        os.makedirs(self.sums, exist_ok=True)
+        sums = {"checkpoint": _file_sums(os.path.join(self.dir, str(int(step)))), "files": {}}
+        for path in files:  # relative to the workdir, which may move
+            rel = os.path.relpath(os.path.abspath(path), os.path.dirname(self.dir))
+            sums["files"].update({rel: v for v in _file_sums_of(path)})
+        _atomic_write_json(self._sums_path(step), sums)
+        kept = {f"{int(t)}.json" for t in self.mgr.all_steps()}
+        for name in os.listdir(self.sums):  # the sums of checkpoints orbax has rotated out
+            if name.endswith(".json") and name not in kept:
+                os.unlink(os.path.join(self.sums, name))
+
+    def check(self, step) -> str | None:
+        """Why checkpoint `step` is damaged, or None (also when it has no sums: then only restoring tells)."""
+        try:
+            with open(self._sums_path(step)) as f:
+                want = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            return f"its sums file is unreadable ({_first_line(e)})"
+        root = os.path.join(self.dir, str(int(step)))
+        try:
+            have = _file_sums(root)
+            for rel in want.get("files", {}):
+                have.update({rel: v for v in _file_sums_of(os.path.join(os.path.dirname(self.dir), rel))})
+        except OSError as e:
+            return f"it cannot be read ({_first_line(e)})"
+        for name, (size, digest) in {**want.get("checkpoint", {}), **want.get("files", {})}.items():
+            if name not in have:
+                return f"{name} is missing"
+            if have[name][0] != size:
+                return f"{name} is corrupt (size {have[name][0]}, expected {size})"
+            if have[name][1] != digest:
+                return f"{name} is corrupt (sha256 differs)"
+        return None
+
+    def drop(self, step):
+        import shutil  # noqa: PLC0415
+        shutil.rmtree(os.path.join(self.dir, str(int(step))), ignore_errors=True)
+        if os.path.exists(self._sums_path(step)):
+            os.unlink(self._sums_path(step))
+        self.mgr.reload()
 
     def restore(self, step, like):
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
         r = self.mgr.restore(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardRestore(abstract), extra=self.ocp.args.JsonRestore()))
         return r["state"], r["extra"]
+
+    def restore_last_good(self, like, snapshots_upto):
+        """(state, extra, snapshots) of the newest checkpoint that is intact, restores and whose
+        snapshots (snapshots_upto(step) -> dict, or raises) can be read; None when there is none.
+        Every damaged checkpoint on the way is logged in one line and removed."""
+        steps = sorted((int(t) for t in self.mgr.all_steps()), reverse=True)
+        for i, step in enumerate(steps):
+            problem = self.check(step)
+            if problem is None:
+                try:
+                    state, extra = self.restore(step, like)
+                    return state, extra, snapshots_upto(int(extra["step"]))
+                except Exception as e:  # noqa: BLE001  (orbax / tensorstore / numpy: many error types)
+                    problem = _first_line(e)
+            then = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "restarting training"
+            logging.warning("SAE checkpoint step %d in %s is unusable (%s); %s", step, self.dir, problem, then)
+            self.drop(step)
+        return None
 
 
 def _append_jsonl(path, row):
@@ -446,9 +578,23 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
     if workdir is not None:
         os.makedirs(workdir, exist_ok=True)
         cfg_path = os.path.join(workdir, "config.json")
+        old = None
         if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                old = json.load(f)
+            try:
+                with open(cfg_path) as f:
+                    old = json.load(f)
+                if not isinstance(old, dict):
+                    raise ValueError(f"a JSON {type(old).__name__}, not an object")
+            except (OSError, ValueError) as e:  # damaged: what the workdir holds cannot be trusted
+                logging.warning("%s is unreadable (%s); restarting training in %s", cfg_path, _first_line(e), workdir)
+                import shutil  # noqa: PLC0415
+                for name in ("checkpoints", "checkpoint_sums", "snapshots"):
+                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+                for name in ("metrics.jsonl", "config.json"):
+                    if os.path.exists(os.path.join(workdir, name)):
+                        os.unlink(os.path.join(workdir, name))
+                old = None
+        if old is not None:
             if old != json.loads(json.dumps(cfg_dict)):
                 diff = sorted(f"{g}.{k}" for g in cfg_dict for k in set(cfg_dict[g]) | set(old.get(g, {}))
                               if old.get(g, {}).get(k) != cfg_dict[g].get(k))
@@ -468,24 +614,37 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
     state = init_state(sae_cfg, tcfg, sample)
     if mesh is not None:
         state = jax.device_put(state, jax.tree.map(lambda a: state_sharding(mesh, a), state))
-    if ckpt is not None and ckpt.latest() is not None:
-        state, extra = ckpt.restore(ckpt.latest(), state)
-        start = int(extra["step"])
-        scale = float(extra["scale"])
+    def snapshots_upto(step):  # the snapshots a resume from `step` keeps; later ones are taken again
+        out = {}
+        for t in sorted(snap_steps) if snap_dir is not None else ():
+            if t <= step:
+                try:
+                    out[t] = np.load(_snapshot_path(snap_dir, t))
+                except (OSError, ValueError, EOFError) as e:
+                    raise ValueError(f"its decoder snapshot {_snapshot_path(snap_dir, t)!r} is missing or corrupt "
+                                     f"({_first_line(e)})") from None
+        return out
+
+    if ckpt is not None:
+        # The newest intact checkpoint (a damaged one falls back to the previous, or to step 0).
+        restored = ckpt.restore_last_good(state, snapshots_upto)
+        if restored is not None:
+            state, extra, snapshots = restored
+            start = int(extra["step"])
+            scale = float(extra["scale"])
         if metrics_path and os.path.exists(metrics_path):  # drop log lines written after that checkpoint
+            rows = []
             with open(metrics_path) as f:
-                rows = [r for r in f if json.loads(r)["step"] <= start]
+                for r in f:
+                    try:
+                        if json.loads(r)["step"] <= start:
+                            rows.append(r)
+                    except (ValueError, KeyError, TypeError):  # a torn or garbled line
+                        continue
             tmp = metrics_path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(rows)
             os.replace(tmp, metrics_path)
-    if snap_dir is not None:  # snapshots up to the restored step; later ones are taken again
-        snapshots = {t: np.load(_snapshot_path(snap_dir, t)) for t in sorted(snap_steps)
-                     if t <= start and os.path.exists(_snapshot_path(snap_dir, t))}
-        missing = [t for t in sorted(snap_steps) if t <= start and t not in snapshots]
-        if missing:
-            raise InputError(f"workdir {workdir!r}: the checkpoint at step {start} is past snapshot steps "
-                             f"{missing} whose files are missing from {snap_dir!r}; use a new workdir")
 
     step_fn = make_train_step(sae_cfg, tcfg, mesh)
     logged = []
@@ -531,8 +690,9 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
                 bar.set_postfix(fvu=f"{np.mean(row['fvu']):.3f}", l0=f"{np.mean(row['l0']):.1f}",
                                 dead=f"{np.mean(row['dead_frac']):.3f}")
         if save_now:
+            snaps = [_snapshot_path(snap_dir, t) for t in sorted(snap_steps) if t <= done] if snap_dir else []
             ckpt.save(done, state, {"step": done, "scale": scale, "data_seed": tcfg.data_seed,
-                                    "tokens": done * tcfg.batch_size})
+                                    "tokens": done * tcfg.batch_size}, files=snaps)
         if bar is not None:
             bar.update(1)
     if bar is not None:

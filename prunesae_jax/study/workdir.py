@@ -3,7 +3,11 @@
 Only `prunesae_jax.study` and `launch/` touch the disk layout of a workdir:
 
     workdir/
-      config.json             the validated config of the last run
+      config.json             the validated config of the last run (results.json, timings.json,
+                              report.md, tables/, figures/ are removed when a run with another
+                              config starts, so that they always belong to config.json)
+      .lock                   held (flock) by the live run
+      run_study.error.log     launch/run_study.py: the traceback of an unexpected error
       stages/<stage>/<key>/   one finished stage; the folder appears only once complete
       results.json            every number (deterministic: no timings, no timestamps)
       timings.json            wall-clock seconds per stage
@@ -23,6 +27,18 @@ Crash safety, for a `kill -9` (or a power cut) at any instant:
 - `hold_workdir` (taken by `study.run`) locks the workdir against a second concurrent run and
   removes what killed runs left behind: temp files `.<name>.*.tmp` and stage temp folders
   `stages/<stage>/.<key>.tmp-*`. A stage folder without `DONE` never counts as finished.
+
+A damaged cache never blocks a workdir: each stage's DONE marker is a manifest of the size,
+sha256 and mtime of every file in its folder, and `StageCache.done` checks them once per process
+and stage folder: every size, and the sha256 of every file up to 64 MiB and of any larger one
+(activation shards) whose mtime changed (see ALWAYS_HASH_BYTES; hashing runs at about 1 GB/s). A
+stage whose file is missing, truncated or altered, or whose DONE is garbled, is logged in one line
+('stage acts/<key>: store/shard_00000.npy is corrupt (size 1000, expected 531840); recomputing'),
+removed, and computed again.
+
+One file-mode policy for everything the study writes: folders 0o777 and files 0o666, less the
+process's umask (`mkstemp` / `mkdtemp`, used by other modules for shards and masks, would leave
+0600 / 0700; `StageCache.writing` applies the policy to the whole stage before its commit).
 
 Tests kill runs at chosen places with `crash_point(name)` and $PRUNESAE_JAX_CRASH_AT.
 """
@@ -44,17 +60,25 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
-from prunesae_jax.errors import InputError
+from prunesae_jax.errors import DiskFullError, InputError
 
 __all__ = [
     'CRASH_ENV',
     'crash_point',
+    'set_activity',
+    'current_activity',
+    'check_layout',
+    'write_config',
+    'OUTPUTS',
+    'ERROR_LOG',
     'WorkdirBusy',
     'hold_workdir',
     'clean_stale',
@@ -70,6 +94,11 @@ __all__ = [
     'package_versions',
     'git_revision',
     'device_info',
+    'apply_mode_policy',
+    'file_digest',
+    'manifest',
+    'ALWAYS_HASH_BYTES',
+    'verify_manifest',
 ]
 
 PROVENANCE_PACKAGES = (
@@ -107,7 +136,93 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# --------------------------------------------------------------------------- what the run is doing
+
+# The stage and condition being run, for the launcher's one-line message when it is interrupted.
+# StageCache.done records the stage it is asked about (a stage is computed right after its done()
+# says no); the pipeline records the condition and the steps that are no cached stage.
+_ACTIVITY: dict[str, str | None] = {'stage': 'startup', 'condition': None}
+_UNSET = object()
+
+
+def set_activity(stage: Any = _UNSET, condition: Any = _UNSET) -> None:
+    """Records what the run is doing now (see current_activity); omitted fields are kept."""
+    if stage is not _UNSET:
+        _ACTIVITY['stage'] = stage
+    if condition is not _UNSET:
+        _ACTIVITY['condition'] = condition
+
+
+def current_activity() -> str:
+    """e.g. 'sae (condition wanda@0.5)', 'load model', 'startup'."""
+    stage, condition = _ACTIVITY['stage'] or 'startup', _ACTIVITY['condition']
+    return f'{stage} (condition {condition})' if condition else stage
+
+
+# --------------------------------------------------------------------------- file modes
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the kernel says it (Linux >= 4.7):
+    os.umask(0) and back would open a window in which other threads create world-writable files."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    return 0o666 & ~_current_umask()
+
+
+def _dir_mode() -> int:
+    return 0o777 & ~_current_umask()
+
+
+def apply_mode_policy(root: str | os.PathLike) -> None:
+    """chmods `root` and everything under it to the policy: folders 0o777, files 0o666, less umask."""
+    fmode, dmode = _file_mode(), _dir_mode()
+    os.chmod(root, dmode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
 # --------------------------------------------------------------------------- atomic writes
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(path: Path, e: OSError) -> DiskFullError:
+    what = 'no space' if e.errno == errno.ENOSPC else 'no disk quota'
+    return DiskFullError(f'{what} left on the device writing {str(path)!r} ({e.strerror}); accepted: a '
+                         'workdir with free space (free some, or choose another --workdir); finished '
+                         'stages stay cached', e.errno)
+
+
+def _mkdir(folder: Path) -> None:
+    """folder.mkdir(parents=True, exist_ok=True), with a file in the way or a full disk as InputError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise InputError(f'cannot create the folder {str(folder)!r}: {e.strerror} ({e.filename!r} is '
+                         'a file, or a link to nothing); accepted: a path whose parts are folders '
+                         '(move the file out of the way)') from None
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise _disk_full(folder, e) from None
+        raise
 
 def _fsync_dir(path: Path) -> None:
     # The rename itself must reach the disk too, or a crash can lose it.
@@ -135,31 +250,36 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes `data` to `path` via a temp file in the same folder, fsync and os.replace."""
+    """Writes `data` to `path` via a temp file in the same folder, fsync and os.replace.
+
+    A full disk raises DiskFullError and a folder (or a file where a folder should be) in the way
+    InputError, each naming the path; the old file, if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    _mkdir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise _disk_full(path, e) from None
+        raise
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from other users
+        os.chmod(tmp, _file_mode())  # mkstemp's 0600 would hide results from other users
         crash_point(f'replace@{path.name}')
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise _disk_full(path, e) from None
+        if isinstance(e, IsADirectoryError):
+            raise InputError(f'cannot write {str(path)!r}: it is a folder; accepted: a path where the '
+                             'study can write a file (move the folder out of the way)') from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -224,6 +344,68 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 # --------------------------------------------------------------------------- stage cache
 
+_HASH_CHUNK = 1 << 22
+
+
+def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, 'rb') as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+# Files up to this size are hashed on every check; larger ones (activation shards: GBs per
+# condition at the paper's scale, most never read again on a resume) only when their size or
+# modification time differs from the manifest's. The study never modifies a committed file, so a
+# truncation, an edit or a copy over it is caught; a bit flip that kept the mtime is caught in the
+# smaller files only.
+ALWAYS_HASH_BYTES = 64 << 20
+
+
+def manifest(root: str | os.PathLike) -> dict[str, list]:
+    """{relative path: [size, sha256, mtime_ns]} of every file under `root` (links not followed)."""
+    root = Path(root)
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                out[p.relative_to(root).as_posix()] = [*file_digest(p), p.stat().st_mtime_ns]
+    return dict(sorted(out.items()))
+
+
+def verify_manifest(root: str | os.PathLike, files: Mapping[str, Any]) -> str | None:
+    """None when every file of `files` (as written by `manifest`) is intact under `root`, else why
+    not, e.g. 'tokens.npz is corrupt (size 100, expected 5000)'. Sizes first (cheap), then the
+    sha256 of every file up to ALWAYS_HASH_BYTES and of any larger one whose mtime changed."""
+    root = Path(root)
+    stats = {}
+    for name, (size, *_) in files.items():
+        try:
+            stats[name] = (root / name).stat()
+        except FileNotFoundError:
+            return f'{name} is missing'
+        except OSError as e:
+            return f'{name} cannot be read ({e.strerror})'
+        if stats[name].st_size != size:
+            return f'{name} is corrupt (size {stats[name].st_size}, expected {size})'
+    for name, (size, digest, *mtime) in files.items():
+        if size > ALWAYS_HASH_BYTES and mtime and stats[name].st_mtime_ns == mtime[0]:
+            continue
+        try:
+            _, have = file_digest(root / name)
+        except OSError as e:
+            return f'{name} cannot be read ({e.strerror})'
+        if have != digest:
+            return f'{name} is corrupt (size {size} as expected, but sha256 {have[:12]}..., expected ' \
+                   f'{digest[:12]}...)'
+    return None
+
+
 class StageCache:
     """Finished stages under `root/stages/<stage>/<key>/`, each committed by one rename.
 
@@ -233,10 +415,16 @@ class StageCache:
         with cache.writing('ppl', key) as tmp:
           atomic_write_json(tmp / 'ppl.json', {...})
       result = cache.read_json('ppl', key, 'ppl.json')
+
+    The DONE marker of a stage is {"key": ..., "files": {path: [size, sha256, mtime_ns]}}; `done`
+    checks it (see verify_manifest; a stage whose files do not match is logged, removed and
+    reported as not done). A DONE holding only the key (written before manifests existed) is
+    trusted unchecked.
     """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root) / 'stages'
+        self._verified: set[Path] = set()  # stage folders checked by this process
 
     @staticmethod
     def key(stage: str, spec: Any, upstream: Sequence[str] = ()) -> str:
@@ -247,46 +435,177 @@ class StageCache:
         return self.root / stage / key
 
     def done(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / 'DONE').is_file()
+        """Whether the stage is finished and intact. A damaged one is removed (one line in the log)
+        and reported as not done, so the caller computes it again. Records `stage` as the run's
+        current activity (a stage is computed right after done() says no)."""
+        set_activity(stage)
+        path = self.path(stage, key)
+        if path in self._verified:
+            if (path / 'DONE').is_file():
+                return True
+            self._verified.discard(path)
+        marker = path / 'DONE'
+        if not marker.is_file():
+            return False
+        problem = self._check(path, key)
+        if problem is None:
+            self._verified.add(path)
+            return True
+        logging.warning('stage %s/%s: %s; recomputing', stage, key, problem)
+        _remove_tree(path)
+        return False
+
+    @staticmethod
+    def _check(path: Path, key: str) -> str | None:
+        try:
+            text = (path / 'DONE').read_text(encoding='utf-8')
+        except (OSError, UnicodeDecodeError) as e:
+            return f'DONE cannot be read ({e})'
+        if text == key + '\n':  # a marker from before manifests: trusted as it is
+            return None
+        try:
+            marker = json.loads(text)
+            files = marker['files']
+            ok = marker['key'] == key and isinstance(files, dict) and all(
+                isinstance(v, list) and len(v) in (2, 3) and all(isinstance(i, int) for i in v[::2])
+                and isinstance(v[1], str) for v in files.values())
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            return 'DONE is corrupt (not the manifest of this stage)'
+        return verify_manifest(path, files)
 
     @contextlib.contextmanager
     def writing(self, stage: str, key: str, spec: Any = None) -> Iterator[Path]:
         """Yields an empty temporary folder; on clean exit it becomes the finished stage."""
         final = self.path(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir(final.parent)
         # Leftovers of a killed run of this very stage are useless: remove them first.
         for stale in final.parent.glob(f'.{key}.tmp-*'):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.tmp-', dir=final.parent))
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.tmp-', dir=final.parent))
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise _disk_full(final, e) from None
+            raise
+        try:
+            os.chmod(tmp, _dir_mode())  # mkdtemp's 0700
             yield tmp
             if spec is not None:
                 atomic_write_json(tmp / 'spec.json', spec)
+            # Files other modules wrote (activation shards, masks: mkstemp's 0600) get the policy.
+            apply_mode_policy(tmp)
             # Files other modules wrote (activation shards, masks) must be on disk before DONE.
             _fsync_tree(tmp)
             crash_point(f'commit@{stage}')
-            atomic_write_text(tmp / 'DONE', key + '\n')
-            if final.exists():  # a previous incomplete attempt without DONE
-                shutil.rmtree(final)
+            atomic_write_json(tmp / 'DONE', {'key': key, 'files': manifest(tmp)}, indent=None)
+            if final.exists():  # a previous incomplete (or damaged) attempt
+                _remove_tree(final)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
+            self._verified.add(final)  # just written and hashed
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def read_json(self, stage: str, key: str, name: str) -> Any:
-        with open(self.path(stage, key) / name, encoding='utf-8') as f:
-            return json.load(f)
+        try:
+            with open(self.path(stage, key) / name, encoding='utf-8') as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise self._unreadable(stage, key, name, e) from None
 
     def read_npz(self, stage: str, key: str, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.path(stage, key) / name) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(self.path(stage, key) / name) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise self._unreadable(stage, key, name, e) from None
+
+    def _unreadable(self, stage: str, key: str, name: str, e: BaseException) -> InputError:
+        """A file done() could not check (a DONE from before manifests) turned out damaged: the
+        stage is removed, so that the same command computes it again."""
+        self._verified.discard(self.path(stage, key))
+        _remove_tree(self.path(stage, key))
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return InputError(f'stage {stage}/{key}: {name} cannot be read ({type(e).__name__}: {why}); '
+                          'the stage was removed; accepted: re-run the same command to recompute it')
+
+
+def _remove_tree(path: Path) -> None:
+    """Removes a stage folder: renamed aside first (clean_stale removes what a kill leaves of it),
+    so that its DONE never outlives part of its files."""
+    aside = path.with_name(f'.{path.name}.tmp-removed')
+    try:
+        if aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+    except OSError:
+        aside = path
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the workdir lock
 
 class WorkdirBusy(InputError):
     """Another live run holds the workdir."""
+
+
+# What a run writes at the top of its workdir: the outputs of the last finished run (removed when
+# a run with another config starts, see write_config) and the run's own files.
+OUTPUTS = ('results.json', 'timings.json', 'report.md', 'tables', 'figures')
+ERROR_LOG = 'run_study.error.log'  # launch/run_study.py: the traceback of an unexpected error
+_FOLDERS = ('stages', 'tables', 'figures')
+_FILES = ('.lock', 'config.json', 'results.json', 'timings.json', 'report.md', ERROR_LOG)
+
+
+def check_layout(root: str | os.PathLike, name: str | None = None) -> None:
+    """Raises InputError when something in `root` is in the way of the study's own files: a file
+    where it keeps a folder (stages/, stages/<stage>/, tables/, figures/), a folder where it keeps a
+    file (.lock, config.json, results.json, ...), or a link to nothing. Nothing is changed.
+    `name` is how the message names `root` (default: its path)."""
+    root = Path(root)
+    label = name or repr(str(root))
+
+    def kind(p: Path) -> str:
+        return 'a link to nothing' if p.is_symlink() and not p.exists() else (
+            'a folder' if p.is_dir() else 'a file')
+
+    wrong = [(n, 'a folder') for n in _FOLDERS if (root / n).is_symlink() or (root / n).exists()
+             if not (root / n).is_dir()]
+    wrong += [(n, 'a file') for n in _FILES if (root / n).is_symlink() or (root / n).exists()
+              if not (root / n).is_file()]
+    stages = root / 'stages'
+    if stages.is_dir() and not wrong:
+        wrong += [(f'stages/{p.name}', 'a folder') for p in sorted(stages.iterdir())
+                  if not p.name.startswith('.') and not p.is_dir()]
+    if wrong:
+        what, need = wrong[0]
+        raise InputError(f'{label} holds {kind(root / what)} {what!r} where the study keeps {need}; '
+                         f'accepted: a workdir whose {what!r} is {need} or absent (move it out of the '
+                         'way)')
+
+
+def write_config(root: str | os.PathLike, config: Any) -> Path:
+    """Writes root/config.json for a run that starts; when it differs from the config of the
+    results in `root`, those results (OUTPUTS) are removed first, so that config.json always
+    describes results.json, also when the new run fails. Finished stages stay cached."""
+    root = Path(root)
+    new = json.loads(canonical_json(config))
+    try:
+        old = json.loads((root / 'config.json').read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        old = None
+    if old != new:
+        for name in OUTPUTS:  # results.json first: a kill in between leaves no stale results
+            p = root / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+        _fsync_dir(root)
+    return atomic_write_json(root / 'config.json', config)
 
 
 def clean_stale(root: str | os.PathLike) -> list[Path]:
@@ -329,8 +648,14 @@ def hold_workdir(root: str | os.PathLike) -> Iterator[Path]:
     mounts) the run goes ahead unlocked and nothing is cleaned.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / '.lock', os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    _mkdir(root)
+    check_layout(root)
+    try:
+        fd = os.open(root / '.lock', os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise _disk_full(root / '.lock', e) from None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -8,10 +8,16 @@ Contract checked for each case (exit status 2 is the launcher's "bad input" stat
   - no 'Traceback' in stdout or stderr;
   - nothing half-written in the workdir: no results / report / timings, no temp files, every
     stage folder has its DONE marker; and a case that fails before its first stage (all but the
-    data and NaN cases) leaves no file at all (the workdir is not even created).
+    data, NaN and full-disk cases) leaves no file at all (the workdir is not even created; a
+    case that prepares its workdir finds it as it prepared it).
 
-The cases run two at a time in a thread pool (one subprocess each), so the module takes about a
-minute on two cores. The HF folders and GGUF files are built once per module from a tiny model.
+Besides the model, pruning, SAE, data and config values: config files that do not give a config,
+workdirs that are the wrong place or hold something in the way, readers that are not installed,
+hubs that cannot be reached, a disk that is full, a JAX platform the machine lacks.
+
+The cases run two at a time in a thread pool (one subprocess each), so the module takes about
+two minutes on two cores. The HF folders and GGUF files are built once per module from a tiny
+model.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -44,6 +51,11 @@ class Case:
     early: bool = True  # fails before the first stage: no file may appear in the workdir
     config: str = SMOKE
     extra: tuple = ()  # further substrings of the last line
+    prepare: Callable[[pathlib.Path], None] | None = None  # sets the workdir up before the run
+    env: dict = dataclasses.field(default_factory=dict)  # environment variables for the run
+    workdir_arg: str | None = None  # the --workdir value, when not the case's workdir path
+    # further checks after the run: (workdir, completed process) -> problems
+    verify: Callable[[pathlib.Path, subprocess.CompletedProcess], list] | None = None
 
 
 # --------------------------------------------------------------------------- files to feed it
@@ -67,11 +79,16 @@ def _hf_folder(folder: pathlib.Path, family: str = 'llama', tokenizer: bool = Fa
     from prunesae_jax.models import init_params  # pylint: disable=import-outside-toplevel
     from prunesae_jax.models.convert import export_hf_folder  # pylint: disable=import-outside-toplevel
     from prunesae_jax.testing import tiny_config  # pylint: disable=import-outside-toplevel
+    if nan_char is not None:
+        overrides = {**overrides, 'rms_norm_eps': 0.0}
     cfg = tiny_config(family, **overrides)
     params = init_params(cfg, 0)
-    if nan_char is not None:  # one token's embedding row is NaN: only rows holding it go NaN
+    if nan_char is not None:
+        # One token's embedding row is zero and rms_norm_eps is 0: RMSNorm of that row is 0 / 0, so
+        # the sequences holding it go NaN in the forward pass while every weight stays finite (the
+        # loaders refuse NaN weights).
         token = 4 + ord(nan_char) - 32
-        params = {**params, 'embed': params['embed'].at[token].set(np.nan)}
+        params = {**params, 'embed': params['embed'].at[token].set(0.0)}
     export_hf_folder(cfg, params, str(folder))
     if tokenizer:
         _char_tokenizer(folder)
@@ -165,7 +182,129 @@ def files(tmp_path_factory):
     bad_config = d / 'broken_config.py'
     bad_config.write_text('def get_config(:\n')
     out['broken_config'] = bad_config
+
+    out['no_tokenizer'] = good  # weights and config.json, no tokenizer files
+    latin1 = d / 'latin1.txt'  # 'café' in Latin-1: byte 0xe9 is no UTF-8
+    latin1.write_bytes(('the pruned model ' * 40 + 'caf\xe9 ' + _WORDS * 40).encode('latin-1'))
+    out['latin1_txt'] = latin1
+    late = d / 'late_latin1.txt'  # UTF-8 for its first 1.2 MB (what validate reads), then Latin-1
+    late.write_bytes(('x' * 99 + '\n').encode() * 12_000 + 'caf\xe9\n'.encode('latin-1'))
+    out['late_latin1_txt'] = late
+    parquet = d / 'corpus.parquet'  # never read: pyarrow is not installed (checked by the case)
+    parquet.write_bytes(b'PAR1')
+    out['parquet'] = parquet
+    smoke = ROOT / SMOKE
+    configs = {
+        'raises': 'def get_config():\n    raise RuntimeError("no config today")\n',
+        'raises_value': 'def get_config():\n    raise ValueError("bad sweep value 7")\n',
+        'returns_none': 'def get_config():\n    config = 1\n',
+        'returns_dict': 'def get_config():\n    return {"model": "tiny:llama"}\n',
+        'no_get_config': 'CONFIG = {"model": "tiny:llama"}\n',
+        'imports_missing': 'import no_such_module_xyz\n\n\ndef get_config():\n    return None\n',
+    }
+    for name, text in configs.items():
+        (d / f'{name}.py').write_text(text)
+        out[f'config_{name}'] = d / f'{name}.py'
+    # The smoke config in a process whose writes of <suffix> files under <workdir>/stages find the
+    # disk full (ENOSPC), as on a full file system.
+    for name, suffix in (('full_disk_stage', '.tmp'), ('full_disk_shard', '.npy')):
+        (d / f'{name}.py').write_text(_FULL_DISK.format(smoke=str(smoke), suffix=suffix))
+        out[name] = d / f'{name}.py'
     return out
+
+
+_FULL_DISK = '''"""configs/smoke.py, where writing a file under .../work/stages/ ending in {suffix!r} fails
+with ENOSPC (what a full disk does)."""
+import errno
+import importlib.util
+import os
+
+_fdopen = os.fdopen
+
+
+class _Full:
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _fdopen_full(fd, *args, **kwargs):
+    f = _fdopen(fd, *args, **kwargs)
+    mode = args[0] if args else kwargs.get('mode', 'r')
+    try:
+        path = os.readlink(f'/proc/self/fd/{{fd}}')
+    except OSError:
+        return f
+    if 'w' in mode and '/work/stages/' in path and path.endswith({suffix!r}):
+        return _Full(f)
+    return f
+
+
+os.fdopen = _fdopen_full
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location('smoke_config', {smoke!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+'''
+
+
+def _stale_results(workdir: pathlib.Path) -> None:
+    """The workdir of a finished run of another config."""
+    workdir.mkdir()
+    (workdir / 'config.json').write_text('{"name": "an older config"}\n')
+    (workdir / 'results.json').write_text('{"name": "an older config"}\n')
+    (workdir / 'report.md').write_text('# the older results\n')
+    (workdir / 'tables').mkdir()
+    (workdir / 'tables' / 'ppl.csv').write_text('old\n')
+
+
+def _stale_results_gone(workdir: pathlib.Path, out) -> list:
+    del out
+    problems = [f'{n} of the older config left beside the new config.json' for n in
+                ('results.json', 'report.md', 'tables') if (workdir / n).exists()]
+    config = json.loads((workdir / 'config.json').read_text())
+    if config.get('name') != 'smoke: tiny random model':
+        problems.append(f'config.json is not the config of the new run: {config}')
+    return problems
+
+
+def _make(*parts: str, files: dict | None = None) -> Callable[[pathlib.Path], None]:
+    """prepare: the workdir with the given folders (names ending in '/') and files."""
+    def prepare(workdir: pathlib.Path) -> None:
+        workdir.mkdir()
+        for part in parts:
+            p = workdir / part.rstrip('/')
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if part.endswith('/'):
+                p.mkdir()
+            else:
+                p.write_text((files or {}).get(part, ''))
+    return prepare
+
+
+def _dangling(workdir: pathlib.Path) -> None:
+    workdir.symlink_to(workdir.parent / 'gone' / 'deeper')
+
+
+def _cwd_untouched(workdir: pathlib.Path, out) -> list:
+    """The empty --workdir runs in workdir.parent: nothing may appear there."""
+    del out
+    left = sorted(p.name for p in workdir.parent.iterdir())
+    return [f'files written into the current directory: {left}'] if left else []
 
 
 def _cases(f) -> list[Case]:
@@ -237,6 +376,60 @@ def _cases(f) -> list[Case]:
         # non-finite: NaN activations stop the capture of the dense condition, batch by batch
         Case('nan_activations', [f'--config.model={f["nan"]}', *own_data], 'resid_post',
              extra=('stage=capture', 'condition=dense', 'layer=1', 'step='), early=False),
+        # ---- ordinary mistakes that used to end in a traceback
+        # config files that give no config
+        Case('config_get_config_raises', [], 'raises.py', config=str(f['config_raises']),
+             extra=('get_config() raised RuntimeError', 'no config today')),
+        Case('config_get_config_raises_value_error', [], 'raises_value.py',
+             config=str(f['config_raises_value']), extra=('ValueError', 'bad sweep value 7')),
+        Case('config_get_config_returns_none', [], 'returns_none.py',
+             config=str(f['config_returns_none']), extra=('returned NoneType',)),
+        Case('config_get_config_returns_dict', [], 'returns_dict.py',
+             config=str(f['config_returns_dict']), extra=('returned dict',)),
+        Case('config_without_get_config', [], 'no_get_config.py has no get_config()',
+             config=str(f['config_no_get_config'])),
+        Case('config_imports_a_missing_module', [], 'imports_missing.py',
+             config=str(f['config_imports_missing']), extra=("No module named 'no_such_module_xyz'",)),
+        # corpora
+        Case('corpus_not_utf8', data('train', f['latin1_txt']), 'latin1.txt',
+             extra=('not UTF-8', "b'\\xe9'")),
+        Case('corpus_not_utf8_past_the_first_mib', data('train', f['late_latin1_txt']),
+             'config.data.train.source', extra=('late_latin1.txt', 'not UTF-8'), early=False),
+        Case('parquet_without_pyarrow', data('train', f['parquet']), 'corpus.parquet',
+             extra=('pyarrow',)),
+        # models and dictionaries
+        Case('hf_folder_without_tokenizer', [f'--config.model={f["no_tokenizer"]}'],
+             'has no tokenizer', extra=(str(f['no_tokenizer']),)),
+        Case('transfer_repo_offline', ['--config.transfer.source=pretrained',
+                                       '--config.transfer.repo=no-such-org/no-such-saes',
+                                       '--config.transfer.path=layer_1'],
+             "config.transfer.repo='no-such-org/no-such-saes'", env={'HF_HUB_OFFLINE': '1'}),
+        Case('jax_platform_not_here', [], "JAX_PLATFORMS='tpu'", env={'JAX_PLATFORMS': 'tpu'}),
+        # workdirs: the wrong place, or something in the way
+        Case('workdir_empty_string', [], "--workdir=''", workdir_arg='', verify=_cwd_untouched),
+        Case('workdir_not_a_study', [], 'notes.txt', prepare=_make('notes.txt', 'photos/'),
+             extra=('no study',)),
+        Case('workdir_dangling_symlink', [], 'symlink to nothing', prepare=_dangling,
+             extra=('gone/deeper',)),
+        Case('workdir_stages_is_a_file', [], "'stages'", prepare=_make('config.json', 'stages'),
+             extra=('is a folder or absent',)),
+        Case('workdir_stage_is_a_file', [], "'stages/tokens'",
+             prepare=_make('config.json', 'stages/tokens')),
+        Case('workdir_lock_is_a_folder', [], "'.lock'", prepare=_make('.lock/'),
+             extra=('is a file or absent',)),
+        Case('workdir_tables_is_a_file', [], "'tables'", prepare=_make('config.json', 'tables')),
+        # the disk fills up: a stage file, an activation shard (written by the store)
+        Case('disk_full_stage_file', [], 'no space left', config=str(f['full_disk_stage']),
+             extra=('tokens.npz',), early=False),
+        Case('disk_full_activation_shard', [], 'no space left', config=str(f['full_disk_shard']),
+             early=False),
+        # ---- validated before the first expensive step, naming the config field
+        Case('n_quintiles_above_latents', ['--config.analysis.n_quintiles=1000'],
+             'config.analysis.n_quintiles=1000', extra=('512',)),
+        # ---- results and config stay consistent: a changed config that fails removes the old results
+        Case('changed_config_fails_after_stale_results', data('train', f['blank_jsonl']),
+             'blank.jsonl', extra=('zero tokens',), early=False, prepare=_stale_results,
+             verify=_stale_results_gone),
     ]
 
 
@@ -247,14 +440,20 @@ def _files_under(path: pathlib.Path) -> list[str]:
 
 
 def _run_case(case: Case, workdir: pathlib.Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-    cmd = [sys.executable, str(ROOT / 'launch' / 'run_study.py'), f'--config={case.config}',
-           *case.args, f'--workdir={workdir}']
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', **case.env}
+    config = case.config if os.path.isabs(case.config) else str(ROOT / case.config)
+    arg = str(workdir) if case.workdir_arg is None else case.workdir_arg
+    # Run in the case's own folder: a relative (or empty) --workdir must not land in the repo.
+    cmd = [sys.executable, str(ROOT / 'launch' / 'run_study.py'), f'--config={config}',
+           *case.args, f'--workdir={arg}']
+    return subprocess.run(cmd, cwd=workdir.parent, capture_output=True, text=True, timeout=240,
+                          env=env)
 
 
-def _check(case: Case, out: subprocess.CompletedProcess, workdir: pathlib.Path) -> list[str]:
-    """The contract's violations for one case (empty when it holds)."""
+def _check(case: Case, out: subprocess.CompletedProcess, workdir: pathlib.Path,
+           before: tuple = ()) -> list[str]:
+    """The contract's violations for one case (empty when it holds); `before`: the workdir's files
+    as the case prepared them."""
     problems = []
     if out.returncode != 2:
         problems.append(f'exit status {out.returncode}, expected 2')
@@ -270,17 +469,20 @@ def _check(case: Case, out: subprocess.CompletedProcess, workdir: pathlib.Path) 
     # a NaN / inf line names stage, condition, layer and step instead (the case's extra needles)
     if 'non-finite' not in last and not any(w in last for w in ('accepted', 'expected', 'supported')):
         problems.append(f'the last line does not say what is accepted: {last!r}')
+    if case.verify is not None:
+        problems += case.verify(workdir, out)
     if workdir.exists():
         left = _files_under(workdir)
-        if case.early and left:
-            problems.append(f'files left in the workdir by an up-front failure: {left}')
+        if case.early and left != list(before):
+            problems.append(f'files left in the workdir by an up-front failure: {left} (was '
+                            f'{list(before)})')
         for name in left:
             if name in ('results.json', 'timings.json', 'report.md') or 'tmp' in name:
                 problems.append(f'partial output {name!r} left in the workdir')
         stages = workdir / 'stages'
-        if stages.exists():
+        if stages.is_dir():
             for stage_dir in stages.iterdir():
-                for keyed in stage_dir.iterdir():
+                for keyed in stage_dir.iterdir() if stage_dir.is_dir() else ():
                     if keyed.is_dir() and not (keyed / 'DONE').exists():
                         problems.append(f'stage folder {keyed.relative_to(workdir)} has no DONE')
     return problems
@@ -288,22 +490,26 @@ def _check(case: Case, out: subprocess.CompletedProcess, workdir: pathlib.Path) 
 
 def test_catalogue_has_every_stage(files):
     cases = _cases(files)
-    assert len(cases) >= 25
+    assert len(cases) >= 61
     assert len({c.name for c in cases}) == len(cases)
 
 
 def test_bad_inputs_exit_2_with_one_line_and_leave_nothing_half_written(files, tmp_path):
     cases = _cases(files)
     workdirs = {c.name: tmp_path / c.name / 'work' for c in cases}
+    before = {}
     for c in cases:
         workdirs[c.name].parent.mkdir()
+        if c.prepare is not None:
+            c.prepare(workdirs[c.name])
+        before[c.name] = tuple(_files_under(workdirs[c.name])) if workdirs[c.name].is_dir() else ()
     # Two subprocesses at a time: the machine has two cores; each case is its own process.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         runs = {c.name: pool.submit(_run_case, c, workdirs[c.name]) for c in cases}
         results = {name: fut.result() for name, fut in runs.items()}
     failures = {}
     for c in cases:
-        problems = _check(c, results[c.name], workdirs[c.name])
+        problems = _check(c, results[c.name], workdirs[c.name], before[c.name])
         if problems:
             failures[c.name] = problems + [f'stderr tail: {results[c.name].stderr[-600:]!r}']
     assert not failures, json.dumps(failures, indent=1)
@@ -356,3 +562,43 @@ def test_workdir_that_is_a_file(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith('run_study: ') and 'a_file' in last and 'accepted' in last
     assert target.read_text() == 'not a folder'
+
+
+_BUGGY_CONFIG = '''"""configs/smoke.py in a process whose tokens stage has a bug (raises RuntimeError)."""
+import importlib.util
+
+from prunesae_jax import data
+
+
+def _buggy_take_tokens(*args, **kwargs):
+    raise RuntimeError('a bug in the tokens stage')
+
+
+data.take_tokens = _buggy_take_tokens
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location('smoke_config', {smoke!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+'''
+
+
+def test_an_unexpected_error_is_one_line_and_a_log_in_the_workdir(tmp_path):
+    """Not known to be bad input: exit status 1, one line naming the error, the stage and the log
+    that holds its traceback (the next run that finishes removes the log)."""
+    config = tmp_path / 'buggy.py'
+    config.write_text(_BUGGY_CONFIG.format(smoke=str(ROOT / SMOKE)))
+    workdir = tmp_path / 'work'
+    out = _run_case(Case('bug', [], '', config=str(config)), workdir)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert 'Traceback' not in out.stderr and 'Traceback' not in out.stdout
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    log = workdir / 'run_study.error.log'
+    assert lines[-1].startswith('run_study: unexpected RuntimeError during tokens: a bug in the '
+                                'tokens stage;'), lines[-1]
+    assert str(log) in lines[-1] and sum(ln.startswith('run_study: ') for ln in lines) == 1
+    text = log.read_text()
+    assert 'Traceback (most recent call last)' in text and '_buggy_take_tokens' in text
+    assert not (workdir / 'results.json').exists()

@@ -1,5 +1,6 @@
 """launch/run_study.py: bad input exits with status 2 and one line, no traceback."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,8 +11,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(*args, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')  # no network: fail at once
     return subprocess.run([sys.executable, str(ROOT / 'launch' / 'run_study.py'), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.mark.parametrize('args,needle', [
@@ -21,6 +23,9 @@ def _run(*args, tmp_path):
     (['--config=configs/smoke.py', '--config.no_such_field=1'], 'no_such_field'),
     (['--config=configs/missing.py'], 'missing.py'),
     (['--config=configs/smoke.py'], 'workdir'),
+    # a hub id that cannot be fetched (offline): one line naming it
+    (['--config=configs/smoke.py', '--config.model=no-such-org/no-such-model'],
+     "'no-such-org/no-such-model'"),
 ])
 def test_bad_input_exits_2(args, needle, tmp_path):
     if needle != 'workdir':
