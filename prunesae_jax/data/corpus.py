@@ -383,6 +383,7 @@ def bos_token_id(tokenizer: Any, bos_id: int | None = None) -> int:
     if bos_id is None or isinstance(bos_id, bool) or not isinstance(bos_id, (int, np.integer)):
         raise InputError(f'bos_id={bos_id!r}: tokenizer {type(tokenizer).__name__} has no integer '
                          'bos_token_id; pass bos_id=<int>')
+    _check_bos(bos_id)
     return int(bos_id)
 
 
@@ -395,8 +396,33 @@ def iter_document_tokens(corpus: str | CorpusSpec, tokenizer: Any, split: str = 
 
 
 def _check_seq_len(seq_len: int) -> None:
-    if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
         raise InputError(f'seq_len={seq_len!r} is too short; need an int seq_len >= 2 (BOS + 1 token)')
+
+
+def _check_count(name: str, value, allow_none: bool = False, minimum: int = 1) -> None:
+    """A count argument: an int >= minimum (or None where allowed); bools and floats are refused."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        accepted = f'an int >= {minimum}' + (' or None' if allow_none else '')
+        raise InputError(f'{name}={value!r}; accepted: {accepted}')
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _ids(chunk: Sequence[int]) -> np.ndarray:
+    """Token ids as int32, refusing what the cast would change (non-integers, ids outside int32)."""
+    a = np.asarray(chunk)
+    if a.size == 0:
+        return np.empty(0, np.int32)
+    if a.ndim != 1 or a.dtype.kind not in 'iu':
+        raise InputError(f'token ids of dtype {a.dtype} and shape {a.shape}; accepted: a 1-D sequence of ints')
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi > _INT32.max:
+        raise InputError(f'token id {int(lo if lo < 0 else hi)}; accepted: 0 <= id <= {_INT32.max}')
+    return a.astype(np.int32)
 
 
 def pack_sequences(token_chunks: Iterable[Sequence[int]], seq_len: int, bos_id: int,
@@ -406,22 +432,40 @@ def pack_sequences(token_chunks: Iterable[Sequence[int]], seq_len: int, bos_id: 
     Tokens carry over from one row to the next; the final partial row is dropped.
     """
     _check_seq_len(seq_len)  # here, not at the first next()
+    _check_bos(bos_id)
     return _pack(token_chunks, int(seq_len), int(bos_id))
+
+
+def _check_bos(bos_id) -> None:
+    if isinstance(bos_id, bool) or not isinstance(bos_id, (int, np.integer)) or not 0 <= bos_id <= _INT32.max:
+        raise InputError(f'bos_id={bos_id!r}; accepted: a non-negative int token id')
 
 
 def _pack(token_chunks: Iterable[Sequence[int]], seq_len: int, bos_id: int,
           ) -> Iterator[np.ndarray]:
+    # Chunks wait in a list until they fill a row, so the work is linear in the tokens read whatever
+    # seq_len is (growing one buffer chunk by chunk would copy it again for every chunk: quadratic when
+    # seq_len exceeds the text, which then reads the whole corpus before it can say so).
     body = seq_len - 1
-    buf = np.empty(0, np.int32)
+    pending: list[np.ndarray] = []
+    n_pending = 0
     for chunk in token_chunks:
-        buf = np.concatenate([buf, np.asarray(chunk, np.int32)])
+        ids = _ids(chunk)
+        if not ids.size:
+            continue
+        pending.append(ids)
+        n_pending += ids.size
+        if n_pending < body:
+            continue
+        buf = np.concatenate(pending)
         n_full = len(buf) // body
         for i in range(n_full):
             row = np.empty(seq_len, np.int32)
             row[0] = bos_id
             row[1:] = buf[i * body:(i + 1) * body]
             yield row
-        buf = buf[n_full * body:]
+        rest = buf[n_full * body:]
+        pending, n_pending = ([rest] if rest.size else []), rest.size
 
 
 def _describe(corpus: str | CorpusSpec, split: str) -> str:
@@ -472,8 +516,8 @@ def iter_batches(corpus: str | CorpusSpec, tokenizer: Any, seq_len: int, batch_s
     Stops after `max_batches` batches or when the split runs out; the last, smaller
     batch is yielded only when `drop_remainder` is False.
     """
-    if batch_size < 1:
-        raise InputError(f'batch_size={batch_size} must be >= 1')
+    _check_count('batch_size', batch_size)
+    _check_count('max_batches', max_batches, allow_none=True)
     rows = iter_sequences(corpus, tokenizer, seq_len, split=split, bos_id=bos_id)
     return _batched(rows, batch_size, max_batches, drop_remainder)
 
@@ -495,8 +539,7 @@ def take_tokens(corpus: str | CorpusSpec, tokenizer: Any, n_seqs: int, seq_len: 
 
     Raises ValueError naming how many sequences the split holds when it has fewer.
     """
-    if n_seqs < 1:
-        raise InputError(f'n_seqs={n_seqs} must be >= 1')
+    _check_count('n_seqs', n_seqs)
     rows = list(itertools.islice(
         iter_sequences(corpus, tokenizer, seq_len, split=split, bos_id=bos_id), n_seqs))
     if len(rows) < n_seqs:
@@ -514,12 +557,11 @@ def token_stream(corpus: str | CorpusSpec, tokenizer: Any, *, split: str = 'eval
     `max_tokens` truncates the stream (and stops reading once reached).
     """
     _check_split(split)
-    if max_tokens is not None and max_tokens < 1:
-        raise InputError(f'max_tokens={max_tokens} must be >= 1 or None')
-    sep = np.asarray(encode(tokenizer, DOC_SEPARATOR), np.int32)
+    _check_count('max_tokens', max_tokens, allow_none=True)
+    sep = _ids(encode(tokenizer, DOC_SEPARATOR))
     parts, n = [], 0
     for text in iter_documents(corpus, split):
-        ids = np.asarray(encode(tokenizer, text), np.int32)
+        ids = _ids(encode(tokenizer, text))
         if not len(ids):
             continue
         if parts:  # separators go between documents, not after the last one

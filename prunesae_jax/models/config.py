@@ -3,7 +3,8 @@
 One frozen, hashable dataclass drives one decoder implementation; family differences are
 switches on it (norm style, post-norms, QK-norm, soft-capping, sliding windows, RoPE bases).
 `DecoderConfig.from_hf` reads a Hugging Face config (dict or `PretrainedConfig`, old
-`rope_theta`/`rope_scaling` keys or the newer `rope_parameters`); `to_hf_dict` writes one back.
+`rope_theta`/`rope_scaling` keys or the newer `rope_parameters`); `to_hf_dict` writes one back
+with both sets of RoPE keys, so transformers 4.x and 5.x read the same model.
 """
 
 from __future__ import annotations
@@ -156,6 +157,14 @@ class DecoderConfig:
         for flag in ('attention_bias', 'mlp_bias'):
             if c.get(flag):
                 raise InputError(f'{flag}=True is not supported; only bias-free linear layers are')
+        required = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+        missing = [k for k in required if c.get(k) is None]
+        if missing:
+            raise InputError(f'HF config lacks {missing}; accepted: a {model_type} config.json stating {list(required)}')
+        for k in required + ('num_key_value_heads', 'head_dim', 'max_position_embeddings', 'sliding_window'):
+            v = c.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise InputError(f'HF config {k}={v!r}; accepted: a non-negative int')
 
         L = int(c['num_hidden_layers'])
         D = int(c['hidden_size'])
@@ -243,10 +252,17 @@ class DecoderConfig:
         )
 
     def to_hf_dict(self) -> dict:
-        """A config.json dict that transformers loads into the matching *ForCausalLM."""
+        """A config.json dict that every transformers version pyproject allows loads into the *ForCausalLM.
+
+        RoPE is written twice, consistently: transformers >= 5 reads `rope_parameters` (per layer type
+        for gemma3), transformers 4.x ignores that key and reads the legacy `rope_theta` /
+        `rope_scaling` (and gemma3's `rope_local_base_freq`) instead, so writing only one of them
+        would silently run the other versions with their default RoPE base.
+        """
         glob = {'rope_type': 'default', 'rope_theta': self.rope_theta}
         if self.rope_scaling:
             glob.update(dict(self.rope_scaling))
+        legacy_scaling = dict(self.rope_scaling) if self.rope_scaling else None
         d: dict[str, Any] = {
             'architectures': [_HF_ARCH[self.family]],
             'model_type': self.family,
@@ -266,10 +282,13 @@ class DecoderConfig:
             'attention_bias': False,
             'torch_dtype': self.dtype,
             'dtype': self.dtype,
+            # legacy RoPE keys (transformers 4.x), the same values as rope_parameters below
+            'rope_theta': self.rope_theta,
         }
         if self.family == 'llama':
             d['hidden_act'] = self.hidden_act
             d['mlp_bias'] = False
+            d['rope_scaling'] = legacy_scaling
             d['rope_parameters'] = glob
         else:
             d['hidden_activation'] = self.hidden_act
@@ -282,12 +301,16 @@ class DecoderConfig:
             d['attn_logit_softcapping'] = self.attn_logit_softcapping
             d['final_logit_softcapping'] = self.final_logit_softcapping
             if self.family == 'gemma3_text':
+                d['rope_local_base_freq'] = self.rope_local_theta if self.rope_local_theta else 10_000.0
+                d['rope_scaling'] = legacy_scaling
                 d['rope_parameters'] = {
                     'full_attention': glob,
                     'sliding_attention': {'rope_type': 'default',
                                           'rope_theta': self.rope_local_theta if self.rope_local_theta else 10_000.0},
                 }
             else:
+                if legacy_scaling:
+                    d['rope_scaling'] = legacy_scaling
                 d['rope_parameters'] = glob
         return d
 

@@ -4,7 +4,8 @@ Sources: a local HF folder (config.json + *.safetensors, sharded or not, read wi
 numpy API so bf16 arrives as ml_dtypes.bfloat16), an HF state dict, an in-memory transformers
 model (duck-typed: torch is never imported here), a hub id (huggingface_hub), a GGUF file
 (`models.gguf.load_gguf`) or a zoo name (`models.zoo.load_zoo`); `load` dispatches.
-`export_hf_folder` writes config.json + model.safetensors that transformers loads.
+`export_hf_folder` writes config.json + model.safetensors that transformers (4.56+ and 5.x) loads, and
+the tokenizer too when one is passed. Every loaded tensor is checked (floating dtype, finite values).
 
 HF linear weights are [out, in]; ours are [in, out] (x @ W), so conversion transposes them.
 """
@@ -15,6 +16,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -75,6 +77,33 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+# Floating dtypes a checkpoint tensor may arrive in (ml_dtypes' bfloat16 has numpy kind 'V', not 'f').
+_FLOAT_NAMES = ('bfloat16', 'float8_e4m3fn', 'float8_e5m2')
+
+
+def _checked_weight(name: str, arr: np.ndarray, np_dtype, dtype: str) -> np.ndarray:
+    """arr cast to np_dtype; InputError for a non-floating tensor or one with NaN / inf (before or after the cast).
+
+    Integer / bool tensors (quantised checkpoints, a wrong file) would otherwise be cast silently into
+    meaningless weights, and a non-finite weight only shows up much later as a non-finite loss.
+    """
+    if not (arr.dtype.kind == 'f' or arr.dtype.name in _FLOAT_NAMES):
+        raise InputError(f'tensor {name!r} has dtype {arr.dtype}; accepted: a floating dtype (float32, bfloat16, '
+                         'float16, float64), not an integer / quantised tensor')
+    finite = np.isfinite(arr)
+    if not finite.all():
+        idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise InputError(f'tensor {name!r} holds {int((~finite).sum())} non-finite value(s), first {float(arr[idx])} at '
+                         f'index {idx}; accepted: a checkpoint with finite weights')
+    with np.errstate(over='ignore'):
+        out = arr.astype(np_dtype)
+    if out.dtype != arr.dtype and not np.isfinite(out).all():
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+        raise InputError(f'tensor {name!r} value {float(arr[idx])} at index {idx} overflows dtype={dtype!r}; '
+                         'accepted: a dtype wide enough for the checkpoint (e.g. float32 or bfloat16)')
+    return out
+
+
 def _normalise_keys(state_dict: dict) -> dict:
     out = {}
     for k, v in state_dict.items():
@@ -90,7 +119,9 @@ def from_hf_state_dict(hf_config: Any, state_dict: dict, dtype: str = 'float32')
     """HF config (dict or PretrainedConfig) + state dict keyed by HF names -> (cfg, params).
 
     Values may be numpy (incl. ml_dtypes bf16), jax or torch arrays; they are cast to dtype.
-    Raises ValueError naming the tensor when one is missing or its shape disagrees with the config.
+    Raises InputError (a ValueError) naming the tensor when one is missing, its shape disagrees with the
+    config, it is not floating point, or it holds NaN / inf (also after the cast to dtype). Every loader
+    (HF folders, hub ids, GGUF files, zoo models, in-memory transformers models) comes through here.
     """
     dtype = _check_dtype(dtype)
     cfg = hf_config if isinstance(hf_config, DecoderConfig) else DecoderConfig.from_hf(hf_config, dtype=dtype)
@@ -106,9 +137,10 @@ def from_hf_state_dict(hf_config: Any, state_dict: dict, dtype: str = 'float32')
         want = shape[::-1] if transpose else shape
         if tuple(arr.shape) != tuple(want):
             raise InputError(f'tensor {name!r} has shape {tuple(arr.shape)}; the config expects {tuple(want)}')
+        arr = _checked_weight(name, arr, np_dtype, dtype)
         if transpose:
             arr = arr.T
-        return jnp.asarray(arr.astype(np_dtype))
+        return jnp.asarray(arr)
 
     D, V = cfg.hidden_size, cfg.vocab_size
     names = _hf_layer_names(cfg)
@@ -340,10 +372,16 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | None = None) -> str:
+def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | None = None,
+                     tokenizer: Any = None) -> str:
     """Writes config.json + model.safetensors (masked weights zeroed if masks given); returns path.
 
-    transformers' AutoModelForCausalLM.from_pretrained(path) gives the same logits as `forward`.
+    transformers' AutoModelForCausalLM.from_pretrained(path) gives the same logits as `forward`, on
+    every transformers version pyproject.toml allows: config.json states RoPE both as `rope_parameters`
+    (transformers >= 5) and as the legacy `rope_theta` / `rope_scaling` / `rope_local_base_freq` keys
+    (transformers 4.x), with the same values (see DecoderConfig.to_hf_dict).
+    tokenizer: a transformers tokenizer (anything with `save_pretrained`) to save into the folder too, so
+    AutoTokenizer.from_pretrained(path) works; without it the folder holds the weights and config ONLY.
     Each file is written to a temp file in the folder and renamed, so readers never see half a file.
     """
     from safetensors.numpy import save_file
@@ -353,6 +391,14 @@ def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | 
         raise InputError(f'export path {path!r} is a file; expected a folder (new or existing)')
     if len(params['layers']) != cfg.num_layers:
         raise InputError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
+    if tokenizer is not None:
+        if not callable(getattr(tokenizer, 'save_pretrained', None)):
+            raise InputError(f'tokenizer of type {type(tokenizer).__name__} has no save_pretrained(); accepted: a '
+                             'transformers tokenizer, or None to export the weights only')
+        n_tok = len(tokenizer) if hasattr(tokenizer, '__len__') else None
+        if n_tok is not None and n_tok > cfg.vocab_size:
+            raise InputError(f'tokenizer has {n_tok} tokens but the model vocab_size={cfg.vocab_size}; accepted: '
+                             'the tokenizer of this model (at most vocab_size tokens)')
     os.makedirs(path, exist_ok=True)
     sd = to_hf_state_dict(cfg, params, masks)
 
@@ -363,6 +409,16 @@ def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | 
     _atomic_write(os.path.join(path, 'model.safetensors'),
                   lambda tmp: save_file(sd, tmp, metadata={'format': 'pt'}))
     _atomic_write(os.path.join(path, 'config.json'), write_config)
+    if tokenizer is not None:
+        tmp = tempfile.mkdtemp(dir=path, prefix='.tokenizer.', suffix='.tmp')
+        try:
+            tokenizer.save_pretrained(tmp)
+            for name in sorted(os.listdir(tmp)):
+                if name in ('config.json', 'model.safetensors'):  # never let a tokenizer replace the model's files
+                    continue
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

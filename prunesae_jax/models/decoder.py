@@ -413,9 +413,52 @@ def _model(cfg: DecoderConfig, params: dict) -> Decoder:
     return nnx.merge(_graphdef(cfg), _to_nnx(cfg, params))
 
 
-def _check_tokens(tokens):
-    if getattr(tokens, 'ndim', None) != 2:
+def _host_values(x):
+    """x as a numpy array when its values are available without running anything, else None.
+
+    numpy arrays and lists as they are; a concrete, fully addressable jax array by a device-to-host copy
+    of its (small) buffer, which waits for that buffer only, never for the queued computations; a tracer
+    (a call inside jit, e.g. greedy_generate's loop or sharding's pinned blocks) has no values.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array):
+        return np.asarray(x) if x.is_fully_addressable else None
+    return np.asarray(x)
+
+
+def check_token_ids(cfg: DecoderConfig, tokens, what: str = 'tokens') -> None:
+    """InputError unless every id of `tokens` (any shape, integer dtype) lies in 0 <= id < cfg.vocab_size.
+
+    An id past the vocabulary would be read by jnp.take as NaN (and reported much later as a non-finite
+    perplexity or loss), a negative one would wrap around to the end of the vocabulary. Checked on the
+    host values; traced tokens (inside jit) are skipped.
+    """
+    dtype = getattr(tokens, 'dtype', None)
+    dtype = np.dtype(dtype) if dtype is not None else np.asarray(tokens).dtype
+    if dtype.kind not in 'iu':
+        raise InputError(f'{what} has dtype {dtype}; expected integer token ids (int32)')
+    host = _host_values(tokens)
+    if host is None or host.size == 0:
+        return
+    lo, hi = host.min(), host.max()
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = np.argwhere((host < 0) | (host >= cfg.vocab_size))[0]
+        raise InputError(f'{what} holds token id {int(host[tuple(bad)])} at index {tuple(int(i) for i in bad)}; '
+                         f'accepted: 0 <= id < vocab_size={cfg.vocab_size}')
+
+
+def _check_tokens(cfg: DecoderConfig, tokens, attention_mask=None):
+    """Shape [B, T], integer ids inside the vocabulary, and a mask of the same shape (host-side checks)."""
+    if not hasattr(tokens, 'ndim'):
+        tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
         raise InputError(f'tokens has shape {getattr(tokens, "shape", None)}; expected [B, T] int32')
+    check_token_ids(cfg, tokens)
+    if attention_mask is not None and tuple(np.shape(attention_mask)) != tuple(tokens.shape):
+        raise InputError(f'attention_mask has shape {tuple(np.shape(attention_mask))}; expected the shape of tokens '
+                         f'{tuple(tokens.shape)}')
+    return tokens
 
 
 # --------------------------------------------------------------------------- public API
@@ -434,7 +477,7 @@ def _forward(cfg, params, tokens, attention_mask):
 
 def forward(cfg: DecoderConfig, params: dict, tokens, attention_mask=None):
     """Logits [B,T,V] float32 for tokens [B,T] int32 (attention_mask [B,T], 1 = real token)."""
-    _check_tokens(tokens)
+    tokens = _check_tokens(cfg, tokens, attention_mask)
     return _forward(cfg, params, tokens, attention_mask)
 
 
@@ -468,7 +511,7 @@ def resid_post(cfg: DecoderConfig, params: dict, tokens, attention_mask=None, la
     Runs blocks 0..max(layers) only; later blocks and the unembedding are never computed.
     layers=None captures every layer.
     """
-    _check_tokens(tokens)
+    tokens = _check_tokens(cfg, tokens, attention_mask)
     layers = check_layers(cfg, layers)
     return _resid_post(cfg, params, tokens, attention_mask, layers)
 
@@ -480,7 +523,7 @@ def _embed(cfg, params, tokens):
 
 def embed(cfg: DecoderConfig, params: dict, tokens):
     """Input to block 0: token embeddings [B,T,D] (gemma: times sqrt(D) in the activation dtype)."""
-    _check_tokens(tokens)
+    tokens = _check_tokens(cfg, tokens)
     return _embed(cfg, params, tokens)
 
 

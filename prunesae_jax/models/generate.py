@@ -16,7 +16,7 @@ import numpy as np
 
 from prunesae_jax.errors import InputError
 from prunesae_jax.models.config import DecoderConfig
-from prunesae_jax.models.decoder import resid_post, unembed
+from prunesae_jax.models.decoder import check_token_ids, resid_post, unembed
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -45,11 +45,17 @@ def greedy_generate(cfg: DecoderConfig, params: dict, tokens, n_new: int, bucket
         raise InputError(f'tokens has shape {tokens.shape}; expected [1, T] with T >= 1')
     if not np.issubdtype(tokens.dtype, np.integer):
         raise InputError(f'tokens has dtype {tokens.dtype}; expected integer token ids')
+    check_token_ids(cfg, tokens)
     if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
         raise InputError(f'n_new={n_new!r} must be a non-negative int')
     if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
         raise InputError(f'bucket={bucket!r} must be a positive int')
     T = tokens.shape[1]
+    if T + n_new > cfg.max_position_embeddings:
+        # every step reruns the whole buffer: a length past the model's context is both meaningless and
+        # quadratically slow
+        raise InputError(f'prompt length {T} + n_new={n_new} exceeds max_position_embeddings='
+                         f'{cfg.max_position_embeddings}; accepted: T + n_new <= {cfg.max_position_embeddings}')
     size = -(-(T + n_new) // bucket) * bucket
     buf = np.zeros((1, size), np.int32)
     buf[:, :T] = tokens

@@ -314,6 +314,19 @@ def _hf_config(metadata: dict, tensors: dict[str, GGUFTensorInfo], arch: str) ->
     return c
 
 
+# GGML integer tensor types (I8 / I16 / I32 / I64): dequantising them would silently cast integers to weights.
+_INTEGER_QTYPES = (24, 25, 26, 27)
+
+
+def _type_name(qtype: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(qtype).name
+    except ValueError:
+        return str(qtype)
+
+
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's q/k row permutation (rotate-half pairs <- interleaved pairs). w: [n_head*hd, D]."""
     hd = w.shape[0] // n_head
@@ -353,7 +366,15 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
                 continue  # folded into the config's rope scaling above
             raise InputError(f'GGUF tensor {t.name!r} has no Hugging Face {model_type} counterpart; expected '
                              f'token_embd/output_norm/output or blk.N.{{{",".join(_BLOCK_NAMES)},ffn_norm,...}}')
+        if t.qtype in _INTEGER_QTYPES:
+            raise InputError(f'GGUF tensor {t.name!r} in {os.fspath(path)!r} is stored as integer type '
+                             f'{_type_name(t.qtype)}; accepted: float (F32/F16/BF16/F64) or quantised weights')
         w = _dequantize(t)
+        finite = np.isfinite(w)
+        if not finite.all():
+            idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise InputError(f'GGUF tensor {t.name!r} in {os.fspath(path)!r} holds {int((~finite).sum())} '
+                             f'non-finite value(s), first {float(w[idx])} at index {idx}; accepted: finite weights')
         if model_type == 'llama' and t.name.endswith(('.attn_q.weight', '.attn_k.weight')):
             w = _unpermute_qk(w, H if '.attn_q.' in t.name else KV)
         elif model_type != 'llama' and t.name.endswith('norm.weight'):

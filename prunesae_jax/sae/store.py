@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 
-from prunesae_jax.errors import InputError
+from prunesae_jax.errors import InputError, MissingFileError
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -43,6 +43,13 @@ def _atomic_save_npy_parts(path: str, parts: list[np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    """A size argument as an int >= minimum; bools, floats and smaller values are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name}={value!r}; accepted: an int >= {minimum}")
+    return int(value)
+
+
 def _check_finite(x: np.ndarray, what: str) -> None:
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0]
@@ -63,8 +70,10 @@ class _Batches:
 
     def batch(self, batch_size: int, seed: int, step: int) -> np.ndarray:
         """Batch number `step` of the seeded shuffled stream: float32 [batch_size, d_in]."""
-        if not 0 < batch_size <= self.n_tokens:
-            raise InputError(f"batch_size={batch_size}; accepted: 1..n_tokens={self.n_tokens}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or not 0 < batch_size <= self.n_tokens:
+            raise InputError(f"batch_size={batch_size!r}; accepted: an int in 1..n_tokens={self.n_tokens}")
+        _check_count("step", step, minimum=0)
         per_epoch = self.n_tokens // batch_size  # drop the ragged tail of each epoch
         epoch, j = divmod(int(step), per_epoch)
         rows = self._perm(seed, epoch)[j * batch_size:(j + 1) * batch_size]
@@ -82,11 +91,15 @@ class _Batches:
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """n rows drawn without replacement (all rows if n >= n_tokens), float32 [n, d_in]."""
-        n = min(int(n), self.n_tokens)
+        n = min(_check_count("n", n), self.n_tokens)  # more than the store: every row
         rows = np.sort(np.random.default_rng([int(seed), 2**31 - 1]).choice(self.n_tokens, n, replace=False))
         return self._take(rows).astype(np.float32)
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 (stop clamped to n_tokens) as float32."""
+        start, stop = _check_count("start", start, 0), _check_count("stop", stop, 0)
+        if start > min(stop, self.n_tokens):
+            raise InputError(f"start={start}, stop={stop}; accepted: 0 <= start <= min(stop, n_tokens={self.n_tokens})")
         return self._take(np.arange(start, min(stop, self.n_tokens))).astype(np.float32)
 
 
@@ -112,20 +125,37 @@ class ActivationStore(_Batches):
     def __init__(self, path: str):
         meta_path = os.path.join(path, "metadata.json")
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no activation store at {path!r} (missing metadata.json)")
-        with open(meta_path) as f:
-            self.metadata = json.load(f)
+            raise MissingFileError(f"no activation store at {path!r} (missing metadata.json)")
+        try:
+            with open(meta_path) as f:
+                self.metadata = json.load(f)
+            self.d_in = _check_count("d_in", self.metadata["d_in"])
+            self.dtype = self.metadata["dtype"]
+            self._shard_rows = [_check_count("shard_rows entry", r) for r in self.metadata["shard_rows"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"activation store metadata {meta_path!r} is unreadable ({type(e).__name__}: {e}); "
+                             "accepted: a metadata.json written by StoreWriter") from None
+        if self.dtype not in DTYPES:
+            raise InputError(f"activation store {path!r} has dtype {self.dtype!r}; accepted: {DTYPES}")
         self.path = path
-        self.d_in = int(self.metadata["d_in"])
-        self.dtype = self.metadata["dtype"]
-        self._shard_rows = [int(r) for r in self.metadata["shard_rows"]]
         self._starts = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
         self.n_tokens = int(self._starts[-1])
         self._maps = [None] * len(self._shard_rows)
 
     def _shard(self, i: int) -> np.ndarray:
         if self._maps[i] is None:
-            self._maps[i] = np.load(os.path.join(self.path, f"shard_{i:05d}.npy"), mmap_mode="r")
+            f = os.path.join(self.path, f"shard_{i:05d}.npy")
+            try:
+                m = np.load(f, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as e:  # missing or truncated shard
+                raise InputError(f"activation shard {f!r} is missing or damaged ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); accepted: a complete store") from None
+            want = (self._shard_rows[i], self.d_in)
+            want_dtype = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[self.dtype]
+            if m.shape != want or m.dtype != want_dtype:
+                raise InputError(f"activation shard {f!r} is {m.dtype} {m.shape}; metadata.json says {self.dtype} "
+                                 f"{want}")
+            self._maps[i] = m
         return self._maps[i]
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
@@ -153,6 +183,9 @@ class StoreWriter:
     def __init__(self, path, d_in, dtype, metadata, shard_tokens):
         if dtype not in DTYPES:
             raise InputError(f"dtype={dtype!r}; accepted: {DTYPES}")
+        _check_count("d_in", d_in)
+        # shard_tokens <= 0 would never let append() finish a shard (an endless flush loop)
+        _check_count("shard_tokens", shard_tokens)
         if os.path.exists(os.path.join(path, "metadata.json")):
             raise InputError(f"an activation store already exists at {path!r}; choose a new path")
         os.makedirs(path, exist_ok=True)
@@ -227,10 +260,20 @@ def capture_activations(model_cfg, params, token_batches, layer: int, path: str 
     if masks is not None:
         from prunesae_jax.pruning.masks import apply_masks  # noqa: PLC0415
         params = apply_masks(params, masks)
-    if not 0 <= int(layer) < model_cfg.num_layers:
-        raise InputError(f"layer={layer}; accepted: 0..{model_cfg.num_layers - 1}")
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < model_cfg.num_layers:
+        raise InputError(f"layer={layer!r}; accepted: an int in 0..{model_cfg.num_layers - 1}")
+    batch_size = _check_count("batch_size", batch_size)  # more than the sequences: one batch
+    _check_count("shard_tokens", shard_tokens)
     toks = token_batches if isinstance(token_batches, (list, tuple)) else [token_batches]
-    toks = np.concatenate([np.asarray(t, np.int32) for t in toks])
+    toks = [np.asarray(t) for t in toks]
+    if not toks or any(t.ndim != 2 for t in toks) or len({t.shape[1] for t in toks}) != 1:
+        raise InputError(f"token_batches shapes {[t.shape for t in toks]}; accepted: [n_seq, T] int arrays (or a "
+                         "list of them) with one T")
+    for t in toks:  # ids checked before the int32 cast, so nothing wraps around
+        models.decoder.check_token_ids(model_cfg, t, what="token_batches")
+    toks = np.concatenate([t.astype(np.int32) for t in toks])
+    if toks.shape[0] < 1 or toks.shape[1] < 1:
+        raise InputError(f"token_batches shape {toks.shape}; accepted: at least one sequence of at least one token")
     if attention_masks is None:
         am = np.ones_like(toks)
     else:

