@@ -1,8 +1,8 @@
 """The paper's five research questions as pure functions over arrays.
 
-Definitions follow arXiv 2603.25325 ("How Pruning Reshapes Features", Borobia et al. 2026,
-see shared/PAPER.md); where the paper is silent they follow SAELens (FVU around the mean,
-CE loss recovered) and say so in the docstring.
+Definitions follow arXiv 2603.25325 ("How Pruning Reshapes Features", Borobia et al. 2026;
+written out in docs/method.md); where the paper is silent they follow SAELens (FVU around the
+mean, CE loss recovered) and say so in the docstring.
 
   RQ1 seed_stability, tau_agreement          features shared by SAEs of different seeds
   RQ2 feature_survival                       dense-model features with an MNN match after pruning

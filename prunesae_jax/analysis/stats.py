@@ -2,7 +2,7 @@
 
 All functions are deterministic: randomness comes only from `seed` through a
 numpy PCG64 generator, so the same inputs and seed give the same numbers.
-Spearman and Kendall's W are checked against scipy in tests/analysis/test_stats.py.
+Spearman and Kendall's W are checked against scipy in tests/analysis/test_analysis_stats.py.
 
 Seed-level bootstraps. A study trains few SAE seeds (often 3), and its measures are
 values of seed PAIRS: pairs that share a seed are not independent, so resampling pairs

@@ -1,6 +1,6 @@
 """One Flax NNX decoder for Llama 3.x, Gemma 2 and Gemma 3 (text), switched by `DecoderConfig`.
 
-The public surface is pure functions over a nested-dict params pytree (see INTERFACES.md):
+The public surface is pure functions over a nested-dict params pytree (the params layout is in models/convert.py):
 `init_params`, `forward`, `resid_post`, `embed`, `block`, `unembed`. Internally each call
 merges the params into the NNX module graph (`Decoder`) inside jit; the graph definition is
 built once per config, so the merge costs nothing at run time.

@@ -1,6 +1,6 @@
 """Sparse autoencoders: many seeds trained in one vmapped, jitted step; activation stores; SAE files.
 
-See the "SAE contract" section of spec/INTERFACES.md for the public API.
+The public API is listed in __all__ below; docs/method.md defines the architectures and losses.
 """
 
 from prunesae_jax.sae.core import (ARCHITECTURES, SAEConfig, decode, encode, encode_topk, evaluate, fold_scale,
