@@ -34,6 +34,18 @@ logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
+
+
+class _QuietLibraries(logging.Filter):
+    """Drops the INFO records Orbax writes through absl's logger (about 25 per checkpoint); its
+    warnings and errors, and this program's own lines, pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+absl_logging.get_absl_logger().addFilter(_QuietLibraries())
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
