@@ -21,23 +21,13 @@ import pytest
 from prunesae_jax.errors import InputError
 from prunesae_jax.study import pipeline, workdir as wd
 
+import study_runs  # tests/study/study_runs.py: shared by the launcher tests
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# configs/smoke.py made smaller still: two conditions (dense, magnitude 50%), 8 SAE steps of 128
-# tokens with a checkpoint every 3 steps.
-OVERRIDES = {
-    'pruning.methods': ('magnitude',),
-    'calibration.n_samples': 2,
-    'ppl.max_tokens': 4096,  # the minima (study.config.MIN_TOKENS); the tiny model is fast
-    'sae.n_tokens': 512,
-    'sae.batch_size': 128,
-    'sae.epochs': 2,
-    'sae.checkpoint_every': 3,
-    'analysis.n_bootstrap': 20,
-    'analysis.transfer_tokens': 2048,
-    'analysis.causal_tokens': 1024,
-    'analysis.causal_features': 4,
-}
+# configs/smoke.py made smaller still (two conditions, 8 SAE steps of 128 tokens, a checkpoint every 3
+# steps): one set of overrides for every launcher test.
+OVERRIDES = study_runs.OVERRIDES
 
 
 def tiny_config():
