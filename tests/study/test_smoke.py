@@ -83,6 +83,11 @@ def test_numbers_in_range(smoke_run):
             assert c['fragility'] is None and c['causal'] is None
             continue
         fr = c['fragility']
+        # quintiles from the dense SAEs' firing rates over their training tokens (not a few hundred
+        # held-out tokens), only latents that fired >= analysis.min_firings times
+        assert fr['rates_from'] == 'training' and fr['training_tokens'] == 32 * 256
+        assert fr['min_firings'] == smoke_config().analysis.min_firings
+        assert 5 * 10 <= fr['n_latents'] <= fr['n_latents_total'] == 512
         assert len(fr['per_quintile']) == 5
         assert all(0.0 <= s <= 1.0 for s in fr['per_quintile'])
         assert -1.0 <= fr['effect']['estimate'] <= 1.0
