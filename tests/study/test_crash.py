@@ -15,11 +15,10 @@ import signal
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from prunesae_jax.errors import InputError
-from prunesae_jax.study import pipeline, workdir as wd
+from prunesae_jax.study import workdir as wd
 
 import study_runs  # tests/study/study_runs.py: shared by the launcher tests
 
@@ -44,23 +43,7 @@ def tiny_config():
     return config
 
 
-def launch(workdir, crash_at=None):
-    """launch/run_study.py on the tiny config in a subprocess; (return code, stderr)."""
-    env = dict(os.environ)
-    env.pop(wd.CRASH_ENV, None)
-    env.pop(pipeline.STOP_ENV, None)
-    if crash_at:
-        env[wd.CRASH_ENV] = crash_at
-    if jax.config.jax_compilation_cache_dir:  # share the session's compiled programs
-        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    flags = [f'--config.{k}={v!r}' for k, v in OVERRIDES.items()]
-    proc = subprocess.run([sys.executable, str(ROOT / 'launch' / 'run_study.py'),
-                           '--config=configs/smoke.py', f'--workdir={workdir}', *flags],
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, timeout=600, check=False)
-    return proc.returncode, proc.stderr
+launch = study_runs.launch  # (return code, stderr) of one launcher run on the tiny config
 
 
 @pytest.fixture(scope='module')
