@@ -20,6 +20,7 @@ import numpy as np
 
 from prunesae_jax.models import decoder as _dec
 from prunesae_jax.models.config import DecoderConfig
+from prunesae_jax.models.loss import nll_tokens
 from prunesae_jax.errors import InputError, NonFiniteError
 
 
@@ -82,58 +83,6 @@ def strided_windows(tokens, bos_token_id: int, window: int = 1024, stride: int =
 
 
 # Logit entries per chunk of nll_sum: 2**26 float32 = 256 MiB, i.e. 256 token positions of
-# Gemma's 262k vocabulary. Full-vocabulary logits are the largest arrays of the study; bounding
-# them keeps the peak memory independent of batch size and sequence length.
-MAX_LOGITS = 2**26
-
-
-def chunk_rows(n_rows: int, vocab_size: int, max_logits: int = MAX_LOGITS) -> int:
-    """Rows per logits chunk: at most max_logits // vocab_size, balanced so padding is < 1 chunk."""
-    cap = max(1, min(int(n_rows), int(max_logits) // int(vocab_size)))
-    n_chunks = -(-int(n_rows) // cap)
-    return -(-int(n_rows) // n_chunks)
-
-
-def nll_tokens(cfg: DecoderConfig, params: dict, h, targets, weights, rows: int | None = None):
-    """weights * next-token NLL of every position, shaped like `targets` (traceable).
-
-    h [..., D] is the last block's output, targets / weights [...] like h without D. Tokens are
-    flattened and unembedded `rows` at a time (default: chunk_rows, <= MAX_LOGITS logit entries),
-    so at most one [rows, vocab] float32 block of logits exists at once; the chunk body is
-    rematerialised under jax.grad, so the backward pass holds one chunk too.
-    """
-    D = h.shape[-1]
-    shape = targets.shape
-    h = h.reshape(-1, D)
-    t = targets.reshape(-1)
-    w = weights.reshape(-1).astype(jnp.float32)
-    n = h.shape[0]
-    r = chunk_rows(n, cfg.vocab_size) if rows is None else max(1, min(int(rows), n))
-    n_chunks = -(-n // r)
-    pad = n_chunks * r - n
-    if pad:  # zero-weight rows: scored nowhere
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        t = jnp.pad(t, (0, pad))
-        w = jnp.pad(w, (0, pad))
-
-    @jax.checkpoint  # never keep a chunk's logits for the backward pass
-    def one(args):
-        hh, tt, ww = args
-        logits = _dec.unembed(cfg, params, hh[None])[0]  # [r, V] float32
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
-        return (lse - tgt) * ww
-
-    per = jax.lax.map(one, (h.reshape(n_chunks, r, D), t.reshape(n_chunks, r), w.reshape(n_chunks, r)))
-    return per.reshape(-1)[:n].reshape(shape)
-
-
-def nll_sum(cfg: DecoderConfig, params: dict, h, targets, weights, rows: int | None = None):
-    """Sum of weights * next-token NLL from the last block's output h [..., D] (traceable; see
-    nll_tokens for the memory bound)."""
-    return jnp.sum(nll_tokens(cfg, params, h, targets, weights, rows))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _window_nll(cfg, params, inputs, targets, weights, rows):
     # inputs/targets/weights: [B, T]; the model runs on T positions, the logits `rows` at a time.

@@ -38,6 +38,7 @@ import numpy as np
 from absl import logging
 
 from prunesae_jax.errors import InputError, NonFiniteError
+from prunesae_jax.models.loss import tail_nll
 from prunesae_jax.study import report as report_lib
 from prunesae_jax.study.config import (
     ConfigError,
@@ -558,25 +559,6 @@ def _final_metrics(final) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- measures
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _tail_nll(cfg, layer: int, chunk: int, params, h, tokens):
-    """Mean next-token NLL of each row [B] when blocks layer+1.. run on h [B,T,D] (the resid_post
-    of `layer`).
-
-    Logits are formed at most B * chunk positions (and perplexity.MAX_LOGITS entries) at a time,
-    forward and backward, so their memory does not grow with B or T.
-    """
-    from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
-    from prunesae_jax.pruning.perplexity import MAX_LOGITS, chunk_rows, nll_tokens  # pylint: disable=g-import-not-at-top
-    for i in range(layer + 1, cfg.num_layers):
-        h = decoder.block(cfg, params['layers'][i], i, h)
-    B, T, _ = h.shape
-    n = T - 1
-    rows = chunk_rows(B * n, cfg.vocab_size, min(MAX_LOGITS, B * chunk * cfg.vocab_size))
-    w = jnp.ones((B, n), jnp.float32)
-    return jnp.sum(nll_tokens(cfg, params, h[:, :-1], tokens[:, 1:], w, rows), axis=-1) / n
-
-
 def _resid(cfg, params, rows: np.ndarray, layer: int, batch: int) -> np.ndarray:
     """resid_post of `layer` [n, T, D] float32, in batches."""
     from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
@@ -684,7 +666,7 @@ def _causal_stage(config, model: _Model, dense_sae_key: str, dense_sae: dict, to
 
         def loss_fn(c):
             x_new = (core.decode(sae_cfg, p, c) + err).astype(h.dtype).reshape(B, T - 1, D)
-            return jnp.mean(_tail_nll(model.cfg, model.layer, chunk, model.params,
+            return jnp.mean(tail_nll(model.cfg, model.layer, chunk, model.params,
                                       h.at[:, 1:].set(x_new), rows))
 
         eff = measures.causal_effects(loss_fn, codes, n_exact=ana.causal_features, seed=ana.seed)
@@ -760,7 +742,7 @@ def _transfer(config, model: _Model, params, dictionary, dense_codes_x, tokens: 
         tk = jnp.asarray(rows[a:a + bsz])
         xh = jnp.asarray(x_hat.reshape(B, T - 1, D)[a:a + bsz], dt)
         for what, hh in (('clean', h), ('spliced', h.at[:, 1:].set(xh)), ('zero', h.at[:, 1:].set(0))):
-            losses[what].append(np.asarray(_tail_nll(model.cfg, model.layer, chunk, params, hh, tk),
+            losses[what].append(np.asarray(tail_nll(model.cfg, model.layer, chunk, params, hh, tk),
                                            np.float64))
     # One row per held-out sequence: the sums each measure is a ratio or mean of.
     per_seq = np.stack([
