@@ -10,8 +10,7 @@ prunesae_jax/models/zoo.py); later runs load the cache. Only parses flags and ca
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 _MODEL = flags.DEFINE_string('model', 'gemma-3-270m', 'Zoo model name: gemma-3-270m or smollm2-135m.')
 _PROMPT = flags.DEFINE_string('prompt', 'The capital of France is', 'Text to continue.')
@@ -32,6 +31,7 @@ def main(argv):
         _bad_input(f'unexpected arguments {argv[1:]}; accepted: --model, --prompt, --max_new_tokens, --dtype')
     # Imported here so that --help and flag errors do not pay for importing JAX.
     from prunesae_jax.models.generate import generate_text  # pylint: disable=g-import-not-at-top
+
     start = time.time()
     try:
         text = generate_text(_MODEL.value, _PROMPT.value, _MAX_NEW_TOKENS.value, dtype=_DTYPE.value)

@@ -4,13 +4,15 @@ the new one, never a torn one.
 
 - `atomic_file(path)`: a context manager yielding a binary file object; the one primitive;
 - `atomic_write_bytes / _text / _json / _npz / _npy`: built on it;
-- `commit_dir(tmp, final)`: a whole folder written under a temporary name, fsynced file by file,
-  then renamed into place in one `os.replace`;
+- `make_temp_dir(parent, prefix)` and `commit_dir(tmp, final)`: a whole folder written under a
+  temporary name, fsynced file by file, then renamed into place in one `os.replace`;
 - one file-mode policy: folders 0o777 and files 0o666, less the process's umask (`mkstemp` and
-  `mkdtemp` would leave 0600 / 0700).
+  `mkdtemp` would leave 0600 / 0700);
+- `to_jsonable`, `canonical_json` and `stable_hash`: the JSON these writers write, and the hash
+  of it that names cached work (prunesae_jax/study/workdir.py's stage keys).
 
-A full disk raises DiskFullError and a folder (or a file where a folder should be) in the way
-InputError, each naming the path; the old file, if any, is left as it was.
+A full disk raises DiskFullError (see `disk_full_errors`) and a folder (or a file where a folder
+should be) in the way InputError, each naming the path; the old file, if any, is left as it was.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ __all__ = [
     'atomic_write_json',
     'atomic_write_npz',
     'atomic_write_npy',
+    'make_temp_dir',
     'commit_dir',
     'make_dirs',
+    'disk_full_errors',
     'fsync_dir',
     'fsync_tree',
     'apply_mode_policy',
@@ -53,6 +57,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- file modes
+
 
 def _current_umask() -> int:
     """The process umask, read without changing it where the kernel says it (Linux >= 4.7):
@@ -97,28 +102,42 @@ def apply_mode_policy(root: str | os.PathLike) -> None:
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _disk_full(path: Path, e: OSError) -> DiskFullError:
-    what = 'no space' if e.errno == errno.ENOSPC else 'no disk quota'
-    return DiskFullError(f'{what} left on the device writing {str(path)!r} ({e.strerror}); accepted: a '
-                         'workdir with free space (free some, or choose another --workdir); finished '
-                         'stages stay cached', e.errno)
-
-
-def make_dirs(folder: Path) -> None:
-    """folder.mkdir(parents=True, exist_ok=True), with a file in the way or a full disk as InputError."""
+@contextlib.contextmanager
+def disk_full_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turns an OSError for a full disk (ENOSPC) or quota (EDQUOT) inside the block into one
+    DiskFullError naming `path`; any other error passes unchanged."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise InputError(f'cannot create the folder {str(folder)!r}: {e.strerror} ({e.filename!r} is '
-                         'a file, or a link to nothing); accepted: a path whose parts are folders '
-                         '(move the file out of the way)') from None
+        yield
     except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise _disk_full(folder, e) from None
-        raise
+        if e.errno not in _NO_SPACE or isinstance(e, DiskFullError):
+            raise
+        what = 'no space' if e.errno == errno.ENOSPC else 'no disk quota'
+        raise DiskFullError(
+            f'{what} left on the device writing {os.fspath(path)!r} ({e.strerror}); '
+            'accepted: a path on a device with free space (free some, or write '
+            'elsewhere)',
+            e.errno,
+        ) from None
 
-def fsync_dir(path: Path) -> None:
-    # The rename itself must reach the disk too, or a crash can lose it.
+
+def make_dirs(folder: str | os.PathLike) -> None:
+    """folder.mkdir(parents=True, exist_ok=True), with a file in the way as InputError and a full
+    disk as DiskFullError."""
+    folder = Path(folder)
+    try:
+        with disk_full_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise InputError(
+            f'cannot create the folder {str(folder)!r}: {e.strerror} ({e.filename!r} is '
+            'a file, or a link to nothing); accepted: a path whose parts are folders '
+            '(move the file out of the way)'
+        ) from None
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsyncs a folder, so that a rename in it reaches the disk too (or a crash can lose it);
+    best effort: a folder that cannot be opened or synced is left as it is."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -131,16 +150,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path) -> None:
+def fsync_tree(root: str | os.PathLike) -> None:
     """fsyncs every file and folder under `root` (files first, then their folders)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            path = os.path.join(dirpath, name)
+            fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                with disk_full_errors(path):  # data another module wrote, reaching the disk now
+                    os.fsync(fd)
             finally:
                 os.close(fd)
-        fsync_dir(Path(dirpath))
+        fsync_dir(dirpath)
 
 
 @contextlib.contextmanager
@@ -151,27 +172,24 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     make_dirs(path.parent)
-    try:
+    with disk_full_errors(path):
         fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise _disk_full(path, e) from None
-        raise
     try:
-        with os.fdopen(fd, 'wb') as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp's 0600 would hide results from other users
-        os.replace(tmp, path)
+        with disk_full_errors(path):
+            with os.fdopen(fd, 'wb') as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())  # mkstemp's 0600 would hide results from other users
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            raise _disk_full(path, e) from None
         if isinstance(e, IsADirectoryError):
-            raise InputError(f'cannot write {str(path)!r}: it is a folder; accepted: a path where the '
-                             'package can write a file (move the folder out of the way)') from None
+            raise InputError(
+                f'cannot write {str(path)!r}: it is a folder; accepted: a path where the '
+                'package can write a file (move the folder out of the way)'
+            ) from None
         raise
     fsync_dir(path.parent)
 
@@ -189,6 +207,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 # --------------------------------------------------------------------------- JSON
+
 
 def to_jsonable(obj: Any) -> Any:
     """Converts configs, numpy/jax scalars and arrays, tuples and paths to plain JSON values.
@@ -215,13 +234,21 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, '__array__'):
         arr = np.asarray(obj)
         return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-    raise InputError(f'cannot write {type(obj).__name__} value {obj!r} to JSON; accepted: '
-                     'dicts, lists, numbers, strings, None, numpy arrays')
+    raise InputError(
+        f'cannot write {type(obj).__name__} value {obj!r} to JSON; accepted: '
+        'dicts, lists, numbers, strings, None, numpy arrays'
+    )
 
 
 def canonical_json(obj: Any) -> str:
     """A stable JSON text: sorted keys, no whitespace, tuples as lists."""
     return json.dumps(to_jsonable(obj), sort_keys=True, separators=(',', ':'), allow_nan=False)
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """The first `n` hex digits of sha256 over `canonical_json(obj)`."""
+    return hashlib.sha256(canonical_json(obj).encode('utf-8')).hexdigest()[:n]
+
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     """Writes `obj` as strict JSON (sorted keys) atomically."""
@@ -243,9 +270,24 @@ def atomic_write_npy(path: str | os.PathLike, array: Any) -> Path:
     return Path(path)
 
 
+# --------------------------------------------------------------------------- folders
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty folder `parent/<prefix><random>` with the folder mode of the policy (mkdtemp's
+    0700 would hide it from other users), for a folder to be committed with `commit_dir`."""
+    parent = Path(parent)
+    make_dirs(parent)
+    with disk_full_errors(parent):
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
 def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Renames the finished folder `tmp` to `final` in one os.replace, after fsyncing every file in
-    it (other modules may have written them without); an existing `final` is removed first."""
+    """Renames the finished folder `tmp` to `final` in one os.replace, after applying the mode
+    policy and fsyncing every file in it (other modules may have written them without); an
+    existing `final` is removed first."""
     tmp, final = Path(tmp), Path(final)
     apply_mode_policy(tmp)
     fsync_tree(tmp)
@@ -254,8 +296,3 @@ def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
-
-
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """The first `n` hex digits of sha256 over `canonical_json(obj)`."""
-    return hashlib.sha256(canonical_json(obj).encode('utf-8')).hexdigest()[:n]

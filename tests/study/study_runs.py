@@ -1,5 +1,6 @@
-"""Shared by the recovery tests (test_corrupt_cache.py, test_interrupts.py): the launcher on a
-reduced smoke config in a subprocess, and one uninterrupted baseline run per pytest session.
+"""Shared by the recovery tests (test_crash.py, test_corrupt_cache.py, test_interrupts.py): the
+launcher on a reduced smoke config in a subprocess, and one uninterrupted baseline run per pytest
+session. A run with a crash point goes through tests/study/crash_run.py, which kills it there.
 
 The config is configs/smoke.py made smaller (the overrides of test_crash.py): two conditions
 (dense, magnitude 50%), 8 SAE steps of 128 tokens with a checkpoint every 3 steps; a run takes
@@ -14,9 +15,8 @@ import shutil
 import subprocess
 import sys
 
+import crash_run  # tests/study/crash_run.py: the launcher killed at a chosen point
 import jax
-
-from prunesae_jax.study import pipeline, workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = {
@@ -35,29 +35,40 @@ OVERRIDES = {
 
 
 def env(crash_at: str | None = None) -> dict[str, str]:
-    """The launcher's environment: CPU, the session's compilation cache, no crash / stop points."""
+    """The launcher's environment: CPU, the session's compilation cache, the crash point if any."""
     out = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-    out.pop(wd.CRASH_ENV, None)
-    out.pop(pipeline.STOP_ENV, None)
+    out.pop(crash_run.CRASH_ENV, None)
     if crash_at:
-        out[wd.CRASH_ENV] = crash_at
+        out[crash_run.CRASH_ENV] = crash_at
     if jax.config.jax_compilation_cache_dir:  # share the session's compiled programs
-        out.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+        out.update(
+            JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+        )
     return out
 
 
-def command(workdir: str | os.PathLike) -> list[str]:
+def command(workdir: str | os.PathLike, crash_at: str | None = None) -> list[str]:
+    """The launcher's command line; with `crash_at`, tests/study/crash_run.py's (same flags)."""
     flags = [f'--config.{k}={v!r}' for k, v in OVERRIDES.items()]
-    return [sys.executable, str(ROOT / 'launch' / 'run_study.py'), '--config=configs/smoke.py',
-            f'--workdir={workdir}', *flags]
+    script = pathlib.Path(crash_run.__file__) if crash_at else ROOT / 'launch' / 'run_study.py'
+    return [sys.executable, str(script), '--config=configs/smoke.py', f'--workdir={workdir}', *flags]
 
 
 def launch(workdir: str | os.PathLike, crash_at: str | None = None) -> tuple[int, str]:
-    """(return code, stderr) of one run of the launcher."""
-    proc = subprocess.run(command(workdir), cwd=ROOT, env=env(crash_at), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, timeout=600, check=False)
+    """(return code, stderr) of one run of the launcher; `crash_at` ('<point>[:<n>]', see
+    tests/study/crash_run.py) kills it with SIGKILL there."""
+    proc = subprocess.run(
+        command(workdir, crash_at),
+        cwd=ROOT,
+        env=env(crash_at),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -81,5 +92,6 @@ def copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 
 def leftovers(workdir: pathlib.Path) -> list[str]:
     """Temp files / folders and SAE checkpoint folders a finished run must not leave."""
-    return sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*')
-                  if '.tmp' in p.name or p.name.endswith('.train'))
+    return sorted(
+        str(p.relative_to(workdir)) for p in workdir.rglob('*') if '.tmp' in p.name or p.name.endswith('.train')
+    )

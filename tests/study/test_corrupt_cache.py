@@ -18,7 +18,6 @@ import stat
 
 import numpy as np
 import pytest
-
 import study_runs
 
 from prunesae_jax import sae
@@ -31,23 +30,26 @@ def baseline(tmp_path_factory):
 
 def _stage_dir(workdir, stage, **spec):
     """The finished folder of `stage` whose spec.json has the given fields."""
-    found = [p for p in sorted((workdir / 'stages' / stage).iterdir())
-             if (p / 'DONE').is_file() and all(
-                 json.loads((p / 'spec.json').read_text()).get(k) == v for k, v in spec.items())]
+    found = [
+        p
+        for p in sorted((workdir / 'stages' / stage).iterdir())
+        if (p / 'DONE').is_file()
+        and all(json.loads((p / 'spec.json').read_text()).get(k) == v for k, v in spec.items())
+    ]
     assert found, f'no finished {stage} stage with {spec} in {workdir}'
     return found[0]
 
 
 def _truncate(path):
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def _garble(path):
     """Same size, different bytes: only the checksum can tell."""
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 8] = bytes(b ^ 0xA5 for b in data[mid:mid + 8])
+    data[mid : mid + 8] = bytes(b ^ 0xA5 for b in data[mid : mid + 8])
     path.write_bytes(bytes(data))
 
 
@@ -60,8 +62,7 @@ def test_every_file_and_folder_follows_the_mode_policy(baseline):
             continue
         want = (0o777 if p.is_dir() else 0o666) & ~umask
         if stat.S_IMODE(p.stat().st_mode) != want:
-            bad.append(f'{p.relative_to(baseline)}: {oct(stat.S_IMODE(p.stat().st_mode))}, '
-                       f'expected {oct(want)}')
+            bad.append(f'{p.relative_to(baseline)}: {oct(stat.S_IMODE(p.stat().st_mode))}, expected {oct(want)}')
     assert not bad, bad
 
 
@@ -89,8 +90,11 @@ def test_damaged_stage_files_are_found_and_recomputed(baseline, tmp_path):
     assert rc == 0, err[-3000:]
     assert 'Traceback' not in err
     for stage, (key, name) in damaged.items():
-        pattern = (rf'stage {stage}/{key}: {re.escape(name)} is (corrupt|missing)[^\n]*; recomputing'
-                   if name != 'DONE' else rf'stage {stage}/{key}: DONE is corrupt[^\n]*; recomputing')
+        pattern = (
+            rf'stage {stage}/{key}: {re.escape(name)} is (corrupt|missing)[^\n]*; recomputing'
+            if name != 'DONE'
+            else rf'stage {stage}/{key}: DONE is corrupt[^\n]*; recomputing'
+        )
         assert re.search(pattern, err), f'{stage}: no line matching {pattern!r} in\n{err[-3000:]}'
     assert (w / 'results.json').read_bytes() == (baseline / 'results.json').read_bytes()
     assert (w / 'report.md').read_bytes() == (baseline / 'report.md').read_bytes()
@@ -114,19 +118,32 @@ def test_damaged_sae_checkpoint_falls_back_to_the_previous_one(baseline, tmp_pat
     rc, err = study_runs.launch(w)
     assert rc == 0, err[-3000:]
     assert 'Traceback' not in err
-    assert re.search(r'SAE checkpoint step 6 in \S+ is unusable \([^\n]*corrupt[^\n]*\); falling back '
-                     r'to step 3', err), err[-3000:]
+    assert re.search(
+        r'SAE checkpoint step 6 in \S+ is unusable \([^\n]*corrupt[^\n]*\); falling back '
+        r'to step 3',
+        err,
+    ), err[-3000:]
     assert (w / 'results.json').read_bytes() == (baseline / 'results.json').read_bytes()
     assert study_runs.leftovers(w) == []
 
 
 # --------------------------------------------------------------------------- the trainer alone
 
+
 def _train(workdir, **kw):
     x = np.random.default_rng(0).normal(size=(4096, 32)).astype(np.float32)
     cfg = sae.SAEConfig(32, 128, k=4, dead_tokens=1024)
-    t = sae.TrainConfig(n_steps=16, n_seeds=1, batch_size=256, lr=3e-3, warmup_steps=4, progress=False,
-                        log_every=4, checkpoint_every=4, snapshot_fracs=(0.5, 1.0))
+    t = sae.TrainConfig(
+        n_steps=16,
+        n_seeds=1,
+        batch_size=256,
+        lr=3e-3,
+        warmup_steps=4,
+        progress=False,
+        log_every=4,
+        checkpoint_every=4,
+        snapshot_fracs=(0.5, 1.0),
+    )
     return sae.train(cfg, t, x, workdir=str(workdir), **kw)
 
 
@@ -135,8 +152,9 @@ def uninterrupted(tmp_path_factory):
     return _train(tmp_path_factory.mktemp('uninterrupted'))
 
 
-@pytest.mark.parametrize('damage', ['newest_checkpoint', 'both_checkpoints', 'snapshot',
-                                    'snapshot_garbled', 'config', 'no_sums'])
+@pytest.mark.parametrize(
+    'damage', ['newest_checkpoint', 'both_checkpoints', 'snapshot', 'snapshot_garbled', 'config', 'no_sums']
+)
 def test_trainer_resumes_past_any_damage_bit_identically(damage, uninterrupted, tmp_path, caplog):
     full = uninterrupted
     w = tmp_path / 'w'
@@ -147,8 +165,7 @@ def test_trainer_resumes_past_any_damage_bit_identically(damage, uninterrupted, 
         expect = 'SAE checkpoint step 8'
     elif damage == 'both_checkpoints':  # nothing to fall back to: training restarts
         for step in ('4', '8'):
-            _truncate(max((ckpts / step).rglob('*'),
-                          key=lambda p: p.stat().st_size if p.is_file() else -1))
+            _truncate(max((ckpts / step).rglob('*'), key=lambda p: p.stat().st_size if p.is_file() else -1))
         expect = 'restarting training'
     elif damage == 'snapshot':  # the checkpoint of step 8 needs the snapshot of step 8
         (w / 'snapshots' / 'step_8.npy').write_bytes(b'junk')

@@ -1,47 +1,30 @@
 """Crash safety: the launcher killed with SIGKILL at chosen places resumes to the same bytes.
 
-One chain of runs in one workdir: each run is killed (a real SIGKILL from
-workdir.crash_point, no cleanup) at a different place, during capture, SAE training (after a
-checkpoint, so training resumes from it), measures, a stage commit (files written, DONE not yet),
-the atomic write of results.json (temp file written, not renamed) and after results.json but
-before the report. Every run resumes what the previous one left; the last one finishes and must
-write results.json and report.md byte-identical to an uninterrupted run of the same command.
+One chain of runs in one workdir: each run is killed (a real SIGKILL, no cleanup) at a different
+place, during capture, SAE training (after a checkpoint, so training resumes from it), measures, a
+stage commit (files written, DONE not yet), the atomic write of results.json (temp file written,
+not renamed) and after results.json but before the report. Every run resumes what the previous one
+left; the last one finishes and must write results.json and report.md byte-identical to an
+uninterrupted run of the same command.
+
+The kills come from the test side only: study_runs.launch(workdir, '<point>[:<n>]') runs the
+launcher through tests/study/crash_run.py, which patches public library functions (StoreWriter.append,
+ActivationStore.batch, StageCache.writing, workdir.manifest, io.py's os.replace, report.write_report)
+to kill the process the n-th time the point is reached; its docstring lists the points. The library
+itself has no crash points.
 """
 
-import importlib.util
 import os
-import pathlib
 import signal
 import subprocess
 import sys
 
+import crash_run  # tests/study/crash_run.py: the hook
 import pytest
-
-from prunesae_jax.errors import InputError
-from prunesae_jax.study import workdir as wd
-
 import study_runs  # tests/study/study_runs.py: shared by the launcher tests
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-# configs/smoke.py made smaller still (two conditions, 8 SAE steps of 128 tokens, a checkpoint every 3
-# steps): one set of overrides for every launcher test.
-OVERRIDES = study_runs.OVERRIDES
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location('smoke', ROOT / 'configs' / 'smoke.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
-    for name, value in OVERRIDES.items():
-        *parents, leaf = name.split('.')
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
-
+from prunesae_jax import io as io_lib
+from prunesae_jax.study import workdir as wd
 
 launch = study_runs.launch  # (return code, stderr) of one launcher run on the tiny config
 
@@ -55,12 +38,6 @@ def baseline(tmp_path_factory):
     # a clean log: Orbax's INFO lines (about 25 per checkpoint; checkpoint_every is 3 here) are not shown
     assert 'CheckpointManager' not in err and 'orbax' not in err.lower(), err[-3000:]
     return workdir
-
-
-def _leftovers(workdir):
-    """Everything a killed run may leave: temp files / folders and SAE checkpoint folders."""
-    return sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*')
-                  if '.tmp' in p.name or p.name.endswith('.train'))
 
 
 def _stage_tmp(workdir, stage):
@@ -85,7 +62,7 @@ def test_kill_9_everywhere_then_resume_is_identical(baseline, tmp_path):
     assert _stage_tmp(w, 'acts') == []  # the killed capture's leftovers were removed
     assert len(list((w / 'stages' / 'acts').glob('*/DONE'))) == 1
     ckpts = list((w / 'stages' / 'sae').glob('*.train/checkpoints/3'))
-    assert len(ckpts) == 1, _leftovers(w)
+    assert len(ckpts) == 1, study_runs.leftovers(w)
     assert not list((w / 'stages' / 'sae').glob('*/DONE'))
 
     # 3. During the measures of the pruned condition (the dense SAE resumed from step 3).
@@ -115,7 +92,7 @@ def test_kill_9_everywhere_then_resume_is_identical(baseline, tmp_path):
     assert rc == 0, err
     assert (w / 'results.json').read_bytes() == (baseline / 'results.json').read_bytes()
     assert (w / 'report.md').read_bytes() == (baseline / 'report.md').read_bytes()
-    assert _leftovers(w) == []
+    assert study_runs.leftovers(w) == []
 
 
 def test_half_written_stages_are_cleaned_on_resume(tmp_path):
@@ -123,7 +100,7 @@ def test_half_written_stages_are_cleaned_on_resume(tmp_path):
     when the next run takes the workdir; finished stages and SAE checkpoints are kept."""
     cache = wd.StageCache(tmp_path)
     with cache.writing('ppl', 'a' * 16) as t:
-        wd.atomic_write_json(t / 'ppl.json', {'ppl': 2.0})
+        io_lib.atomic_write_json(t / 'ppl.json', {'ppl': 2.0})
     half = cache.path('ppl', 'b' * 16)
     half.mkdir(parents=True)
     (half / 'ppl.json').write_text('{"ppl": 3')  # torn, and no DONE
@@ -151,27 +128,103 @@ def test_half_written_stages_are_cleaned_on_resume(tmp_path):
         pass
 
 
-def test_crash_point_kills_the_nth_time(tmp_path):
-    code = ('from prunesae_jax.study.workdir import crash_point\n'
-            'for i in range(3):\n'
-            '    crash_point("p")\n'
-            '    print(i, flush=True)\n')
-
-    def run(spec):
-        env = {**os.environ, wd.CRASH_ENV: spec}
-        return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                              text=True, timeout=120, check=False)
-
-    killed = run('p:2')
-    assert killed.returncode == -signal.SIGKILL and killed.stdout.split() == ['0']
-    assert run('p').stdout.split() == []
-    alive = run('q')
-    assert alive.returncode == 0 and alive.stdout.split() == ['0', '1', '2']
+# --------------------------------------------------------------------------- the hook itself
 
 
-def test_crash_point_bad_spec(monkeypatch):
-    monkeypatch.setenv(wd.CRASH_ENV, 'p:0')
-    with pytest.raises(InputError, match='PRUNESAE_JAX_CRASH_AT'):
-        wd.crash_point('p')
-    monkeypatch.delenv(wd.CRASH_ENV)
-    wd.crash_point('p')  # unset: a no-op
+def _killed_at(spec: str, code: str) -> subprocess.CompletedProcess:
+    """Runs `code` after crash_run.install(CrashAt(spec)) in a fresh interpreter."""
+    prelude = f'import crash_run\ncrash_run.install(crash_run.CrashAt({spec!r}))\n'
+    env = {
+        **os.environ,
+        'PYTHONPATH': os.pathsep.join([os.path.dirname(crash_run.__file__), os.environ.get('PYTHONPATH', '')]),
+    }
+    return subprocess.run(
+        [sys.executable, '-c', prelude + code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_the_hook_kills_the_nth_time():
+    code = (
+        'from prunesae_jax.study import report\n'
+        'for i in range(3):\n'
+        '    try:\n'
+        '        report.write_report(None, None)\n'
+        '    except Exception:\n'
+        '        pass\n'
+        '    print(i, flush=True)\n'
+    )
+    killed = _killed_at('after_results:2', code)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout.split() == ['0'], killed.stderr
+    assert _killed_at('after_results', code).stdout.split() == []
+    alive = _killed_at('capture', code)
+    assert alive.returncode == 0 and alive.stdout.split() == ['0', '1', '2'], alive.stderr
+
+
+def test_the_hook_stops_between_the_temp_file_and_the_rename(tmp_path):
+    """'replace@<name>': the fsynced temp file is there, the old file is untouched."""
+    (tmp_path / 'r.json').write_text('old')
+    code = (
+        'from prunesae_jax import io\n'
+        f'io.atomic_write_json({str(tmp_path / "other.json")!r}, 1)\n'
+        f'io.atomic_write_json({str(tmp_path / "r.json")!r}, {{"v": 2}})\n'
+    )
+    killed = _killed_at('replace@r.json', code)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / 'r.json').read_text() == 'old'
+    (tmp,) = tmp_path.glob('.r.json.*.tmp')
+    assert tmp.read_text() == '{\n  "v": 2\n}\n'
+    assert (tmp_path / 'other.json').read_text() == '1\n'
+
+
+def test_the_hook_stops_a_stage_commit_before_done(tmp_path):
+    """'commit@<stage>': the stage's files are in its temp folder, DONE is not; 'measures': nothing
+    of the stage is written."""
+    code = (
+        'import numpy as np\n'
+        'from prunesae_jax import io\n'
+        'from prunesae_jax.study import workdir\n'
+        f'cache = workdir.StageCache({str(tmp_path)!r})\n'
+        'for stage in ("tokens", "measures"):\n'
+        '    with cache.writing(stage, "k" * 16) as tmp:\n'
+        '        io.atomic_write_npz(tmp / "x.npz", {"x": np.arange(3)})\n'
+    )
+    killed = _killed_at('commit@measures', code)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / 'stages' / 'tokens' / ('k' * 16) / 'DONE').is_file()
+    (half,) = (tmp_path / 'stages' / 'measures').glob('.*.tmp-*')
+    assert sorted(p.name for p in half.iterdir()) == ['x.npz']
+
+    killed = _killed_at('measures', code.replace(str(tmp_path), str(tmp_path / 'b')))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / 'b' / 'stages' / 'tokens' / ('k' * 16) / 'DONE').is_file()
+    assert not (tmp_path / 'b' / 'stages' / 'measures').exists()
+
+
+def test_the_hook_reaches_the_activation_store():
+    """'capture' after StoreWriter.append, 'sae_step' before ActivationStore.batch."""
+    code = (
+        'import tempfile\n'
+        'import numpy as np\n'
+        'from prunesae_jax.sae.store import ActivationStore\n'
+        'path = tempfile.mkdtemp() + "/store"\n'
+        'w = ActivationStore.create(path, 4, "float32", {})\n'
+        'for i in range(2):\n'
+        '    w.append(np.ones((8, 4), np.float32))\n'
+        '    print("appended", i, flush=True)\n'
+        'w.close()\n'
+        'store = ActivationStore(path)\n'
+        'for step in range(3):\n'
+        '    print("batch", step, flush=True)\n'
+        '    store.batch(4, 0, step)\n'
+    )
+    killed = _killed_at('capture:2', code)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout.split() == ['appended', '0'], killed.stderr
+    killed = _killed_at('sae_step:2', code)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.stdout.split()[-4:] == ['batch', '0', 'batch', '1']
+
+
+@pytest.mark.parametrize('spec', ['capture:0', 'nowhere', 'commit@', 'replace'])
+def test_the_hook_rejects_a_bad_spec(spec):
+    with pytest.raises(ValueError, match=crash_run.CRASH_ENV):
+        crash_run.CrashAt(spec)

@@ -12,11 +12,12 @@ import signal
 import subprocess
 
 import pytest
-
 import study_runs
 
-_LINE = re.compile(r'^run_study: interrupted during (\S+)(?: \(condition ([^)]+)\))?; re-run the same '
-                   r'command to resume$')
+_LINE = re.compile(
+    r'^run_study: interrupted during (\S+)(?: \(condition ([^)]+)\))?; re-run the same '
+    r'command to resume$'
+)
 
 
 @pytest.fixture(scope='module')
@@ -26,8 +27,14 @@ def baseline(tmp_path_factory):
 
 def _interrupt(workdir, when: str, sig: int) -> tuple[int, str]:
     """Runs the launcher until a stderr line matches `when`, then sends `sig`; (rc, stderr)."""
-    proc = subprocess.Popen(study_runs.command(workdir), cwd=study_runs.ROOT, env=study_runs.env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        study_runs.command(workdir),
+        cwd=study_runs.ROOT,
+        env=study_runs.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     try:
         for line in proc.stderr:
@@ -56,8 +63,7 @@ def _check_interrupted(rc, err, want_rc, conditions, workdir):
     # The interrupted stage left nothing half-written: no temp folders, no stage without DONE.
     stages = workdir / 'stages'
     assert not [p for p in stages.glob('*/.*') if '.tmp-' in p.name], list(stages.rglob('*'))
-    assert all((p / 'DONE').is_file() for p in stages.glob('*/*')
-               if p.is_dir() and not p.name.endswith('.train'))
+    assert all((p / 'DONE').is_file() for p in stages.glob('*/*') if p.is_dir() and not p.name.endswith('.train'))
     assert not (workdir / 'results.json').exists()
 
 
