@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prunesae_jax.errors import InputError
-from prunesae_jax.models.config import DecoderConfig
+from prunesae_jax.models.config import FAMILIES, DecoderConfig
 
 _BASE = dict(
     vocab_size=128,
@@ -20,6 +20,8 @@ _BASE = dict(
     max_position_embeddings=256,
 )
 
+# Per family, the fields a tiny model of it sets beyond _BASE; the switches (norms, QK-norm,
+# embedding scale) come from the family (models/config.py FAMILY_SWITCHES).
 _FAMILY = {
     'llama': dict(
         family='llama',
@@ -58,8 +60,8 @@ def tiny_config(family: str = 'llama', **overrides) -> DecoderConfig:
     Overrides replace any field. Changing num_layers without layer_types repeats the family's
     pattern (gemma3_text: a global layer every 4th).
     """
-    if family not in _FAMILY:
-        raise InputError(f'family={family!r} is not supported; expected one of {tuple(_FAMILY)}')
+    if family not in FAMILIES:
+        raise InputError(f'family={family!r} is not supported; expected one of {FAMILIES}')
     kw = {**_BASE, **_FAMILY[family]}
     if 'num_layers' in overrides and 'layer_types' not in overrides:
         L = overrides['num_layers']

@@ -16,16 +16,16 @@ def _random_hf_model(cfg, seed: int = 0, dtype: str = 'float32'):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith('norm.weight') or 'layernorm' in name:
-                base = 0.0 if cfg.is_gemma else 1.0
+                base = 0.0 if cfg.norm_plus_one else 1.0
                 p.copy_(base + 0.2 * torch.randn_like(p))
             elif 'embed_tokens' in name:
-                p.copy_(torch.randn_like(p) * (1.0 / D**0.5 if cfg.is_gemma else 1.0))
+                p.copy_(torch.randn_like(p) * (1.0 / D**0.5 if cfg.scale_embeddings else 1.0))
             else:
                 p.copy_(torch.randn_like(p) * (1.5 / p.shape[1] ** 0.5))
     model = model.eval().to(getattr(torch, dtype))
     return model
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope='session')
 def make_hf_model():
     return _random_hf_model

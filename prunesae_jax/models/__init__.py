@@ -1,8 +1,8 @@
-"""Decoder models: config, the single NNX decoder (as pure functions over params), conversion."""
+"""Decoder models: config, the decoder (pure functions over a params dict), losses, conversion."""
 
-from prunesae_jax.models.config import PRUNABLE, DecoderConfig
+from prunesae_jax.models.config import FAMILIES, PRUNABLE, DecoderConfig
+from prunesae_jax.models.convert import export_hf_folder, from_hf_state_dict, from_transformers, load, load_hf_folder
 from prunesae_jax.models.decoder import (
-    Decoder,
     block,
     block_linear_inputs,
     embed,
@@ -11,13 +11,14 @@ from prunesae_jax.models.decoder import (
     resid_post,
     unembed,
 )
-from prunesae_jax.models.convert import export_hf_folder, from_hf_state_dict, from_transformers, load, load_hf_folder
 from prunesae_jax.models.gguf import load_gguf, read_gguf
-from prunesae_jax.models.zoo import ZOO, load_zoo
+from prunesae_jax.models.zoo import ZOO, ZOO_NAMES, load_zoo
 
 __all__ = [
+    'FAMILIES',
     'PRUNABLE',
     'ZOO',
+    'ZOO_NAMES',
     'export_hf_folder',
     'from_hf_state_dict',
     'from_transformers',
@@ -26,7 +27,6 @@ __all__ = [
     'load_hf_folder',
     'load_zoo',
     'read_gguf',
-    'Decoder',
     'DecoderConfig',
     'block',
     'block_linear_inputs',

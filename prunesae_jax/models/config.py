@@ -1,7 +1,10 @@
 """The decoder configuration shared by the Llama, Gemma 2 and Gemma 3 (text) families.
 
-One frozen, hashable dataclass drives one decoder implementation; family differences are
-switches on it (norm style, post-norms, QK-norm, soft-capping, sliding windows, RoPE bases).
+One frozen, hashable dataclass drives one decoder implementation (models/decoder.py); every
+family difference is a field of it, and the decoder branches on those fields only, never on
+`family`. A switch left None is filled from the family (FAMILY_SWITCHES), so a new family is a
+new row there (plus its Hugging Face names in models/convert.py), not new decoder code.
+`family` itself only names the Hugging Face architecture the config is read from and exported as.
 `DecoderConfig.from_hf` reads a Hugging Face config (dict or `PretrainedConfig`, old
 `rope_theta`/`rope_scaling` keys or the newer `rope_parameters`); `to_hf_dict` writes one back
 with both sets of RoPE keys, so transformers 4.x and 5.x read the same model.
@@ -10,7 +13,6 @@ with both sets of RoPE keys, so transformers 4.x and 5.x read the same model.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from prunesae_jax.errors import InputError
@@ -24,7 +26,37 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_TYPES = ('default', 'linear', 'llama3')
 HIDDEN_ACTS = ('silu', 'gelu_pytorch_tanh')
 
-_HF_ARCH = {
+# The switches each family's Hugging Face architecture hard-codes; DecoderConfig fills a switch
+# left None from its family's row. gemma3_text also defaults rope_local_theta (its sliding layers'
+# RoPE base), which the other families leave None (every layer uses rope_theta).
+SWITCHES = ('norm_plus_one', 'post_norms', 'qk_norm', 'scale_embeddings')
+FAMILY_SWITCHES = {
+    'llama': {'norm_plus_one': False, 'post_norms': False, 'qk_norm': False, 'scale_embeddings': False},
+    'gemma2': {'norm_plus_one': True, 'post_norms': True, 'qk_norm': False, 'scale_embeddings': True},
+    'gemma3_text': {
+        'norm_plus_one': True,
+        'post_norms': True,
+        'qk_norm': True,
+        'scale_embeddings': True,
+        'rope_local_theta': 10_000.0,
+    },
+}
+# Fields a family's Hugging Face architecture has no setting for: they must be None to export it.
+# (HF's Gemma 3 attention never applies attn_logit_softcapping, Gemma 2's does.)
+_HF_UNSET = {
+    'llama': (
+        'rope_local_theta',
+        'sliding_window',
+        'attn_logit_softcapping',
+        'final_logit_softcapping',
+        'query_pre_attn_scalar',
+    ),
+    'gemma2': ('rope_local_theta',),
+    'gemma3_text': ('attn_logit_softcapping',),
+}
+
+# The transformers class of each family (config.json's `architectures`).
+HF_ARCHITECTURES = {
     'llama': 'LlamaForCausalLM',
     'gemma2': 'Gemma2ForCausalLM',
     'gemma3_text': 'Gemma3ForCausalLM',
@@ -44,11 +76,28 @@ def _freeze(value):
 class DecoderConfig:
     """Architecture of a decoder-only LM (hashable, usable as a jit static argument).
 
-  rope_scaling is None or a sorted tuple of (key, value) items with at least 'rope_type'
-  ('linear' with 'factor'; 'llama3' with 'factor', 'low_freq_factor', 'high_freq_factor',
-  'original_max_position_embeddings'). For gemma3_text it applies to the full-attention
-  layers only (as in HF); for llama/gemma2 to every layer.
-  """
+    The switches the decoder branches on (llama / gemma2 / gemma3_text):
+      norm_plus_one            RMSNorm scales by (1 + w) in float32 (identity at w = 0), else by w
+                               after casting back to the activation dtype: False / True / True.
+      post_norms               each block also normalises its attention and MLP outputs before the
+                               residual add (params post_attn_norm, post_mlp_norm): False / True / True.
+      qk_norm                  RMSNorm over head_dim on queries and keys (params q_norm, k_norm):
+                               False / False / True.
+      scale_embeddings         embeddings times sqrt(D), rounded to the activation dtype first:
+                               False / True / True.
+      attn_logit_softcapping   cap * tanh(scores / cap) on the attention logits, or None.
+      final_logit_softcapping  the same on the output logits, or None.
+      query_pre_attn_scalar    attention logits are scaled by its -1/2 power (None: head_dim).
+      layer_types, sliding_window  full causal or sliding-window attention per layer.
+      rope_local_theta         RoPE base of the sliding layers (without rope_scaling), or None:
+                               every layer uses rope_theta and rope_scaling. gemma3_text: 10000.
+      hidden_act               the gated MLP's activation: 'silu' or 'gelu_pytorch_tanh'.
+    The first four and gemma3_text's rope_local_theta are filled from FAMILY_SWITCHES when None.
+
+    rope_scaling is None or a sorted tuple of (key, value) items with at least 'rope_type'
+    ('linear' with 'factor'; 'llama3' with 'factor', 'low_freq_factor', 'high_freq_factor',
+    'original_max_position_embeddings'). It applies to the layers that use rope_theta.
+    """
 
     family: str
     vocab_size: int
@@ -59,8 +108,8 @@ class DecoderConfig:
     num_kv_heads: int  # KV
     head_dim: int  # hd
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10_000.0  # global (full-attention) layers; every layer for llama/gemma2
-    rope_local_theta: float | None = None  # gemma3 sliding layers
+    rope_theta: float = 10_000.0  # full-attention layers; every layer when rope_local_theta is None
+    rope_local_theta: float | None = None  # sliding layers (gemma3)
     rope_scaling: tuple | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
@@ -74,16 +123,34 @@ class DecoderConfig:
     dtype: str = 'float32'
     hidden_act: str = 'silu'
     max_position_embeddings: int = 8192
+    norm_plus_one: bool | None = None
+    post_norms: bool | None = None
+    qk_norm: bool | None = None
+    scale_embeddings: bool | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise InputError(f'family={self.family!r} is not supported; expected one of {FAMILIES}')
+        for name, value in FAMILY_SWITCHES[self.family].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in SWITCHES:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise InputError(f'{name}={v!r} is not accepted; expected True, False or None (the family default)')
         if self.dtype not in DTYPES:
             raise InputError(f'dtype={self.dtype!r} is not supported; expected one of {DTYPES}')
         if self.hidden_act not in HIDDEN_ACTS:
             raise InputError(f'hidden_act={self.hidden_act!r} is not supported; expected one of {HIDDEN_ACTS}')
-        for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
-                     'num_kv_heads', 'head_dim'):
+        for name in (
+            'vocab_size',
+            'hidden_size',
+            'intermediate_size',
+            'num_layers',
+            'num_heads',
+            'num_kv_heads',
+            'head_dim',
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InputError(f'{name}={v!r} must be a positive int')
@@ -103,34 +170,22 @@ class DecoderConfig:
             raise InputError(f'layer_types contains {bad}; expected entries of {LAYER_TYPES}')
         if 'sliding_attention' in layer_types and not self.sliding_window:
             raise InputError(f'sliding_window={self.sliding_window!r} must be a positive int when sliding layers exist')
-        if self.attn_logit_softcapping and self.family != 'gemma2':
-            raise InputError(f'attn_logit_softcapping={self.attn_logit_softcapping} is only used by gemma2; '
-                             f'expected None for family={self.family!r}')
         if self.rope_scaling is not None:
             rtype = dict(self.rope_scaling).get('rope_type')
             if rtype not in ROPE_TYPES:
                 raise InputError(f'rope_scaling rope_type={rtype!r} is not supported; expected one of {ROPE_TYPES}')
 
-    # ---- derived switches (one implementation, config-driven) ----
-    @property
-    def is_gemma(self) -> bool:
-        """Gemma norms are (1 + w), embeddings are scaled by sqrt(D), blocks have post-norms."""
-        return self.family in ('gemma2', 'gemma3_text')
-
-    @property
-    def use_qk_norm(self) -> bool:
-        return self.family == 'gemma3_text'
-
+    # ---- derived values ----
     @property
     def attn_scale(self) -> float:
+        """The factor on the attention logits: query_pre_attn_scalar ** -0.5 (head_dim when None)."""
         s = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
         return float(s) ** -0.5
 
     def rope_for_layer(self, i: int) -> tuple[float, dict | None]:
         """(base, scaling dict or None) of the rotary embedding used by layer i."""
-        if self.family == 'gemma3_text' and self.layer_types[i] == 'sliding_attention':
-            base = self.rope_local_theta if self.rope_local_theta is not None else 10_000.0
-            return float(base), None
+        if self.rope_local_theta is not None and self.layer_types[i] == 'sliding_attention':
+            return float(self.rope_local_theta), None
         return float(self.rope_theta), (dict(self.rope_scaling) if self.rope_scaling else None)
 
     def replace(self, **changes) -> 'DecoderConfig':
@@ -142,8 +197,10 @@ class DecoderConfig:
         """Builds a config from a HF config dict (config.json) or `transformers.PretrainedConfig`."""
         if not isinstance(hf_config, dict):
             if not hasattr(hf_config, 'to_dict'):
-                raise InputError(f'hf_config of type {type(hf_config).__name__} is not accepted; '
-                                 'expected a dict or a transformers PretrainedConfig')
+                raise InputError(
+                    f'hf_config of type {type(hf_config).__name__} is not accepted; '
+                    'expected a dict or a transformers PretrainedConfig'
+                )
             hf_config = hf_config.to_dict()
         c = dict(hf_config)
         model_type = c.get('model_type')
@@ -160,7 +217,9 @@ class DecoderConfig:
         required = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
         missing = [k for k in required if c.get(k) is None]
         if missing:
-            raise InputError(f'HF config lacks {missing}; accepted: a {model_type} config.json stating {list(required)}')
+            raise InputError(
+                f'HF config lacks {missing}; accepted: a {model_type} config.json stating {list(required)}'
+            )
         for k in required + ('num_key_value_heads', 'head_dim', 'max_position_embeddings', 'sliding_window'):
             v = c.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -192,8 +251,9 @@ class DecoderConfig:
         if model_type == 'gemma3_text':
             rope_local_theta = float(loc.get('rope_theta', c.get('rope_local_base_freq', 10_000.0)))
             if loc.get('rope_type', 'default') != 'default':
-                raise InputError(f"sliding-layer rope_type={loc.get('rope_type')!r} is not supported; "
-                                 "expected 'default'")
+                raise InputError(
+                    f"sliding-layer rope_type={loc.get('rope_type')!r} is not supported; expected 'default'"
+                )
         rtype = glob.get('rope_type', glob.get('type', 'default'))
         rope_scaling = None
         if rtype != 'default':
@@ -203,7 +263,7 @@ class DecoderConfig:
                 scal.setdefault('original_max_position_embeddings', c.get('max_position_embeddings', 8192))
             rope_scaling = _freeze(scal)
         if float(glob.get('partial_rotary_factor', 1.0)) != 1.0:
-            raise InputError(f"partial_rotary_factor={glob['partial_rotary_factor']} is not supported; expected 1.0")
+            raise InputError(f'partial_rotary_factor={glob["partial_rotary_factor"]} is not supported; expected 1.0')
 
         if model_type == 'llama':
             layer_types = ('full_attention',) * L
@@ -237,10 +297,16 @@ class DecoderConfig:
             sliding_window=int(sliding_window) if sliding_window else None,
             layer_types=layer_types,
             # HF's Gemma 3 attention never applies attn_logit_softcapping (Gemma 2's does); follow it.
-            attn_logit_softcapping=(float(c['attn_logit_softcapping'])
-                                    if model_type == 'gemma2' and c.get('attn_logit_softcapping') else None),
-            final_logit_softcapping=(float(c['final_logit_softcapping'])
-                                     if model_type != 'llama' and c.get('final_logit_softcapping') else None),
+            attn_logit_softcapping=(
+                float(c['attn_logit_softcapping'])
+                if model_type == 'gemma2' and c.get('attn_logit_softcapping')
+                else None
+            ),
+            final_logit_softcapping=(
+                float(c['final_logit_softcapping'])
+                if model_type != 'llama' and c.get('final_logit_softcapping')
+                else None
+            ),
             query_pre_attn_scalar=float(qpas) if qpas is not None else None,
             tie_word_embeddings=bool(c.get('tie_word_embeddings', tie_default)),
             bos_token_id=c.get('bos_token_id'),
@@ -258,13 +324,29 @@ class DecoderConfig:
         for gemma3), transformers 4.x ignores that key and reads the legacy `rope_theta` /
         `rope_scaling` (and gemma3's `rope_local_base_freq`) instead, so writing only one of them
         would silently run the other versions with their default RoPE base.
+        InputError when a switch differs from what the family's HF architecture hard-codes
+        (FAMILY_SWITCHES, _HF_UNSET): transformers would run another model than `forward`.
         """
+        arch = HF_ARCHITECTURES[self.family]
+        for name in SWITCHES:
+            want = FAMILY_SWITCHES[self.family][name]
+            if getattr(self, name) != want:
+                raise InputError(
+                    f'{name}={getattr(self, name)} cannot be exported as {arch}; '
+                    f'accepted: {name}={want} for family={self.family!r}'
+                )
+        for name in _HF_UNSET[self.family]:
+            if getattr(self, name) is not None:
+                raise InputError(
+                    f'{name}={getattr(self, name)!r} cannot be exported as {arch}, '
+                    f'which has no such setting; accepted: None for family={self.family!r}'
+                )
         glob = {'rope_type': 'default', 'rope_theta': self.rope_theta}
         if self.rope_scaling:
             glob.update(dict(self.rope_scaling))
         legacy_scaling = dict(self.rope_scaling) if self.rope_scaling else None
         d: dict[str, Any] = {
-            'architectures': [_HF_ARCH[self.family]],
+            'architectures': [HF_ARCHITECTURES[self.family]],
             'model_type': self.family,
             'vocab_size': self.vocab_size,
             'hidden_size': self.hidden_size,
@@ -301,20 +383,14 @@ class DecoderConfig:
             d['attn_logit_softcapping'] = self.attn_logit_softcapping
             d['final_logit_softcapping'] = self.final_logit_softcapping
             if self.family == 'gemma3_text':
-                d['rope_local_base_freq'] = self.rope_local_theta if self.rope_local_theta else 10_000.0
+                d['rope_local_base_freq'] = self.rope_local_theta
                 d['rope_scaling'] = legacy_scaling
                 d['rope_parameters'] = {
                     'full_attention': glob,
-                    'sliding_attention': {'rope_type': 'default',
-                                          'rope_theta': self.rope_local_theta if self.rope_local_theta else 10_000.0},
+                    'sliding_attention': {'rope_type': 'default', 'rope_theta': self.rope_local_theta},
                 }
             else:
                 if legacy_scaling:
                     d['rope_scaling'] = legacy_scaling
                 d['rope_parameters'] = glob
         return d
-
-
-def embed_scale(cfg: DecoderConfig) -> float:
-    """sqrt(D) for gemma (applied after rounding to the activation dtype), 1 for llama."""
-    return math.sqrt(cfg.hidden_size) if cfg.is_gemma else 1.0

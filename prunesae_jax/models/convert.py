@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,38 +27,37 @@ import ml_dtypes
 import numpy as np
 
 from prunesae_jax.errors import InputError, MissingFileError
+from prunesae_jax.io import atomic_file, atomic_write_bytes, atomic_write_json, make_dirs
 from prunesae_jax.models.config import DTYPES, PRUNABLE, DecoderConfig
 from prunesae_jax.models.decoder import layer_param_names, layer_param_shapes
 
-
-# Our layer name -> HF name under model.layers.{i}., per family.
-_HF_LAYER_NAMES = {
-    'llama': {
-        'input_norm': 'input_layernorm',
-        'pre_mlp_norm': 'post_attention_layernorm',
-    },
-    'gemma': {
-        'input_norm': 'input_layernorm',
-        'post_attn_norm': 'post_attention_layernorm',
-        'pre_mlp_norm': 'pre_feedforward_layernorm',
-        'post_mlp_norm': 'post_feedforward_layernorm',
-        'q_norm': 'self_attn.q_norm',
-        'k_norm': 'self_attn.k_norm',
-    },
+# Our layer name -> HF name under model.layers.{i}., per family (the Gemma architectures share theirs;
+# llama calls its pre-MLP norm post_attention_layernorm).
+_LLAMA_NAMES = {
+    'input_norm': 'input_layernorm',
+    'pre_mlp_norm': 'post_attention_layernorm',
 }
-for _table in _HF_LAYER_NAMES.values():
+_GEMMA_NAMES = {
+    'input_norm': 'input_layernorm',
+    'post_attn_norm': 'post_attention_layernorm',
+    'pre_mlp_norm': 'pre_feedforward_layernorm',
+    'post_mlp_norm': 'post_feedforward_layernorm',
+    'q_norm': 'self_attn.q_norm',
+    'k_norm': 'self_attn.k_norm',
+}
+for _table in (_LLAMA_NAMES, _GEMMA_NAMES):
     _table.update({n: f'self_attn.{n}' for n in ('q_proj', 'k_proj', 'v_proj', 'o_proj')})
     _table.update({n: f'mlp.{n}' for n in ('gate_proj', 'up_proj', 'down_proj')})
+_HF_LAYER_NAMES = {'llama': _LLAMA_NAMES, 'gemma2': _GEMMA_NAMES, 'gemma3_text': _GEMMA_NAMES}
 
 # Prefixes other checkpoints put in front of the causal-LM names (multimodal Gemma 3, older exports).
-_PREFIX_ALIASES = (('model.language_model.', 'model.'), ('language_model.model.', 'model.'),
-                   ('language_model.lm_head.', 'lm_head.'))
+_PREFIX_ALIASES = (
+    ('model.language_model.', 'model.'),
+    ('language_model.model.', 'model.'),
+    ('language_model.lm_head.', 'lm_head.'),
+)
 
 _NP_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
-
-
-def _hf_layer_names(cfg: DecoderConfig) -> dict[str, str]:
-    return _HF_LAYER_NAMES['gemma' if cfg.is_gemma else 'llama']
 
 
 def _check_dtype(dtype: str) -> str:
@@ -88,19 +88,25 @@ def _checked_weight(name: str, arr: np.ndarray, np_dtype, dtype: str) -> np.ndar
     meaningless weights, and a non-finite weight only shows up much later as a non-finite loss.
     """
     if not (arr.dtype.kind == 'f' or arr.dtype.name in _FLOAT_NAMES):
-        raise InputError(f'tensor {name!r} has dtype {arr.dtype}; accepted: a floating dtype (float32, bfloat16, '
-                         'float16, float64), not an integer / quantised tensor')
+        raise InputError(
+            f'tensor {name!r} has dtype {arr.dtype}; accepted: a floating dtype (float32, bfloat16, '
+            'float16, float64), not an integer / quantised tensor'
+        )
     finite = np.isfinite(arr)
     if not finite.all():
         idx = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise InputError(f'tensor {name!r} holds {int((~finite).sum())} non-finite value(s), first {float(arr[idx])} at '
-                         f'index {idx}; accepted: a checkpoint with finite weights')
+        raise InputError(
+            f'tensor {name!r} holds {int((~finite).sum())} non-finite value(s), first '
+            f'{float(arr[idx])} at index {idx}; accepted: a checkpoint with finite weights'
+        )
     with np.errstate(over='ignore'):
         out = arr.astype(np_dtype)
     if out.dtype != arr.dtype and not np.isfinite(out).all():
         idx = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
-        raise InputError(f'tensor {name!r} value {float(arr[idx])} at index {idx} overflows dtype={dtype!r}; '
-                         'accepted: a dtype wide enough for the checkpoint (e.g. float32 or bfloat16)')
+        raise InputError(
+            f'tensor {name!r} value {float(arr[idx])} at index {idx} overflows dtype={dtype!r}; '
+            'accepted: a dtype wide enough for the checkpoint (e.g. float32 or bfloat16)'
+        )
     return out
 
 
@@ -109,7 +115,7 @@ def _normalise_keys(state_dict: dict) -> dict:
     for k, v in state_dict.items():
         for old, new in _PREFIX_ALIASES:
             if k.startswith(old):
-                k = new + k[len(old):]
+                k = new + k[len(old) :]
                 break
         out[k] = v
     return out
@@ -131,8 +137,10 @@ def from_hf_state_dict(hf_config: Any, state_dict: dict, dtype: str = 'float32')
 
     def get(name: str, shape: tuple, transpose: bool):
         if name not in sd:
-            raise InputError(f'tensor {name!r} is missing from the checkpoint; expected every tensor of a '
-                             f'{cfg.family} model with {cfg.num_layers} layers')
+            raise InputError(
+                f'tensor {name!r} is missing from the checkpoint; expected every tensor of a '
+                f'{cfg.family} model with {cfg.num_layers} layers'
+            )
         arr = _to_numpy(sd[name])
         want = shape[::-1] if transpose else shape
         if tuple(arr.shape) != tuple(want):
@@ -143,7 +151,7 @@ def from_hf_state_dict(hf_config: Any, state_dict: dict, dtype: str = 'float32')
         return jnp.asarray(arr)
 
     D, V = cfg.hidden_size, cfg.vocab_size
-    names = _hf_layer_names(cfg)
+    names = _HF_LAYER_NAMES[cfg.family]
     shapes = layer_param_shapes(cfg)
     params: dict = {
         'embed': get('model.embed_tokens.weight', (V, D), False),
@@ -165,7 +173,7 @@ def to_hf_state_dict(cfg: DecoderConfig, params: dict, masks: dict | None = None
     def arr(x):
         return np.ascontiguousarray(np.asarray(x).astype(np_dtype))
 
-    names = _hf_layer_names(cfg)
+    names = _HF_LAYER_NAMES[cfg.family]
     sd = {'model.embed_tokens.weight': arr(params['embed']), 'model.norm.weight': arr(params['final_norm'])}
     for i, lp in enumerate(params['layers']):
         lm = masks['layers'][i] if masks is not None else {}
@@ -195,8 +203,10 @@ def _read_safetensors(path: str, wanted: set[str] | None = None) -> dict[str, np
                 if wanted is None or k in wanted:
                     out[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error type for truncated/garbled files
-        raise InputError(f'weight file {path!r} is corrupt or unreadable ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else ""}); expected a valid safetensors file') from None
+        raise InputError(
+            f'weight file {path!r} is corrupt or unreadable ({type(e).__name__}: '
+            f'{str(e).splitlines()[0] if str(e) else ""}); expected a valid safetensors file'
+        ) from None
     return out
 
 
@@ -218,8 +228,10 @@ def read_hf_folder_tensors(path: str) -> dict[str, np.ndarray]:
         return sd
     files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
     if not files:
-        raise MissingFileError(f'no *.safetensors weights in {path!r}; expected model.safetensors or shards '
-                                'with model.safetensors.index.json')
+        raise MissingFileError(
+            f'no *.safetensors weights in {path!r}; expected model.safetensors or shards '
+            'with model.safetensors.index.json'
+        )
     sd = {}
     for fname in files:
         sd.update(_read_safetensors(os.path.join(path, fname)))
@@ -241,8 +253,9 @@ def load_hf_folder(path: str, dtype: str = 'float32') -> tuple[DecoderConfig, di
     """Local HF folder (config.json + *.safetensors, sharded or not) -> (cfg, params) in dtype."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise MissingFileError(f'model folder {path!r} does not exist; expected a folder with config.json '
-                                'and *.safetensors')
+        raise MissingFileError(
+            f'model folder {path!r} does not exist; expected a folder with config.json and *.safetensors'
+        )
     hf_config = read_hf_config(path)
     DecoderConfig.from_hf(hf_config)  # reject unsupported model types before reading weights
     return from_hf_state_dict(hf_config, read_hf_folder_tensors(path), dtype=dtype)
@@ -251,8 +264,10 @@ def load_hf_folder(path: str, dtype: str = 'float32') -> tuple[DecoderConfig, di
 def from_transformers(model: Any, dtype: str | None = None) -> tuple[DecoderConfig, dict]:
     """An in-memory transformers *ForCausalLM -> (cfg, params); dtype defaults to the model's."""
     if not hasattr(model, 'config') or not hasattr(model, 'state_dict'):
-        raise InputError(f'model of type {type(model).__name__} is not accepted; expected a transformers '
-                         'PreTrainedModel (LlamaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)')
+        raise InputError(
+            f'model of type {type(model).__name__} is not accepted; expected a transformers '
+            'PreTrainedModel (LlamaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)'
+        )
     if dtype is None:
         dtype = str(getattr(model, 'dtype', 'float32')).replace('torch.', '')
     return from_hf_state_dict(model.config, model.state_dict(), dtype=dtype)
@@ -263,14 +278,23 @@ def download_hub(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id, allow_patterns=['config.json', '*.safetensors',
-                                                          'model.safetensors.index.json', 'tokenizer*',
-                                                          'special_tokens_map.json', 'generation_config.json'])
+        return snapshot_download(
+            repo_id,
+            allow_patterns=[
+                'config.json',
+                '*.safetensors',
+                'model.safetensors.index.json',
+                'tokenizer*',
+                'special_tokens_map.json',
+                'generation_config.json',
+            ],
+        )
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ''
-        raise InputError(f'could not fetch hub model {repo_id!r} ({type(e).__name__}: {msg[:160]}); download it '
-                         'where the network allows and pass the local folder instead, e.g. load("/path/to/folder")'
-                         ) from None
+        raise InputError(
+            f'could not fetch hub model {repo_id!r} ({type(e).__name__}: {msg[:160]}); download it '
+            'where the network allows and pass the local folder instead, e.g. load("/path/to/folder")'
+        ) from None
 
 
 def load_hub(repo_id: str, dtype: str = 'float32') -> tuple[DecoderConfig, dict]:
@@ -312,14 +336,18 @@ def _kind(spec: str) -> str:
         return 'gguf'
     looks_local = spec.startswith(('/', '.', '~')) or spec.count('/') > 1
     if looks_local or os.path.exists(spec):
-        raise MissingFileError(f'{spec!r} is not a model folder or .gguf file; expected a folder with config.json '
-                                'and *.safetensors, a .gguf file, a zoo name or a hub id')
+        raise MissingFileError(
+            f'{spec!r} is not a model folder or .gguf file; expected a folder with config.json '
+            'and *.safetensors, a .gguf file, a zoo name or a hub id'
+        )
     if _HUB_ID.match(spec):
         return 'hub'
     if '/' not in spec:
         return 'zoo'
-    raise InputError(f'model spec {spec!r} is not understood; expected a folder, a .gguf file, a zoo name or a '
-                     'hub id like "google/gemma-3-1b-pt"')
+    raise InputError(
+        f'model spec {spec!r} is not understood; expected a folder, a .gguf file, a zoo name or a '
+        'hub id like "google/gemma-3-1b-pt"'
+    )
 
 
 def load(spec: str, dtype: str = 'float32') -> tuple[DecoderConfig, dict]:
@@ -359,21 +387,9 @@ def load_tokenizer(spec: str):
 # --------------------------------------------------------------------------- export
 
 
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | None = None,
-                     tokenizer: Any = None) -> str:
+def export_hf_folder(
+    cfg: DecoderConfig, params: dict, path: str, masks: dict | None = None, tokenizer: Any = None
+) -> str:
     """Writes config.json + model.safetensors (masked weights zeroed if masks given); returns path.
 
     transformers' AutoModelForCausalLM.from_pretrained(path) gives the same logits as `forward`, on
@@ -382,47 +398,57 @@ def export_hf_folder(cfg: DecoderConfig, params: dict, path: str, masks: dict | 
     (transformers 4.x), with the same values (see DecoderConfig.to_hf_dict).
     tokenizer: a transformers tokenizer (anything with `save_pretrained`) to save into the folder too, so
     AutoTokenizer.from_pretrained(path) works; without it the folder holds the weights and config ONLY.
-    Each file is written to a temp file in the folder and renamed, so readers never see half a file.
+    Each file is written atomically (prunesae_jax/io.py), so readers never see half a file.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f'export path {path!r} is a file; expected a folder (new or existing)')
     if len(params['layers']) != cfg.num_layers:
-        raise InputError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
+        raise InputError(f'params has {len(params["layers"])} layers; config says num_layers={cfg.num_layers}')
     if tokenizer is not None:
         if not callable(getattr(tokenizer, 'save_pretrained', None)):
-            raise InputError(f'tokenizer of type {type(tokenizer).__name__} has no save_pretrained(); accepted: a '
-                             'transformers tokenizer, or None to export the weights only')
+            raise InputError(
+                f'tokenizer of type {type(tokenizer).__name__} has no save_pretrained(); accepted: a '
+                'transformers tokenizer, or None to export the weights only'
+            )
         n_tok = len(tokenizer) if hasattr(tokenizer, '__len__') else None
         if n_tok is not None and n_tok > cfg.vocab_size:
-            raise InputError(f'tokenizer has {n_tok} tokens but the model vocab_size={cfg.vocab_size}; accepted: '
-                             'the tokenizer of this model (at most vocab_size tokens)')
-    os.makedirs(path, exist_ok=True)
+            raise InputError(
+                f'tokenizer has {n_tok} tokens but the model vocab_size={cfg.vocab_size}; accepted: '
+                'the tokenizer of this model (at most vocab_size tokens)'
+            )
+    hf_config = cfg.to_hf_dict()  # refuses a config the family's HF architecture cannot state
+    folder = Path(path)
+    make_dirs(folder)
     sd = to_hf_state_dict(cfg, params, masks)
-
-    def write_config(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(cfg.to_hf_dict(), f, indent=2)
-
-    _atomic_write(os.path.join(path, 'model.safetensors'),
-                  lambda tmp: save_file(sd, tmp, metadata={'format': 'pt'}))
-    _atomic_write(os.path.join(path, 'config.json'), write_config)
+    atomic_write_bytes(folder / 'model.safetensors', save(sd, metadata={'format': 'pt'}))
+    atomic_write_json(folder / 'config.json', hf_config)
     if tokenizer is not None:
-        tmp = tempfile.mkdtemp(dir=path, prefix='.tokenizer.', suffix='.tmp')
-        try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix='.tokenizer.', suffix='.tmp') as tmp:
             tokenizer.save_pretrained(tmp)
             for name in sorted(os.listdir(tmp)):
-                if name in ('config.json', 'model.safetensors'):  # never let a tokenizer replace the model's files
+                src = os.path.join(tmp, name)
+                # never let a tokenizer replace the model's files
+                if name in ('config.json', 'model.safetensors') or not os.path.isfile(src):
                     continue
-                os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                with open(src, 'rb') as fin, atomic_file(folder / name) as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
     return path
 
 
 __all__ = [
-    'MissingFileError', 'download_hub', 'export_hf_folder', 'from_hf_state_dict', 'from_transformers', 'load', 'load_gguf',
-    'load_hf_folder', 'load_hub', 'load_tokenizer', 'read_hf_config', 'read_hf_folder_tensors', 'to_hf_state_dict',
+    'download_hub',
+    'export_hf_folder',
+    'from_hf_state_dict',
+    'from_transformers',
+    'load',
+    'load_gguf',
+    'load_hf_folder',
+    'load_hub',
+    'load_tokenizer',
+    'read_hf_config',
+    'read_hf_folder_tensors',
+    'to_hf_state_dict',
 ]

@@ -1,13 +1,15 @@
-"""One Flax NNX decoder for Llama 3.x, Gemma 2 and Gemma 3 (text), switched by `DecoderConfig`.
+"""One decoder for Llama 3.x, Gemma 2 and Gemma 3 (text): pure functions over a params dict.
 
-The public surface is pure functions over a nested-dict params pytree (the params layout is in models/convert.py):
-`init_params`, `forward`, `resid_post`, `embed`, `block`, `unembed`. Internally each call
-merges the params into the NNX module graph (`Decoder`) inside jit; the graph definition is
-built once per config, so the merge costs nothing at run time.
+The params are a nested dict (its layout is in models/convert.py): {'embed': [V, D],
+'final_norm': [D], 'layers': [{name: array} per block, names from `layer_param_names`],
+'lm_head': [D, V] unless the embeddings are tied}. Public: `init_params`, `forward`,
+`resid_post`, `embed`, `block`, `block_linear_inputs`, `unembed`. Every family difference is a
+field of `DecoderConfig` (models/config.py); the code below branches on those switches only,
+never on the family name.
 
-Numerics follow the Hugging Face reference: RMSNorm in float32 (gemma: x * (1 + w) in
-float32 then cast; llama: cast then w * x), RoPE cos/sin cast to the activation dtype,
-attention logits and softmax in float32, gemma embeddings scaled by sqrt(D) rounded to the
+Numerics follow the Hugging Face reference: RMSNorm in float32 (norm_plus_one: x * (1 + w) in
+float32 then cast; else cast then w * x), RoPE cos/sin cast to the activation dtype, attention
+logits and softmax in float32, scaled embeddings multiplied by sqrt(D) rounded to the
 activation dtype.
 
 Padding: attention_mask is [B, T] with 1 = real token. Padded keys are never attended to and
@@ -19,42 +21,25 @@ Outputs at padded positions are finite but meaningless.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from prunesae_jax.errors import InputError
-from prunesae_jax.models.config import DecoderConfig, embed_scale
+from prunesae_jax.models.config import DecoderConfig
 
 _INIT_STD = 0.02
-
-# Flat contract name -> path inside a Block of the NNX module graph.
-_LAYER_PATHS = {
-    'input_norm': ('input_norm', 'weight'),
-    'post_attn_norm': ('post_attn_norm', 'weight'),
-    'pre_mlp_norm': ('pre_mlp_norm', 'weight'),
-    'post_mlp_norm': ('post_mlp_norm', 'weight'),
-    'q_norm': ('attn', 'q_norm', 'weight'),
-    'k_norm': ('attn', 'k_norm', 'weight'),
-    'q_proj': ('attn', 'q_proj'),
-    'k_proj': ('attn', 'k_proj'),
-    'v_proj': ('attn', 'v_proj'),
-    'o_proj': ('attn', 'o_proj'),
-    'gate_proj': ('mlp', 'gate_proj'),
-    'up_proj': ('mlp', 'up_proj'),
-    'down_proj': ('mlp', 'down_proj'),
-}
 
 
 def layer_param_names(cfg: DecoderConfig) -> tuple[str, ...]:
     """The keys of params['layers'][i] for this config."""
     names = ['input_norm', 'pre_mlp_norm']
-    if cfg.is_gemma:
+    if cfg.post_norms:
         names += ['post_attn_norm', 'post_mlp_norm']
-    if cfg.use_qk_norm:
+    if cfg.qk_norm:
         names += ['q_norm', 'k_norm']
     names += ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
     return tuple(names)
@@ -64,39 +49,34 @@ def layer_param_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Expected shape of every entry of params['layers'][i]."""
     D, F, H, KV, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     shapes = {
-        'input_norm': (D,), 'pre_mlp_norm': (D,), 'post_attn_norm': (D,), 'post_mlp_norm': (D,),
-        'q_norm': (hd,), 'k_norm': (hd,),
-        'q_proj': (D, H * hd), 'k_proj': (D, KV * hd), 'v_proj': (D, KV * hd), 'o_proj': (H * hd, D),
-        'gate_proj': (D, F), 'up_proj': (D, F), 'down_proj': (F, D),
+        'input_norm': (D,),
+        'pre_mlp_norm': (D,),
+        'post_attn_norm': (D,),
+        'post_mlp_norm': (D,),
+        'q_norm': (hd,),
+        'k_norm': (hd,),
+        'q_proj': (D, H * hd),
+        'k_proj': (D, KV * hd),
+        'v_proj': (D, KV * hd),
+        'o_proj': (H * hd, D),
+        'gate_proj': (D, F),
+        'up_proj': (D, F),
+        'down_proj': (F, D),
     }
     return {k: shapes[k] for k in layer_param_names(cfg)}
 
 
-# --------------------------------------------------------------------------- modules
+# --------------------------------------------------------------------------- the block
 
 
-def _normal(rngs: nnx.Rngs | None, shape, dtype):
-    if rngs is None:
-        return jnp.zeros(shape, dtype)
-    return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-
-
-class RMSNorm(nnx.Module):
-    """RMSNorm; gemma scales by (1 + w) in float32, llama by w after casting back."""
-
-    def __init__(self, dim: int, eps: float, plus_one: bool, dtype):
-        # Identity at init: gemma stores w = 0, llama w = 1.
-        self.weight = nnx.Param(jnp.zeros((dim,), dtype) if plus_one else jnp.ones((dim,), dtype))
-        self.eps = eps
-        self.plus_one = plus_one
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        w = self.weight[...]
-        if self.plus_one:
-            return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
-        return (w * xf.astype(x.dtype)).astype(x.dtype)
+def _rms_norm(cfg: DecoderConfig, w, x):
+    """RMSNorm over the last axis in float32; norm_plus_one scales by (1 + w) in float32, else by w
+    after casting back to x.dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    if cfg.norm_plus_one:
+        return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    return (w * xf.astype(x.dtype)).astype(x.dtype)
 
 
 def _rotate(x, cos, sin):
@@ -130,129 +110,92 @@ def _chunk_mask(t0: int, t1: int, s0: int, window: int | None, key_ok):
     return allowed
 
 
-class Attention(nnx.Module):
-    """Grouped-query attention with RoPE, optional QK-norm, soft-capping and sliding window."""
+def _attention(cfg: DecoderConfig, lp: dict, x, cos, sin, key_ok, window):
+    """Grouped-query attention output before o_proj [B,T,H*hd] (RoPE, optional QK-norm and soft-capping).
 
-    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None):
-        D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dt = jnp.dtype(cfg.dtype)
-        self.q_proj = nnx.Param(_normal(rngs, (D, H * hd), dt))
-        self.k_proj = nnx.Param(_normal(rngs, (D, KV * hd), dt))
-        self.v_proj = nnx.Param(_normal(rngs, (D, KV * hd), dt))
-        self.o_proj = nnx.Param(_normal(rngs, (H * hd, D), dt))
-        if cfg.use_qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.is_gemma, dt)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.is_gemma, dt)
-        self.cfg = cfg
+    x [B,T,D], lp the block's params, cos/sin [B,T,hd], key_ok [B,T] bool (False = padding key) or
+    None, window: the sliding window in tokens or None (full causal attention).
 
-    def core(self, x, cos, sin, key_ok, window):
-        """Attention output before o_proj [B,T,H*hd].
-
-        x [B,T,D], cos/sin [B,T,hd], key_ok [B,T] bool (False = padding key) or None, window: the
-        sliding window in tokens or None (full causal attention).
-
-        Layout: heads sharing a K/V head are laid out as [B, KV, T*G, hd] (query heads h = kv * G + g,
-        HF's repeat_kv order), so QK^T and PV are plain batched GEMMs over (B, KV) with the softmax
-        over the contiguous last axis; for KV = 1 (Gemma 3 270M) no activation is transposed at all.
-        Queries run in chunks of _Q_CHUNK; each chunk only meets the keys it may attend to.
-        """
-        cfg = self.cfg
-        B, T, _ = x.shape
-        KV, hd = cfg.num_kv_heads, cfg.head_dim
-        G = cfg.num_heads // KV
-        q = (x @ self.q_proj[...]).reshape(B, T, KV, G, hd)
-        k = (x @ self.k_proj[...]).reshape(B, T, KV, hd)
-        v = (x @ self.v_proj[...]).reshape(B, T, KV, hd)
-        if cfg.use_qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = _rotate(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
-        k = _rotate(k, cos[:, :, None, :], sin[:, :, None, :])
-        q = q.transpose(0, 2, 1, 3, 4).reshape(B, KV, T * G, hd)
-        k = k.transpose(0, 2, 1, 3)  # [B,KV,S,hd]
-        v = v.transpose(0, 2, 1, 3)
-        outs = []
-        for t0 in range(0, T, _Q_CHUNK):
-            t1 = min(t0 + _Q_CHUNK, T)
-            s0 = 0 if window is None else max(0, t0 - window + 1)
-            scores = jnp.einsum('bkqd,bksd->bkqs', q[:, :, t0 * G:t1 * G], k[:, :, s0:t1],
-                                preferred_element_type=jnp.float32)
-            scores = scores * cfg.attn_scale
-            if cfg.attn_logit_softcapping:
-                cap = cfg.attn_logit_softcapping
-                scores = jnp.tanh(scores / cap) * cap
-            scores = scores.reshape(B, KV, t1 - t0, G, t1 - s0)
-            allowed = _chunk_mask(t0, t1, s0, window, key_ok)[:, None, :, None, :]
-            # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
-            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(B, KV, (t1 - t0) * G, t1 - s0)
-            outs.append(jnp.einsum('bkqs,bksd->bkqd', probs, v[:, :, s0:t1]))
-        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)  # [B,KV,T*G,hd]
-        return out.reshape(B, KV, T, G * hd).transpose(0, 2, 1, 3).reshape(B, T, KV * G * hd)
-
-    def __call__(self, x, cos, sin, key_ok, window):
-        return self.core(x, cos, sin, key_ok, window) @ self.o_proj[...]
+    Layout: heads sharing a K/V head are laid out as [B, KV, T*G, hd] (query heads h = kv * G + g,
+    HF's repeat_kv order), so QK^T and PV are plain batched GEMMs over (B, KV) with the softmax
+    over the contiguous last axis; for KV = 1 (Gemma 3 270M) no activation is transposed at all.
+    Queries run in chunks of _Q_CHUNK; each chunk only meets the keys it may attend to.
+    """
+    B, T, _ = x.shape
+    KV, hd = cfg.num_kv_heads, cfg.head_dim
+    G = cfg.num_heads // KV
+    q = (x @ lp['q_proj']).reshape(B, T, KV, G, hd)
+    k = (x @ lp['k_proj']).reshape(B, T, KV, hd)
+    v = (x @ lp['v_proj']).reshape(B, T, KV, hd)
+    if cfg.qk_norm:
+        q = _rms_norm(cfg, lp['q_norm'], q)
+        k = _rms_norm(cfg, lp['k_norm'], k)
+    q = _rotate(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
+    k = _rotate(k, cos[:, :, None, :], sin[:, :, None, :])
+    q = q.transpose(0, 2, 1, 3, 4).reshape(B, KV, T * G, hd)
+    k = k.transpose(0, 2, 1, 3)  # [B,KV,S,hd]
+    v = v.transpose(0, 2, 1, 3)
+    outs = []
+    for t0 in range(0, T, _Q_CHUNK):
+        t1 = min(t0 + _Q_CHUNK, T)
+        s0 = 0 if window is None else max(0, t0 - window + 1)
+        scores = jnp.einsum(
+            'bkqd,bksd->bkqs', q[:, :, t0 * G : t1 * G], k[:, :, s0:t1], preferred_element_type=jnp.float32
+        )
+        scores = scores * cfg.attn_scale
+        if cfg.attn_logit_softcapping:
+            cap = cfg.attn_logit_softcapping
+            scores = jnp.tanh(scores / cap) * cap
+        scores = scores.reshape(B, KV, t1 - t0, G, t1 - s0)
+        allowed = _chunk_mask(t0, t1, s0, window, key_ok)[:, None, :, None, :]
+        # A finite fill keeps fully masked (padding) query rows finite instead of NaN.
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(B, KV, (t1 - t0) * G, t1 - s0)
+        outs.append(jnp.einsum('bkqs,bksd->bkqd', probs, v[:, :, s0:t1]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)  # [B,KV,T*G,hd]
+    return out.reshape(B, KV, T, G * hd).transpose(0, 2, 1, 3).reshape(B, T, KV * G * hd)
 
 
-class MLP(nnx.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)); SiLU for llama, tanh-GELU for gemma."""
-
-    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None):
-        D, F = cfg.hidden_size, cfg.intermediate_size
-        dt = jnp.dtype(cfg.dtype)
-        self.gate_proj = nnx.Param(_normal(rngs, (D, F), dt))
-        self.up_proj = nnx.Param(_normal(rngs, (D, F), dt))
-        self.down_proj = nnx.Param(_normal(rngs, (F, D), dt))
-        self.hidden_act = cfg.hidden_act
-
-    def hidden(self, x):
-        """act(gate(x)) * up(x) [B,T,F]: the input of down_proj."""
-        g = x @ self.gate_proj[...]
-        g = jax.nn.silu(g) if self.hidden_act == 'silu' else jax.nn.gelu(g, approximate=True)
-        return g * (x @ self.up_proj[...])
-
-    def __call__(self, x):
-        return self.hidden(x) @ self.down_proj[...]
+def _mlp_hidden(cfg: DecoderConfig, lp: dict, x):
+    """act(gate(x)) * up(x) [B,T,F], the input of down_proj (SiLU or tanh-GELU, cfg.hidden_act)."""
+    g = x @ lp['gate_proj']
+    g = jax.nn.silu(g) if cfg.hidden_act == 'silu' else jax.nn.gelu(g, approximate=True)
+    return g * (x @ lp['up_proj'])
 
 
-class Block(nnx.Module):
-    """Pre-norm residual block; gemma adds post-norms on the attention and MLP outputs."""
+def _post_norm(cfg: DecoderConfig, lp: dict, name: str, x):
+    """A sublayer's output before the residual add: normalised by lp[name] when cfg.post_norms."""
+    return _rms_norm(cfg, lp[name], x) if cfg.post_norms else x
 
-    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None):
-        D, eps, g, dt = cfg.hidden_size, cfg.rms_norm_eps, cfg.is_gemma, jnp.dtype(cfg.dtype)
-        self.input_norm = RMSNorm(D, eps, g, dt)
-        self.attn = Attention(cfg, rngs)
-        self.pre_mlp_norm = RMSNorm(D, eps, g, dt)
-        self.mlp = MLP(cfg, rngs)
-        if cfg.is_gemma:
-            self.post_attn_norm = RMSNorm(D, eps, g, dt)
-            self.post_mlp_norm = RMSNorm(D, eps, g, dt)
-        self.post_norms = cfg.is_gemma
 
-    def _post(self, norm: str, x):
-        # gemma normalises each sublayer's output before the residual add; llama does not.
-        return getattr(self, norm)(x) if self.post_norms else x
+def _block_apply(cfg: DecoderConfig, lp: dict, h, cos, sin, key_ok, window, with_output: bool = True):
+    """One pre-norm residual block: (h_out or None, {name: input of that prunable linear layer}).
 
-    def __call__(self, h, cos, sin, key_ok, window):
-        h = h + self._post('post_attn_norm', self.attn(self.input_norm(h), cos, sin, key_ok, window))
-        return h + self._post('post_mlp_norm', self.mlp(self.pre_mlp_norm(h)))
+    h + attn(norm(h)), then + mlp(norm(h)); post_norms normalise each sublayer's output before the
+    add. The taps are intermediates the output needs anyway, so a caller that drops them traces
+    the same ops. with_output=False stops before down_proj: block-sequential pruning recomputes
+    the output with the pruned weights anyway.
+    """
+    attn_in = _rms_norm(cfg, lp['input_norm'], h)
+    o_in = _attention(cfg, lp, attn_in, cos, sin, key_ok, window)
+    h = h + _post_norm(cfg, lp, 'post_attn_norm', o_in @ lp['o_proj'])
+    mlp_in = _rms_norm(cfg, lp['pre_mlp_norm'], h)
+    down_in = _mlp_hidden(cfg, lp, mlp_in)
+    taps = {
+        'q_proj': attn_in,
+        'k_proj': attn_in,
+        'v_proj': attn_in,
+        'o_proj': o_in,
+        'gate_proj': mlp_in,
+        'up_proj': mlp_in,
+        'down_proj': down_in,
+    }
+    if not with_output:
+        return None, taps
+    return h + _post_norm(cfg, lp, 'post_mlp_norm', down_in @ lp['down_proj']), taps
 
-    def linear_inputs(self, h, cos, sin, key_ok, window, with_output: bool = True):
-        """(h_out or None, {name: input of that prunable linear layer}); same math as __call__.
 
-        with_output=False stops before down_proj: block-sequential pruning recomputes the output
-        with the pruned weights anyway.
-        """
-        attn_in = self.input_norm(h)
-        o_in = self.attn.core(attn_in, cos, sin, key_ok, window)
-        h = h + self._post('post_attn_norm', o_in @ self.attn.o_proj[...])
-        mlp_in = self.pre_mlp_norm(h)
-        down_in = self.mlp.hidden(mlp_in)
-        taps = {'q_proj': attn_in, 'k_proj': attn_in, 'v_proj': attn_in, 'o_proj': o_in,
-                'gate_proj': mlp_in, 'up_proj': mlp_in, 'down_proj': down_in}
-        if not with_output:
-            return None, taps
-        return h + self._post('post_mlp_norm', down_in @ self.mlp.down_proj[...]), taps
+# --------------------------------------------------------------------------- positions
 
 
 def _inv_freq(cfg: DecoderConfig, base: float, scaling: dict | None) -> np.ndarray:
@@ -298,119 +241,56 @@ def _window(cfg: DecoderConfig, layer: int) -> int | None:
     return cfg.sliding_window if cfg.layer_types[layer] == 'sliding_attention' else None
 
 
-class Decoder(nnx.Module):
-    """The full decoder: scaled embedding, L blocks, final norm, (tied) head, soft-capping."""
-
-    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs | None = None):
-        D, V, dt = cfg.hidden_size, cfg.vocab_size, jnp.dtype(cfg.dtype)
-        self.cfg = cfg
-        self.embed = nnx.Param(_normal(rngs, (V, D), dt))
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.is_gemma, dt)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Param(_normal(rngs, (D, V), dt))
-
-    def embed_tokens(self, tokens):
-        h = jnp.take(self.embed[...], tokens, axis=0)
-        if self.cfg.is_gemma:
-            # The reference rounds sqrt(D) to the activation dtype before multiplying.
-            h = h * jnp.asarray(embed_scale(self.cfg), h.dtype)
-        return h
-
-    def run_layers(self, h, attention_mask, stop_after: int, capture: tuple[int, ...]):
-        """Runs blocks 0..stop_after; returns (h, {l: resid_post_l for l in capture})."""
-        cfg = self.cfg
-        B, T, _ = h.shape
-        positions, key_ok = _positions_and_keys(attention_mask, B, T)
-        ropes = {}
-        out = {}
-        for i in range(stop_after + 1):
-            key = cfg.rope_for_layer(i)
-            key = (key[0], tuple(sorted(key[1].items())) if key[1] else None)
-            if key not in ropes:
-                ropes[key] = _rope(cfg, i, positions, h.dtype)
-            cos, sin = ropes[key]
-            h = self.layers[i](h, cos, sin, key_ok, _window(cfg, i))
-            if i in capture:
-                out[i] = h
-        return h, out
-
-    def unembed(self, h):
-        h = self.final_norm(h)
-        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)
-        if self.cfg.final_logit_softcapping:
-            cap = self.cfg.final_logit_softcapping
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
-
-    def __call__(self, tokens, attention_mask=None):
-        h = self.embed_tokens(tokens)
-        h, _ = self.run_layers(h, attention_mask, self.cfg.num_layers - 1, ())
-        return self.unembed(h)
+# --------------------------------------------------------------------------- the model
 
 
-# --------------------------------------------------------------------------- params <-> NNX
-
-
-@functools.lru_cache(maxsize=64)
-def _graphdef(cfg: DecoderConfig):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, None)))
-    return graphdef
-
-
-@functools.lru_cache(maxsize=64)
-def _block_graphdef(cfg: DecoderConfig):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, None)))
-    return graphdef
-
-
-def _set(tree: dict, path: tuple, value):
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _layer_to_nnx(cfg: DecoderConfig, layer_params: dict) -> dict:
-    tree: dict = {}
-    for name in layer_param_names(cfg):
-        _set(tree, _LAYER_PATHS[name], layer_params[name])
-    return tree
-
-
-def _to_nnx(cfg: DecoderConfig, params: dict) -> dict:
-    tree = {
-        'embed': params['embed'],
-        'final_norm': {'weight': params['final_norm']},
-        'layers': {i: _layer_to_nnx(cfg, lp) for i, lp in enumerate(params['layers'])},
-    }
-    if not cfg.tie_word_embeddings:
-        tree['lm_head'] = params['lm_head']
-    return tree
-
-
-def _from_nnx(cfg: DecoderConfig, tree: dict) -> dict:
-    params = {
-        'embed': tree['embed'],
-        'final_norm': tree['final_norm']['weight'],
-        'layers': [{name: _get(tree['layers'][i], _LAYER_PATHS[name]) for name in layer_param_names(cfg)}
-                   for i in range(cfg.num_layers)],
-    }
-    if not cfg.tie_word_embeddings:
-        params['lm_head'] = tree['lm_head']
-    return params
-
-
-def _model(cfg: DecoderConfig, params: dict) -> Decoder:
+def _check_depth(cfg: DecoderConfig, params: dict) -> None:
     if len(params['layers']) != cfg.num_layers:
-        raise InputError(f"params has {len(params['layers'])} layers; config says num_layers={cfg.num_layers}")
-    return nnx.merge(_graphdef(cfg), _to_nnx(cfg, params))
+        raise InputError(f'params has {len(params["layers"])} layers; config says num_layers={cfg.num_layers}')
+
+
+def _embed_tokens(cfg: DecoderConfig, params: dict, tokens):
+    """Token embeddings [B,T,D]; scale_embeddings multiplies by sqrt(D) rounded to the activation dtype
+    first, as the reference does."""
+    h = jnp.take(params['embed'], tokens, axis=0)
+    if cfg.scale_embeddings:
+        h = h * jnp.asarray(math.sqrt(cfg.hidden_size), h.dtype)
+    return h
+
+
+def _run_layers(cfg: DecoderConfig, params: dict, h, attention_mask, stop_after: int, capture: tuple[int, ...]):
+    """Runs blocks 0..stop_after; returns (h, {l: resid_post_l for l in capture}).
+
+    cos/sin are computed once per distinct RoPE (base, scaling) and shared by the layers that use it.
+    """
+    B, T, _ = h.shape
+    positions, key_ok = _positions_and_keys(attention_mask, B, T)
+    ropes = {}
+    out = {}
+    for i in range(stop_after + 1):
+        key = cfg.rope_for_layer(i)
+        key = (key[0], tuple(sorted(key[1].items())) if key[1] else None)
+        if key not in ropes:
+            ropes[key] = _rope(cfg, i, positions, h.dtype)
+        cos, sin = ropes[key]
+        h, _ = _block_apply(cfg, params['layers'][i], h, cos, sin, key_ok, _window(cfg, i))
+        if i in capture:
+            out[i] = h
+    return h, out
+
+
+def _logits(cfg: DecoderConfig, params: dict, h):
+    """Final norm, head (tied: embed.T, else lm_head) with float32 accumulation, final soft-capping."""
+    h = _rms_norm(cfg, params['final_norm'], h)
+    w = params['embed'].T if cfg.tie_word_embeddings else params['lm_head']
+    logits = jnp.matmul(h, w, preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcapping:
+        cap = cfg.final_logit_softcapping
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
+# --------------------------------------------------------------------------- input checks
 
 
 def _host_values(x):
@@ -444,8 +324,10 @@ def check_token_ids(cfg: DecoderConfig, tokens, what: str = 'tokens') -> None:
     lo, hi = host.min(), host.max()
     if lo < 0 or hi >= cfg.vocab_size:
         bad = np.argwhere((host < 0) | (host >= cfg.vocab_size))[0]
-        raise InputError(f'{what} holds token id {int(host[tuple(bad)])} at index {tuple(int(i) for i in bad)}; '
-                         f'accepted: 0 <= id < vocab_size={cfg.vocab_size}')
+        raise InputError(
+            f'{what} holds token id {int(host[tuple(bad)])} at index {tuple(int(i) for i in bad)}; '
+            f'accepted: 0 <= id < vocab_size={cfg.vocab_size}'
+        )
 
 
 def _check_tokens(cfg: DecoderConfig, tokens, attention_mask=None):
@@ -456,8 +338,10 @@ def _check_tokens(cfg: DecoderConfig, tokens, attention_mask=None):
         raise InputError(f'tokens has shape {getattr(tokens, "shape", None)}; expected [B, T] int32')
     check_token_ids(cfg, tokens)
     if attention_mask is not None and tuple(np.shape(attention_mask)) != tuple(tokens.shape):
-        raise InputError(f'attention_mask has shape {tuple(np.shape(attention_mask))}; expected the shape of tokens '
-                         f'{tuple(tokens.shape)}')
+        raise InputError(
+            f'attention_mask has shape {tuple(np.shape(attention_mask))}; expected the shape of tokens '
+            f'{tuple(tokens.shape)}'
+        )
     return tokens
 
 
@@ -465,14 +349,51 @@ def _check_tokens(cfg: DecoderConfig, tokens, attention_mask=None):
 
 
 def init_params(cfg: DecoderConfig, seed: int) -> dict:
-    """Random params (normal(0, 0.02) weights, identity norms) in cfg.dtype; same seed, same numbers."""
-    model = Decoder(cfg, nnx.Rngs(params=seed))
-    return _from_nnx(cfg, nnx.to_pure_dict(nnx.state(model)))
+    """Random params (normal(0, 0.02) weights, identity norms) in cfg.dtype; same seed, same numbers.
+
+    The n-th weight drawn (embed, then q, k, v, o, gate, up, down of each block, then lm_head)
+    uses fold_in(key(seed), n). Identity norms are w = 0 with norm_plus_one, else w = 1.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    key = jax.random.key(seed)
+    draws = itertools.count()
+
+    def normal(*shape):
+        k = jax.random.fold_in(key, next(draws))
+        return (_INIT_STD * jax.random.normal(k, shape, jnp.float32)).astype(dt)
+
+    def norm(dim):
+        return jnp.zeros((dim,), dt) if cfg.norm_plus_one else jnp.ones((dim,), dt)
+
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = layer_param_shapes(cfg)
+    params = {'embed': normal(V, D)}
+    layers = []
+    for _ in range(cfg.num_layers):
+        lp = {
+            'q_proj': normal(D, H * hd),
+            'k_proj': normal(D, KV * hd),
+            'v_proj': normal(D, KV * hd),
+            'o_proj': normal(H * hd, D),
+            'gate_proj': normal(D, F),
+            'up_proj': normal(D, F),
+            'down_proj': normal(F, D),
+        }
+        layers.append({n: lp[n] if n in lp else norm(shapes[n][0]) for n in layer_param_names(cfg)})
+    params['final_norm'] = norm(D)
+    params['layers'] = layers
+    if not cfg.tie_word_embeddings:
+        params['lm_head'] = normal(D, V)
+    return params
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg, params, tokens, attention_mask):
-    return _model(cfg, params)(tokens, attention_mask)
+    _check_depth(cfg, params)
+    h = _embed_tokens(cfg, params, tokens)
+    h, _ = _run_layers(cfg, params, h, attention_mask, cfg.num_layers - 1, ())
+    return _logits(cfg, params, h)
 
 
 def forward(cfg: DecoderConfig, params: dict, tokens, attention_mask=None):
@@ -499,9 +420,9 @@ def check_layers(cfg: DecoderConfig, layers) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _resid_post(cfg, params, tokens, attention_mask, layers):
-    model = _model(cfg, params)
-    h = model.embed_tokens(tokens)
-    _, out = model.run_layers(h, attention_mask, max(layers), layers)
+    _check_depth(cfg, params)
+    h = _embed_tokens(cfg, params, tokens)
+    _, out = _run_layers(cfg, params, h, attention_mask, max(layers), layers)
     return out
 
 
@@ -509,7 +430,8 @@ def resid_post(cfg: DecoderConfig, params: dict, tokens, attention_mask=None, la
     """Residual stream after each requested block, {l: [B,T,D]} (l = HF hidden_states[l+1]).
 
     Runs blocks 0..max(layers) only; later blocks and the unembedding are never computed.
-    layers=None captures every layer.
+    layers=None captures every layer. Traceable: inside jit (traced tokens) the host-side token
+    checks are skipped, so a jitted loss or loop calls it like any other function.
     """
     tokens = _check_tokens(cfg, tokens, attention_mask)
     layers = check_layers(cfg, layers)
@@ -518,11 +440,12 @@ def resid_post(cfg: DecoderConfig, params: dict, tokens, attention_mask=None, la
 
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(cfg, params, tokens):
-    return _model(cfg, params).embed_tokens(tokens)
+    _check_depth(cfg, params)
+    return _embed_tokens(cfg, params, tokens)
 
 
 def embed(cfg: DecoderConfig, params: dict, tokens):
-    """Input to block 0: token embeddings [B,T,D] (gemma: times sqrt(D) in the activation dtype)."""
+    """Input to block 0: token embeddings [B,T,D] (scale_embeddings: times sqrt(D) in the activation dtype)."""
     tokens = _check_tokens(cfg, tokens)
     return _embed(cfg, params, tokens)
 
@@ -533,9 +456,11 @@ def canonical_layer(cfg: DecoderConfig, i: int) -> int:
     Blocks differ only by these, so jitting with the canonical index compiles once per kind of
     layer instead of once per layer.
     """
+
     def kind(j):
         base, scaling = cfg.rope_for_layer(j)
         return cfg.layer_types[j], base, tuple(sorted(scaling.items())) if scaling else None
+
     return next(j for j in range(cfg.num_layers) if kind(j) == kind(i))
 
 
@@ -545,11 +470,10 @@ def _block(cfg, layer_params, i, h, attention_mask, inputs):
     B, T, _ = h.shape
     positions, key_ok = _positions_and_keys(attention_mask, B, T)
     cos, sin = _rope(cfg, i, positions, h.dtype)
-    blk = nnx.merge(_block_graphdef(cfg), _layer_to_nnx(cfg, layer_params))
     window = _window(cfg, i)
     if inputs is None:
-        return blk(h, cos, sin, key_ok, window)
-    return blk.linear_inputs(h, cos, sin, key_ok, window, with_output=inputs == 'with_output')
+        return _block_apply(cfg, layer_params, h, cos, sin, key_ok, window)[0]
+    return _block_apply(cfg, layer_params, h, cos, sin, key_ok, window, with_output=inputs == 'with_output')
 
 
 def block(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None):
@@ -558,8 +482,9 @@ def block(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None
     return _block(cfg, layer_params, canonical_layer(cfg, i), h, attention_mask, None)
 
 
-def block_linear_inputs(cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None,
-                        with_output: bool = True):
+def block_linear_inputs(
+    cfg: DecoderConfig, layer_params: dict, i: int, h, attention_mask=None, with_output: bool = True
+):
     """Like `block`, also returning the input of each prunable linear layer (for Wanda statistics).
 
     Returns (h_out [B,T,D] or None when with_output=False, {name: x [B,T,d_in] for name in
@@ -573,7 +498,8 @@ def block_linear_inputs(cfg: DecoderConfig, layer_params: dict, i: int, h, atten
 
 @functools.partial(jax.jit, static_argnums=0)
 def _unembed(cfg, params, h):
-    return _model(cfg, params).unembed(h)
+    _check_depth(cfg, params)
+    return _logits(cfg, params, h)
 
 
 def unembed(cfg: DecoderConfig, params: dict, h):

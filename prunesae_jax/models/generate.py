@@ -54,13 +54,15 @@ def greedy_generate(cfg: DecoderConfig, params: dict, tokens, n_new: int, bucket
     if T + n_new > cfg.max_position_embeddings:
         # every step reruns the whole buffer: a length past the model's context is both meaningless and
         # quadratically slow
-        raise InputError(f'prompt length {T} + n_new={n_new} exceeds max_position_embeddings='
-                         f'{cfg.max_position_embeddings}; accepted: T + n_new <= {cfg.max_position_embeddings}')
+        raise InputError(
+            f'prompt length {T} + n_new={n_new} exceeds max_position_embeddings='
+            f'{cfg.max_position_embeddings}; accepted: T + n_new <= {cfg.max_position_embeddings}'
+        )
     size = -(-(T + n_new) // bucket) * bucket
     buf = np.zeros((1, size), np.int32)
     buf[:, :T] = tokens
     out = _greedy_loop(cfg, params, jnp.asarray(buf), jnp.int32(T), jnp.int32(T + n_new))
-    return out[:, :T + n_new]
+    return out[:, : T + n_new]
 
 
 def generate_text(model: str, prompt: str, max_new_tokens: int = 32, dtype: str = 'float32') -> str:
@@ -71,7 +73,7 @@ def generate_text(model: str, prompt: str, max_new_tokens: int = 32, dtype: str 
         raise InputError(f'prompt={prompt!r} must be a non-empty string')
     cfg, params, tokenizer = load_zoo(model, dtype=dtype)
     tokens = np.asarray([tokenizer(prompt).input_ids], np.int32)
-    out = np.asarray(greedy_generate(cfg, params, tokens, max_new_tokens))[0, tokens.shape[1]:]
+    out = np.asarray(greedy_generate(cfg, params, tokens, max_new_tokens))[0, tokens.shape[1] :]
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
     stops = [i for i, t in enumerate(out.tolist()) if t in eos]
-    return tokenizer.decode(out[:stops[0]] if stops else out, skip_special_tokens=True)
+    return tokenizer.decode(out[: stops[0]] if stops else out, skip_special_tokens=True)

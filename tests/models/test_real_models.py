@@ -36,8 +36,9 @@ RESID_TOL = 1e-4  # relative to the largest |activation| of that layer
 
 
 def _long_prompt():
-    words = ('river mountain forest city ocean desert island valley bridge tower garden market '
-             'library harbor castle meadow').split()
+    words = (
+        'river mountain forest city ocean desert island valley bridge tower garden market library harbor castle meadow'
+    ).split()
     rng = np.random.RandomState(0)
     return ' '.join(rng.choice(words) for _ in range(700)) + '. In summary, the journey'
 
@@ -50,9 +51,9 @@ def _report(msg):
 def _transformers_reference(name):
     """transformers' model of the zoo GGUF (from_pretrained(dir, gguf_file=...)), cached as its own HF folder.
 
-  transformers dequantises Gemma's GGUF in 30-100 s; its result (state dict + config, nothing of
-  ours) is saved once per transformers version next to the zoo cache and reloaded in seconds.
-  """
+    transformers dequantises Gemma's GGUF in 30-100 s; its result (state dict + config, nothing of
+    ours) is saved once per transformers version next to the zoo cache and reloaded in seconds.
+    """
     import json
     import shutil
     import tempfile
@@ -67,9 +68,13 @@ def _transformers_reference(name):
     if not os.path.isfile(os.path.join(folder, 'config.json')):
         path = zoo.gguf_path(name)
         hf = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-        sd = {k: v.contiguous() for k, v in hf.state_dict().items()
-              if not (k == 'lm_head.weight' and hf.config.tie_word_embeddings)}
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        )
+        sd = {
+            k: v.contiguous()
+            for k, v in hf.state_dict().items()
+            if not (k == 'lm_head.weight' and hf.config.tie_word_embeddings)
+        }
         config = hf.config.to_dict()
         config.pop('quantization_config', None)
         tmp = tempfile.mkdtemp(dir=zoo.cache_dir(name), prefix='.reference.', suffix='.tmp')
@@ -108,7 +113,7 @@ def _batch(tokenizer, prompts, pad):
     T = max(map(len, ids))
     tokens = np.full((len(ids), T), pad, np.int32)  # right padding: causal attention keeps it invisible
     for i, x in enumerate(ids):
-        tokens[i, :len(x)] = x
+        tokens[i, : len(x)] = x
     return tokens, [len(x) for x in ids]
 
 
@@ -118,8 +123,10 @@ def _hf_run(hf, tokens):
     import torch
 
     outputs = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in hf.model.layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in hf.model.layers
+    ]
     try:
         with torch.no_grad():
             out = hf(torch.tensor(tokens, dtype=torch.long), output_hidden_states=True)
@@ -144,8 +151,10 @@ def _compare(name, cfg, params, hf, tokens, lengths, what):
     for l in range(cfg.num_layers):
         a, b = resid[l][valid], hf_layers[l][valid]
         resid_err = max(resid_err, float(np.abs(a - b).max() / np.abs(b).max()))
-    _report(f'[{name}] {what}: {valid.sum()} positions, max |logit diff| = {logit_err:.2e}, '
-            f'max relative resid_post diff over {cfg.num_layers} layers = {resid_err:.2e}')
+    _report(
+        f'[{name}] {what}: {valid.sum()} positions, max |logit diff| = {logit_err:.2e}, '
+        f'max relative resid_post diff over {cfg.num_layers} layers = {resid_err:.2e}'
+    )
     assert logit_err <= LOGIT_TOL, f'{name} {what}: max |logit diff| = {logit_err:.3e} > {LOGIT_TOL}'
     assert resid_err <= RESID_TOL, f'{name} {what}: relative resid_post diff = {resid_err:.3e} > {RESID_TOL}'
 
@@ -178,16 +187,22 @@ def test_greedy_continuations_match_transformers_generate(pair):
     mismatches, examples = [], []
     for prompt in GEN_PROMPTS:
         ids = np.asarray([tokenizer(prompt).input_ids], np.int32)
-        ours = np.asarray(greedy_generate(cfg, params, ids, N_NEW))[0, ids.shape[1]:]
+        ours = np.asarray(greedy_generate(cfg, params, ids, N_NEW))[0, ids.shape[1] :]
         with torch.no_grad():
-            theirs = hf.generate(torch.tensor(ids, dtype=torch.long), max_new_tokens=N_NEW, do_sample=False,
-                                 pad_token_id=cfg.pad_token_id).numpy()[0, ids.shape[1]:]
+            theirs = hf.generate(
+                torch.tensor(ids, dtype=torch.long),
+                max_new_tokens=N_NEW,
+                do_sample=False,
+                pad_token_id=cfg.pad_token_id,
+            ).numpy()[0, ids.shape[1] :]
         assert len(ours) == len(theirs) == N_NEW
         examples.append(f'{prompt!r} -> {tokenizer.decode(ours)!r}')
         if not np.array_equal(ours, theirs):
             mismatches.append((prompt, tokenizer.decode(ours), tokenizer.decode(theirs)))
-    _report(f'[{name}] greedy {N_NEW} tokens x {len(GEN_PROMPTS)} prompts: {len(GEN_PROMPTS) - len(mismatches)} '
-            f'identical ({time.time() - t0:.1f} s); e.g. {examples[0]}')
+    _report(
+        f'[{name}] greedy {N_NEW} tokens x {len(GEN_PROMPTS)} prompts: {len(GEN_PROMPTS) - len(mismatches)} '
+        f'identical ({time.time() - t0:.1f} s); e.g. {examples[0]}'
+    )
     assert not mismatches, f'{name}: greedy continuations differ from transformers: {mismatches}'
 
 
@@ -212,4 +227,7 @@ def test_torch_free_tokenizer_encodes_like_transformers_gguf_path(name):
     for text in TOKENIZER_TEXTS:
         assert ours(text).input_ids == ref(text).input_ids, text
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
-        ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
+        ref.bos_token_id,
+        ref.eos_token_id,
+        ref.pad_token_id,
+    )

@@ -66,9 +66,13 @@ def test_eight_device_fsdp_and_tp_equal_single_device(tmp_path, family):
     tokens, mask = _batch(cfg)
     np.savez(tmp_path / 'batch.npz', tokens=tokens, mask=mask)
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-    proc = subprocess.run([sys.executable, '-c', _SCRIPT, family, str(tmp_path / 'out.npz'),
-                           str(tmp_path / 'batch.npz')], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, '-c', _SCRIPT, family, str(tmp_path / 'out.npz'), str(tmp_path / 'batch.npz')],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = dict(np.load(tmp_path / 'out.npz'))
 
@@ -122,9 +126,12 @@ def test_specs_replicate_what_does_not_divide():
     assert layer['gate_proj'] == P(None, 'data') and layer['down_proj'] == P('data', None)
     assert layer['q_proj'] == P() and layer['input_norm'] == P() and specs['final_norm'] == P()
     assert specs['embed'] == P('data', None)
-    assert all(s == P() for s in jax.tree.leaves(
-        sharding.param_specs(params, _AxisSizes(data=8, model=1), 'none'),
-        is_leaf=lambda x: isinstance(x, P)))
+    assert all(
+        s == P()
+        for s in jax.tree.leaves(
+            sharding.param_specs(params, _AxisSizes(data=8, model=1), 'none'), is_leaf=lambda x: isinstance(x, P)
+        )
+    )
 
 
 def test_one_device_mesh_and_errors():
@@ -133,9 +140,12 @@ def test_one_device_mesh_and_errors():
     tokens, mask = _batch(cfg)
     mesh = sharding.make_model_mesh(1, 1)
     sp = sharding.shard_params(params, mesh, 'fsdp', cfg)
-    np.testing.assert_allclose(np.asarray(sharding.forward(cfg, sp, tokens, mask, mesh=mesh)),
-                               np.asarray(decoder.forward(cfg, params, tokens, mask)), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(sharding.forward(cfg, sp, tokens, mask, mesh=mesh)),
+        np.asarray(decoder.forward(cfg, params, tokens, mask)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(InputError, match="strategy='zero3'"):
         sharding.shard_params(params, mesh, 'zero3')
     with pytest.raises(InputError, match='needs 16 devices'):
@@ -173,6 +183,7 @@ _MULTI_PROCESS = textwrap.dedent("""
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(('localhost', 0))
         return s.getsockname()[1]
@@ -187,9 +198,16 @@ def test_two_processes_via_jax_distributed_equal_single_device(tmp_path):
     np.savez(tmp_path / 'batch.npz', tokens=tokens, mask=mask)
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
     port, out = str(_free_port()), str(tmp_path / 'out')
-    procs = [subprocess.Popen([sys.executable, '-c', _MULTI_PROCESS, str(pid), port, out,
-                               str(tmp_path / 'batch.npz')], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-c', _MULTI_PROCESS, str(pid), port, out, str(tmp_path / 'batch.npz')],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -207,17 +225,21 @@ def test_two_processes_via_jax_distributed_equal_single_device(tmp_path):
         assert tuple(got['tp/gate_proj']) == (cfg.hidden_size, cfg.intermediate_size // 4)
 
 
-@pytest.mark.parametrize('field, value, match', [
-    ('mesh.model_sharding', 'zero3', r"mesh.model_sharding='zero3'.*none \| fsdp \| tp"),
-    ('mesh.model', 0, r'mesh.model=0.*int >= 1'),
-    ('mesh.model', 2, r"mesh.model=2.*unless mesh.model_sharding='tp'"),
-    ('mesh.model_sharding', 'tp', r"mesh.model_sharding='tp'.*mesh.model >= 2"),
-    ('distributed.num_processes', -1, r'distributed.num_processes=-1.*int >= 0'),
-    ('distributed.coordinator_address', 'nohost', r"coordinator_address='nohost'.*host:port"),
-    ('distributed.process_id', 4, r'distributed.process_id=4.*\[0, distributed.num_processes - 1\]'),
-])
+@pytest.mark.parametrize(
+    'field, value, match',
+    [
+        ('mesh.model_sharding', 'zero3', r"mesh.model_sharding='zero3'.*none \| fsdp \| tp"),
+        ('mesh.model', 0, r'mesh.model=0.*int >= 1'),
+        ('mesh.model', 2, r"mesh.model=2.*unless mesh.model_sharding='tp'"),
+        ('mesh.model_sharding', 'tp', r"mesh.model_sharding='tp'.*mesh.model >= 2"),
+        ('distributed.num_processes', -1, r'distributed.num_processes=-1.*int >= 0'),
+        ('distributed.coordinator_address', 'nohost', r"coordinator_address='nohost'.*host:port"),
+        ('distributed.process_id', 4, r'distributed.process_id=4.*\[0, distributed.num_processes - 1\]'),
+    ],
+)
 def test_config_mesh_and_distributed_fields(field, value, match):
     from prunesae_jax.study.config import ConfigError, base_config, validate
+
     config = base_config()
     config.model = 'tiny:llama'
     config.distributed.num_processes = 2

@@ -20,8 +20,11 @@ def ref_strided_nll(cfg, params, stream, window, stride, bos):
         trg = end - prev_end
         ids = np.concatenate([[bos], stream[begin:end]]).astype(np.int32)
         logits = np.asarray(forward(cfg, params, jnp.asarray(ids[None])), np.float64)[0]  # [L+1, V]
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits.max(-1, keepdims=True)
+        )
         nll = -logp[np.arange(len(ids) - 1), ids[1:]]  # position p predicts token p + 1
         total += nll[-trg:].sum()
         count += trg
@@ -37,7 +40,7 @@ def test_window_spans_score_every_token_once():
         scored = np.zeros(n, int)
         for b, e, k in spans:
             assert e - b <= w and k <= e - b
-            scored[e - k:e] += 1
+            scored[e - k : e] += 1
         assert (scored == 1).all()
     assert window_spans(2048, 1024, 512) == [(0, 1024, 1024), (512, 1536, 512), (1024, 2048, 512)]
     with pytest.raises(ValueError, match='stride'):

@@ -45,12 +45,15 @@ def test_token_ids_outside_the_vocabulary_are_named_not_reported_as_non_finite(m
         window_nll(cfg, params, _text(), window=16, stride=8, bos_token_id=128)
 
 
-@pytest.mark.parametrize('kw,match', [
-    ({'batch_size': 0}, r'batch_size=0; accepted: a positive int'),
-    ({'chunk': -4}, r'chunk=-4; accepted: a positive int'),
-    ({'window': 16.0}, r'window=16.0; accepted: a positive int'),
-    ({'stride': 32}, r'window=16, stride=32'),
-])
+@pytest.mark.parametrize(
+    'kw,match',
+    [
+        ({'batch_size': 0}, r'batch_size=0; accepted: a positive int'),
+        ({'chunk': -4}, r'chunk=-4; accepted: a positive int'),
+        ({'window': 16.0}, r'window=16.0; accepted: a positive int'),
+        ({'stride': 32}, r'window=16, stride=32'),
+    ],
+)
 def test_size_arguments_are_checked(model, kw, match):
     cfg, params = model
     args = {**dict(window=16, stride=8, batch_size=2), **kw}
