@@ -19,90 +19,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from prunesae_jax import io as pio
 from prunesae_jax.errors import InputError, NonFiniteError
-from prunesae_jax.sae import core
-from prunesae_jax.sae.store import ArrayStore, _atomic_write_json
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How to train S seeds of one SAE config."""
-
-    n_steps: int = 1000
-    n_seeds: int = 1
-    seed: int = 0  # SAE s is initialised from jax.random.key(seed + s)
-    data_seed: int = 0
-    batch_size: int = 4096
-    lr: float | None = None  # None -> 2e-4 / sqrt(n_latents / 2**14)
-    warmup_steps: int = 100
-    decay_frac: float = 0.2  # linear decay to 0 over the last 20% of steps
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    per_seed_data: bool = False
-    normalize: bool = True  # scale inputs so E||x|| = sqrt(d_in)
-    geometric_median_tokens: int = 4096
-    checkpoint_every: int = 0  # 0 = no checkpoints
-    log_every: int = 50
-    eval_tokens: int = 16384
-    progress: bool = True
-    # TopK: how many seeds one pass of the step computes together (vmapped); the passes run one after
-    # another (lax.map). 0 = auto: all seeds on GPU / TPU, one at a time on CPU, where batching seeds
-    # saves nothing (S GEMMs batched run at the FLOP rate of S GEMMs in a row) and holds S [B, n]
-    # pre-activation arrays at once. Results agree to float rounding either way.
-    seeds_per_pass: int = 0
-    # convergence snapshots: at step max(1, round(frac * n_steps)) for each frac in (0, 1], train() keeps
-    # every seed's decoder W_dec (TrainResult.snapshots; with a workdir also on disk, so they survive a
-    # kill and resume). Each costs one host copy of [S, n, d_in] float32 (S x 170 MB at 18432 x 2304).
-    snapshot_fracs: tuple[float, ...] = ()
-
-    def __post_init__(self):
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_real(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name in ("n_steps", "n_seeds", "batch_size", "geometric_median_tokens", "eval_tokens"):
-            v = getattr(self, name)
-            if not is_int(v) or v <= 0:
-                raise InputError(f"{name}={v!r}; accepted: a positive int")
-        for name in ("seed", "data_seed", "warmup_steps", "checkpoint_every", "log_every"):
-            v = getattr(self, name)
-            if not is_int(v) or v < 0:
-                raise InputError(f"{name}={v!r}; accepted: an int >= 0")
-        if self.lr is not None and (not is_real(self.lr) or self.lr <= 0):
-            # a negative rate would train by gradient ascent, 0 would not train at all
-            raise InputError(f"lr={self.lr!r}; accepted: a finite learning rate > 0, or None for the default")
-        for name in ("adam_b1", "adam_b2"):
-            v = getattr(self, name)
-            if not is_real(v) or not 0.0 <= v < 1.0:
-                raise InputError(f"{name}={v!r}; accepted: 0 <= {name} < 1")
-        if not is_real(self.decay_frac) or not 0.0 <= self.decay_frac <= 1.0:
-            raise InputError(f"decay_frac={self.decay_frac!r}; accepted: 0..1")
-        if not is_int(self.seeds_per_pass) or self.seeds_per_pass < 0:
-            raise InputError(f"seeds_per_pass={self.seeds_per_pass!r}; accepted: 0 (auto) or a positive int")
-        fracs = self.snapshot_fracs
-        if isinstance(fracs, (str, bytes)) or not hasattr(fracs, "__iter__"):
-            raise InputError(f"snapshot_fracs={fracs!r}; accepted: a tuple of fractions in (0, 1]")
-        bad = [f for f in fracs if isinstance(f, bool) or not isinstance(f, (int, float))
-               or not math.isfinite(f) or not 0.0 < f <= 1.0]
-        if bad:
-            raise InputError(f"snapshot_fracs={tuple(fracs)!r}: {bad} not in (0, 1]; accepted: fractions of "
-                             "n_steps in (0, 1], e.g. (0.25, 0.5, 1.0)")
-        object.__setattr__(self, "snapshot_fracs", tuple(float(f) for f in fracs))
-
-    @property
-    def snapshot_steps(self) -> tuple[int, ...]:
-        """The steps (1..n_steps, sorted, distinct) at which train() snapshots the decoders."""
-        return tuple(sorted({max(1, round(f * self.n_steps)) for f in self.snapshot_fracs}))
-
+from prunesae_jax.sae import arch, common, core, kernels
+from prunesae_jax.sae.config import SAEConfig, TrainConfig
+from prunesae_jax.sae.store import ArrayStore
 
 # fields that change the numbers: a checkpoint from a run that differs in these cannot be resumed
-_RESUME_IGNORED = ("progress", "log_every", "checkpoint_every", "eval_tokens", "seeds_per_pass")
+_RESUME_IGNORED = ('progress', 'log_every', 'checkpoint_every', 'eval_tokens', 'seeds_per_pass')
 
 
 @dataclasses.dataclass
@@ -133,18 +61,20 @@ def resolve_dead_tokens(dead_tokens: int | None, total_tokens: int) -> int:
     """
     total = int(total_tokens)
     if total < 1:
-        raise InputError(f"total_tokens={total_tokens}; accepted: a positive int")
+        raise InputError(f'total_tokens={total_tokens}; accepted: a positive int')
     if dead_tokens is None:
         return min(AUTO_DEAD_TOKENS_CAP, max(1, total // 10))
     if isinstance(dead_tokens, bool) or int(dead_tokens) != dead_tokens or int(dead_tokens) < 1:
-        raise InputError(f"dead_tokens={dead_tokens!r}; accepted: a positive int, or None for auto")
+        raise InputError(f'dead_tokens={dead_tokens!r}; accepted: a positive int, or None for auto')
     if int(dead_tokens) > total:
-        raise InputError(f"dead_tokens={int(dead_tokens)} can never be reached: the run trains on {total} "
-                         f"tokens; accepted: <= {total}, or None for auto")
+        raise InputError(
+            f'dead_tokens={int(dead_tokens)} can never be reached: the run trains on {total} '
+            f'tokens; accepted: <= {total}, or None for auto'
+        )
     return int(dead_tokens)
 
 
-def batchtopk_threshold_start(sae_cfg: core.SAEConfig, n_steps: int) -> int:
+def batchtopk_threshold_start(sae_cfg: SAEConfig, n_steps: int) -> int:
     """The step after which the BatchTopK inference threshold is updated: min(start_step, n_steps // 2).
 
     dictionary_learning (BatchTopKTrainer) updates on 0-based steps t > threshold_start_step (1000) with
@@ -156,7 +86,7 @@ def batchtopk_threshold_start(sae_cfg: core.SAEConfig, n_steps: int) -> int:
     return int(min(sae_cfg.batchtopk_threshold_start_step, n_steps // 2))
 
 
-def initial_decoder(sae_cfg: core.SAEConfig, seed: int, n_seeds: int) -> np.ndarray:
+def initial_decoder(sae_cfg: SAEConfig, seed: int, n_seeds: int) -> np.ndarray:
     """The untrained unit-norm decoder rows [S, n, d_in] of seeds seed .. seed + n_seeds - 1, exactly as
     init_state starts them (TrainConfig.seed = seed): the init-only null of decoder similarity."""
     return np.asarray(core.init_decoder(_seed_keys(seed, n_seeds), sae_cfg))
@@ -166,23 +96,9 @@ def _seed_keys(seed: int, n_seeds: int):
     return jnp.stack([jax.random.key_data(jax.random.key(seed + s)) for s in range(n_seeds)])
 
 
-def learning_rate_schedule(sae_cfg: core.SAEConfig, tcfg: TrainConfig):
-    lr = tcfg.lr if tcfg.lr is not None else core.lr_default(sae_cfg.n_latents)
-    warm = max(min(tcfg.warmup_steps, tcfg.n_steps - 1), 0)
-    decay = int(tcfg.n_steps * tcfg.decay_frac)
-    flat = max(tcfg.n_steps - warm - decay, 0)
-    parts = [optax.linear_schedule(lr * 1e-3 if warm else lr, lr, max(warm, 1)),
-             optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(decay, 1))]
-    return optax.join_schedules(parts, [warm, warm + flat])
-
-
-def make_optimizer(sae_cfg, tcfg):
-    """optax Adam with the run's schedule: the reference the fused update in the train step follows."""
-    return optax.adam(learning_rate_schedule(sae_cfg, tcfg), b1=tcfg.adam_b1, b2=tcfg.adam_b2)
-
-
-def schedule_args(sae_cfg: core.SAEConfig, tcfg: TrainConfig) -> np.ndarray:
-    """[lr, lr at step 0, warm-up steps, last warm-up-or-flat step, decay steps] for _lr_at.
+def schedule_args(sae_cfg: SAEConfig, tcfg: TrainConfig) -> np.ndarray:
+    """[lr, lr at step 0, warm-up steps, last warm-up-or-flat step, decay steps] for _lr_at: warm-up
+    from lr * 1e-3, flat, then linear decay to 0 over the last decay_frac of the steps.
 
     The schedule travels as a (tiny) array argument of the jitted step, so runs that differ only in
     n_steps / lr / warm-up share one compiled step.
@@ -195,7 +111,8 @@ def schedule_args(sae_cfg: core.SAEConfig, tcfg: TrainConfig) -> np.ndarray:
 
 
 def _lr_at(step, sched):
-    """learning_rate_schedule(step) from schedule_args, inside the jitted step (same formula as optax)."""
+    """The learning rate of `step` from schedule_args, inside the jitted step (optax's join of linear
+    schedules, written out: tests/sae/reference.py holds the optax reference)."""
     lr, lr0, warm_len, warm, flat_end, decay_len = (sched[i] for i in range(6))
     t = step.astype(jnp.float32)
     up = (lr0 - lr) * (1 - jnp.clip(t, 0, warm_len) / warm_len) + lr
@@ -203,23 +120,23 @@ def _lr_at(step, sched):
     return jnp.where(t < warm, up, jnp.where(t < flat_end, lr, down))
 
 
-def init_state(sae_cfg: core.SAEConfig, tcfg: TrainConfig, sample=None) -> dict:
+def init_state(sae_cfg: SAEConfig, tcfg: TrainConfig, sample=None) -> dict:
     """The full train state pytree (seed axis S first on every per-seed leaf)."""
     params = core.init(_seed_keys(tcfg.seed, tcfg.n_seeds), sae_cfg, sample)
     s, n = tcfg.n_seeds, sae_cfg.n_latents
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)
     return {
-        "params": params,
-        "opt_state": {"mu": zeros(), "nu": zeros()},  # Adam moments; the step count is state["step"]
-        "since_fired": jnp.zeros((s, n), jnp.int32),  # tokens since each latent last fired
-        "fire_count": jnp.zeros((s, n), jnp.int32),  # tokens that fired it, whole run
-        "bad_step": jnp.full((s,), -1, jnp.int32),  # first step whose loss was not finite
-        "aux_steps": jnp.zeros((s,), jnp.int32),  # steps on which AuxK ran (some latent was dead)
-        "step": jnp.zeros((), jnp.int32),
+        'params': params,
+        'opt_state': {'mu': zeros(), 'nu': zeros()},  # Adam moments; the step count is state["step"]
+        'since_fired': jnp.zeros((s, n), jnp.int32),  # tokens since each latent last fired
+        'fire_count': jnp.zeros((s, n), jnp.int32),  # tokens that fired it, whole run
+        'bad_step': jnp.full((s,), -1, jnp.int32),  # first step whose loss was not finite
+        'aux_steps': jnp.zeros((s,), jnp.int32),  # steps on which AuxK ran (some latent was dead)
+        'step': jnp.zeros((), jnp.int32),
     }
 
 
-def make_train_step(sae_cfg: core.SAEConfig, tcfg: TrainConfig, mesh=None):
+def make_train_step(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh=None):
     """step(state, batch) -> (state, metrics); batch [B, d_in] or [S, B, d_in] (per_seed_data).
 
     The state is donated. Every per-seed metric has shape [S]. The compiled step depends on the SAE
@@ -228,8 +145,9 @@ def make_train_step(sae_cfg: core.SAEConfig, tcfg: TrainConfig, mesh=None):
     so every train() call with those reuses it.
     """
     key_cfg = dataclasses.replace(sae_cfg, dead_tokens=None, batchtopk_threshold_start_step=0)
-    f = _make_train_step(key_cfg, float(tcfg.adam_b1), float(tcfg.adam_b2), bool(tcfg.per_seed_data), mesh,
-                         _seeds_per_pass(tcfg))
+    f = _make_train_step(
+        key_cfg, float(tcfg.adam_b1), float(tcfg.adam_b2), bool(tcfg.per_seed_data), mesh, _seeds_per_pass(tcfg)
+    )
     sched = schedule_args(sae_cfg, tcfg)
     ctl = step_controls(sae_cfg, tcfg)
     return lambda state, batch, scale=1.0: f(state, batch, sched, np.float32(scale), ctl)
@@ -238,7 +156,7 @@ def make_train_step(sae_cfg: core.SAEConfig, tcfg: TrainConfig, mesh=None):
 _SINCE_CAP = 2**30  # since_fired saturates here (int32)
 
 
-def step_controls(sae_cfg: core.SAEConfig, tcfg: TrainConfig) -> np.ndarray:
+def step_controls(sae_cfg: SAEConfig, tcfg: TrainConfig) -> np.ndarray:
     """int32 [dead window in tokens, BatchTopK threshold start step] for the jitted step."""
     dead = resolve_dead_tokens(sae_cfg.dead_tokens, tcfg.n_steps * tcfg.batch_size)
     return np.asarray([min(dead, _SINCE_CAP), batchtopk_threshold_start(sae_cfg, tcfg.n_steps)], np.int32)
@@ -248,42 +166,24 @@ def _seeds_per_pass(tcfg: TrainConfig) -> int:
     """TrainConfig.seeds_per_pass with 0 resolved for the default backend."""
     if tcfg.seeds_per_pass:
         return min(tcfg.seeds_per_pass, tcfg.n_seeds)
-    return 1 if jax.default_backend() == "cpu" else tcfg.n_seeds
-
-
-def _adam_apply(p, g, mu, nu, ok, lr, b1, b2, t, unit_rows: bool, eps: float = 1e-8):
-    """One fused elementwise pass of Adam for one param [S, ...] (optax.adam's formula).
-
-    unit_rows: W_dec, whose rows stay on the unit sphere: the gradient component along each row is
-    dropped before Adam and the updated rows are renormalised (the rows are unit norm on entry, so the
-    projection uses them directly). ok [S]: seeds whose loss was not finite keep p, mu, nu unchanged.
-    """
-    if unit_rows:
-        g = g - (g * p).sum(-1, keepdims=True) * p
-    mu_n = b1 * mu + (1 - b1) * g
-    nu_n = b2 * nu + (1 - b2) * (g * g)
-    new = p - (lr / (1 - b1 ** t)) * mu_n / (jnp.sqrt(nu_n / (1 - b2 ** t)) + eps)
-    if unit_rows:
-        new = core.normalize_decoder(new)
-    okb = ok.reshape((-1,) + (1,) * (p.ndim - 1))
-    return jnp.where(okb, new, p), jnp.where(okb, mu_n, mu), jnp.where(okb, nu_n, nu)
+    return 1 if jax.default_backend() == 'cpu' else tcfg.n_seeds
 
 
 @functools.lru_cache(maxsize=16)
-def _make_train_step(sae_cfg: core.SAEConfig, b1: float, b2: float, per_seed_data: bool, mesh=None,
-                     seeds_per_pass: int = 1):
+def _make_train_step(sae_cfg: SAEConfig, b1: float, b2: float, per_seed_data: bool, mesh=None, seeds_per_pass: int = 1):
     cap = jnp.int32(_SINCE_CAP)
+    spec = arch.get(sae_cfg.architecture)
 
     def update(params, opt_state, since, count, bad, aux_steps, step, x, sched, ctl):
         """All seeds at once: params / since / count / bad / aux_steps carry the seed axis S first."""
         dead_tokens, thr_start = ctl[0], ctl[1]
         dead = since >= dead_tokens  # [S, n]
         x_axis = 0 if x.ndim == 3 else None
-        if sae_cfg.architecture == "topk":
+        if spec.loss_and_grads is not None:
             # seeds_per_pass seeds vmapped per pass, the passes one after another (lax.map); gradients are
             # written out by hand
             def grads(use_aux):
-                fn = lambda pp, xx, dd: core.topk_loss_and_grads(sae_cfg, pp, xx, dd, use_aux)
+                fn = lambda pp, xx, dd: spec.loss_and_grads(sae_cfg, pp, xx, dd, use_aux)
                 if dead.shape[0] == 1:  # one seed: no loop (its outputs would be copied into stacked buffers)
                     one = fn(jax.tree.map(lambda a: a[0], params), x if x_axis is None else x[0], dead[0])
                     return jax.tree.map(lambda a: a[None], one)
@@ -297,14 +197,16 @@ def _make_train_step(sae_cfg: core.SAEConfig, b1: float, b2: float, per_seed_dat
             # AuxK costs a second top-k and a k_aux-wide sparse pass: only when some latent of some seed is
             # dead. Only the gradients are under the cond: with the Adam update inside too, XLA copied the
             # whole state out of the cond's result every step
-            if sae_cfg.aux_coeff:
+            if spec.uses_auxk and sae_cfg.aux_coeff:
                 loss, aux, g = jax.lax.cond(dead.any(), lambda: grads(True), lambda: grads(False))
             else:  # AuxK weighs nothing: never pay for it
                 loss, aux, g = grads(False)
         else:
+
             def loss_fn(p):
-                loss, aux = jax.vmap(lambda pp, xx, dd: core.train_loss(sae_cfg, pp, xx, dd, False),
-                                     in_axes=(0, x_axis, 0))(p, x, dead)
+                loss, aux = jax.vmap(lambda pp, xx, dd: spec.loss(sae_cfg, pp, xx, dd, False), in_axes=(0, x_axis, 0))(
+                    p, x, dead
+                )
                 return loss.sum(), (loss, aux)
 
             (_, (loss, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -313,68 +215,79 @@ def _make_train_step(sae_cfg: core.SAEConfig, b1: float, b2: float, per_seed_dat
         t = (step + 1).astype(jnp.float32)
         new, mu, nu = {}, {}, {}
         for name in params:
-            unit = name == "W_dec" and sae_cfg.unit_norm_decoder
-            new[name], mu[name], nu[name] = _adam_apply(params[name], g[name], opt_state["mu"][name],
-                                                        opt_state["nu"][name], ok, lr, b1, b2, t, unit)
-        if sae_cfg.architecture == "batchtopk":
-            # inference threshold (dictionary_learning): on steps after thr_start, an EMA of the batch's
-            # smallest active pre-activation (0 when nothing fired); the first update (threshold < 0 =
-            # unset) takes the estimate as it is
-            m = sae_cfg.batchtopk_threshold_momentum
-            old = params["threshold"][:, 0]
-            est = jnp.where(jnp.isfinite(aux["min_active"]), aux["min_active"], 0.0)
-            thr = jnp.where(old < 0, est, m * old + (1 - m) * est)
-            thr = jnp.where(step > thr_start, thr, old)
-            thr = jnp.broadcast_to(thr[:, None], params["threshold"].shape)
-            new["threshold"] = jnp.where(ok[:, None], thr, params["threshold"])
-        elif sae_cfg.architecture == "jumprelu":
-            new["threshold"] = jnp.maximum(new["threshold"], 1e-6)
-        fc = aux["fire_count"]
+            unit = name == 'W_dec' and sae_cfg.unit_norm_decoder
+            new[name], mu[name], nu[name] = kernels.adam_apply(
+                params[name], g[name], opt_state['mu'][name], opt_state['nu'][name], ok, lr, b1, b2, t, unit
+            )
+        new = spec.after_update(sae_cfg, params, new, aux, ok, step, thr_start)  # thresholds
+        fc = aux['fire_count']
         okc = ok[:, None]
         since = jnp.where(okc, jnp.where(fc > 0, 0, jnp.minimum(since + x.shape[-2], cap)), since)
         count = jnp.where(okc, count + fc, count)
-        if sae_cfg.architecture == "topk" and sae_cfg.aux_coeff:
+        if spec.uses_auxk and sae_cfg.aux_coeff:
             aux_steps = jnp.where(ok & dead.any(-1), aux_steps + 1, aux_steps)
         bad = jnp.where((bad < 0) & ~jnp.isfinite(loss), step, bad)
-        fvu = jax.vmap(core.fvu, in_axes=(x_axis, 0))(x, aux["x_hat"])
-        metrics = {"loss": loss, "mse": aux["mse"], "fvu": fvu, "l0": aux["l0"],
-                   "aux_loss": aux.get("aux_loss", jnp.zeros_like(loss)),
-                   "dead_frac": (since >= dead_tokens).mean(-1)}
-        return new, {"mu": mu, "nu": nu}, since, count, bad, aux_steps, metrics
+        fvu = jax.vmap(common.fvu, in_axes=(x_axis, 0))(x, aux['x_hat'])
+        metrics = {
+            'loss': loss,
+            'mse': aux['mse'],
+            'fvu': fvu,
+            'l0': aux['l0'],
+            'aux_loss': aux.get('aux_loss', jnp.zeros_like(loss)),
+            'dead_frac': (since >= dead_tokens).mean(-1),
+        }
+        return new, {'mu': mu, 'nu': nu}, since, count, bad, aux_steps, metrics
 
     def step_fn(state, batch, sched, scale, ctl):
         batch = batch * scale  # the normalisation, once for all seeds
         params, opt_state, since, count, bad, aux_steps, metrics = update(
-            state["params"], state["opt_state"], state["since_fired"], state["fire_count"], state["bad_step"],
-            state["aux_steps"], state["step"], batch, sched, ctl)
-        return {"params": params, "opt_state": opt_state, "since_fired": since, "fire_count": count,
-                "bad_step": bad, "aux_steps": aux_steps, "step": state["step"] + 1}, metrics
+            state['params'],
+            state['opt_state'],
+            state['since_fired'],
+            state['fire_count'],
+            state['bad_step'],
+            state['aux_steps'],
+            state['step'],
+            batch,
+            sched,
+            ctl,
+        )
+        return {
+            'params': params,
+            'opt_state': opt_state,
+            'since_fired': since,
+            'fire_count': count,
+            'bad_step': bad,
+            'aux_steps': aux_steps,
+            'step': state['step'] + 1,
+        }, metrics
 
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
-    batch_sh = NamedSharding(mesh, P("seed", "data") if per_seed_data else P("data"))
-    metric_sh = NamedSharding(mesh, P("seed"))
+    batch_sh = NamedSharding(mesh, P('seed', 'data') if per_seed_data else P('data'))
+    metric_sh = NamedSharding(mesh, P('seed'))
     rep = NamedSharding(mesh, P())
     compiled = {}
 
     def sharded_step(st, b, sched, scale, ctl):
-        if "f" not in compiled:  # shardings follow the state's structure: build the jit once
+        if 'f' not in compiled:  # shardings follow the state's structure: build the jit once
             sh = jax.tree.map(lambda a: state_sharding(mesh, a), st)
-            compiled["f"] = jax.jit(step_fn, donate_argnums=0, in_shardings=(sh, batch_sh, rep, rep, rep),
-                                    out_shardings=(sh, metric_sh))
-        return compiled["f"](st, b, sched, scale, ctl)
+            compiled['f'] = jax.jit(
+                step_fn, donate_argnums=0, in_shardings=(sh, batch_sh, rep, rep, rep), out_shardings=(sh, metric_sh)
+            )
+        return compiled['f'](st, b, sched, scale, ctl)
 
     return sharded_step
 
 
 def state_sharding(mesh, a):
     """Per-seed leaves split over the mesh's 'seed' axis; scalars replicated."""
-    return NamedSharding(mesh, P("seed") if getattr(a, "ndim", 0) >= 1 else P())
+    return NamedSharding(mesh, P('seed') if getattr(a, 'ndim', 0) >= 1 else P())
 
 
 def _config_dict(sae_cfg, tcfg):
     t = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _RESUME_IGNORED}
-    return {"sae": sae_cfg.to_dict(), "train": t}
+    return {'sae': sae_cfg.to_dict(), 'train': t}
 
 
 def _input_scale(store, tcfg, d_in) -> float:
@@ -391,7 +304,7 @@ def _batch(store, tcfg, step):
     else:
         b = store.batch(tcfg.batch_size, tcfg.data_seed, step)
     if not np.isfinite(b).all():
-        raise InputError(f"non-finite activations in the batch of step {step}; activations must be finite")
+        raise InputError(f'non-finite activations in the batch of step {step}; activations must be finite')
     return b
 
 
@@ -400,7 +313,7 @@ def _sha256_file(path: str) -> list:
     import hashlib  # noqa: PLC0415
 
     h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+    with open(path, 'rb') as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
             size += len(chunk)
@@ -423,7 +336,7 @@ def _file_sums_of(path: str) -> list[list]:
 
 
 def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
 
 
 class _Checkpointer:
@@ -434,44 +347,49 @@ class _Checkpointer:
 
     def __init__(self, workdir):
         import orbax.checkpoint as ocp  # noqa: PLC0415  (slow import, only when checkpointing)
+
         self.ocp = ocp
-        self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.sums = os.path.abspath(os.path.join(workdir, "checkpoint_sums"))
+        self.dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+        self.sums = os.path.abspath(os.path.join(workdir, 'checkpoint_sums'))
         try:
             self.mgr = self._manager()
             self.mgr.all_steps()
         except Exception as e:  # noqa: BLE001  (a damaged checkpoint folder: start it afresh)
-            logging.warning("SAE checkpoints in %s cannot be read (%s); removing them", self.dir, _first_line(e))
+            logging.warning('SAE checkpoints in %s cannot be read (%s); removing them', self.dir, _first_line(e))
             import shutil  # noqa: PLC0415
+
             shutil.rmtree(self.dir, ignore_errors=True)
             shutil.rmtree(self.sums, ignore_errors=True)
             self.mgr = self._manager()
 
     def _manager(self):
         return self.ocp.CheckpointManager(
-            self.dir, options=self.ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+            self.dir, options=self.ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+        )
 
     def latest(self):
         return self.mgr.latest_step()
 
     def _sums_path(self, step) -> str:
-        return os.path.join(self.sums, f"{int(step)}.json")
+        return os.path.join(self.sums, f'{int(step)}.json')
 
     def save(self, step, state, extra, files=()):
         """Saves checkpoint `step`; `files`: other files a resume from it reads (the decoder snapshots
         up to it), summed with it."""
-        self.mgr.save(step, args=self.ocp.args.Composite(
-            state=self.ocp.args.StandardSave(state), extra=self.ocp.args.JsonSave(extra)))
+        self.mgr.save(
+            step,
+            args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state), extra=self.ocp.args.JsonSave(extra)),
+        )
         self.mgr.wait_until_finished()
-        os.makedirs(self.sums, exist_ok=True)
-        sums = {"checkpoint": _file_sums(os.path.join(self.dir, str(int(step)))), "files": {}}
+        pio.make_dirs(self.sums)
+        sums = {'checkpoint': _file_sums(os.path.join(self.dir, str(int(step)))), 'files': {}}
         for path in files:  # relative to the workdir, which may move
             rel = os.path.relpath(os.path.abspath(path), os.path.dirname(self.dir))
-            sums["files"].update({rel: v for v in _file_sums_of(path)})
-        _atomic_write_json(self._sums_path(step), sums)
-        kept = {f"{int(t)}.json" for t in self.mgr.all_steps()}
+            sums['files'].update({rel: v for v in _file_sums_of(path)})
+        pio.atomic_write_text(self._sums_path(step), json.dumps(sums, indent=1, sort_keys=True))
+        kept = {f'{int(t)}.json' for t in self.mgr.all_steps()}
         for name in os.listdir(self.sums):  # the sums of checkpoints orbax has rotated out
-            if name.endswith(".json") and name not in kept:
+            if name.endswith('.json') and name not in kept:
                 os.unlink(os.path.join(self.sums, name))
 
     def check(self, step) -> str | None:
@@ -482,25 +400,26 @@ class _Checkpointer:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            return f"its sums file is unreadable ({_first_line(e)})"
+            return f'its sums file is unreadable ({_first_line(e)})'
         root = os.path.join(self.dir, str(int(step)))
         try:
             have = _file_sums(root)
-            for rel in want.get("files", {}):
+            for rel in want.get('files', {}):
                 have.update({rel: v for v in _file_sums_of(os.path.join(os.path.dirname(self.dir), rel))})
         except OSError as e:
-            return f"it cannot be read ({_first_line(e)})"
-        for name, (size, digest) in {**want.get("checkpoint", {}), **want.get("files", {})}.items():
+            return f'it cannot be read ({_first_line(e)})'
+        for name, (size, digest) in {**want.get('checkpoint', {}), **want.get('files', {})}.items():
             if name not in have:
-                return f"{name} is missing"
+                return f'{name} is missing'
             if have[name][0] != size:
-                return f"{name} is corrupt (size {have[name][0]}, expected {size})"
+                return f'{name} is corrupt (size {have[name][0]}, expected {size})'
             if have[name][1] != digest:
-                return f"{name} is corrupt (sha256 differs)"
+                return f'{name} is corrupt (sha256 differs)'
         return None
 
     def drop(self, step):
         import shutil  # noqa: PLC0415
+
         shutil.rmtree(os.path.join(self.dir, str(int(step))), ignore_errors=True)
         if os.path.exists(self._sums_path(step)):
             os.unlink(self._sums_path(step))
@@ -508,9 +427,13 @@ class _Checkpointer:
 
     def restore(self, step, like):
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
-        r = self.mgr.restore(step, args=self.ocp.args.Composite(
-            state=self.ocp.args.StandardRestore(abstract), extra=self.ocp.args.JsonRestore()))
-        return r["state"], r["extra"]
+        r = self.mgr.restore(
+            step,
+            args=self.ocp.args.Composite(
+                state=self.ocp.args.StandardRestore(abstract), extra=self.ocp.args.JsonRestore()
+            ),
+        )
+        return r['state'], r['extra']
 
     def restore_last_good(self, like, snapshots_upto):
         """(state, extra, snapshots) of the newest checkpoint that is intact, restores and whose
@@ -522,18 +445,20 @@ class _Checkpointer:
             if problem is None:
                 try:
                     state, extra = self.restore(step, like)
-                    return state, extra, snapshots_upto(int(extra["step"]))
+                    return state, extra, snapshots_upto(int(extra['step']))
                 except Exception as e:  # noqa: BLE001  (orbax / tensorstore / numpy: many error types)
                     problem = _first_line(e)
-            then = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "restarting training"
-            logging.warning("SAE checkpoint step %d in %s is unusable (%s); %s", step, self.dir, problem, then)
+            then = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'restarting training'
+            logging.warning('SAE checkpoint step %d in %s is unusable (%s); %s', step, self.dir, problem, then)
             self.drop(step)
         return None
 
 
 def _append_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Appends one JSON line and fsyncs it (an append, not an atomic replace: a kill can tear only the
+    last line, which a resume drops)."""
+    with pio.disk_full_errors(path), open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
         f.flush()
         os.fsync(f.fileno())
 
@@ -542,8 +467,9 @@ def _to_host(metrics):
     return {k: np.asarray(v).astype(float).tolist() for k, v in metrics.items()}
 
 
-def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | None = None, mesh=None,
-          stop_at: int | None = None) -> TrainResult:
+def train(
+    sae_cfg: SAEConfig, tcfg: TrainConfig, source, workdir: str | None = None, mesh=None, stop_at: int | None = None
+) -> TrainResult:
     """Train tcfg.n_seeds SAEs on `source` (ActivationStore / ArrayStore / array [N, d_in]).
 
     workdir (optional) receives config.json, metrics.jsonl, orbax checkpoints every
@@ -557,16 +483,17 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
     frozen state is written: the last checkpoint is the last good one.
     """
     dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, tcfg.n_steps * tcfg.batch_size)
-    store = source if hasattr(source, "batch") else ArrayStore(source)
+    store = source if hasattr(source, 'batch') else ArrayStore(source)
     if store.d_in != sae_cfg.d_in:
-        raise InputError(f"activations have d_in={store.d_in}; SAEConfig.d_in={sae_cfg.d_in}")
+        raise InputError(f'activations have d_in={store.d_in}; SAEConfig.d_in={sae_cfg.d_in}')
     if tcfg.batch_size > len(store):
-        raise InputError(f"batch_size={tcfg.batch_size} exceeds the {len(store)} stored tokens")
+        raise InputError(f'batch_size={tcfg.batch_size} exceeds the {len(store)} stored tokens')
     if mesh is not None:
-        ns, nd = mesh.shape["seed"], mesh.shape["data"]
+        ns, nd = mesh.shape['seed'], mesh.shape['data']
         if tcfg.n_seeds % ns or tcfg.batch_size % nd:
-            raise InputError(f"mesh (seed={ns}, data={nd}) must divide n_seeds={tcfg.n_seeds} and "
-                             f"batch_size={tcfg.batch_size}")
+            raise InputError(
+                f'mesh (seed={ns}, data={nd}) must divide n_seeds={tcfg.n_seeds} and batch_size={tcfg.batch_size}'
+            )
 
     ckpt = None
     start = 0
@@ -576,36 +503,42 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
     snapshots = {}
     cfg_dict = _config_dict(sae_cfg, tcfg)
     if workdir is not None:
-        os.makedirs(workdir, exist_ok=True)
-        cfg_path = os.path.join(workdir, "config.json")
+        pio.make_dirs(workdir)
+        cfg_path = os.path.join(workdir, 'config.json')
         old = None
         if os.path.exists(cfg_path):
             try:
                 with open(cfg_path) as f:
                     old = json.load(f)
                 if not isinstance(old, dict):
-                    raise ValueError(f"a JSON {type(old).__name__}, not an object")
+                    raise ValueError(f'a JSON {type(old).__name__}, not an object')
             except (OSError, ValueError) as e:  # damaged: what the workdir holds cannot be trusted
-                logging.warning("%s is unreadable (%s); restarting training in %s", cfg_path, _first_line(e), workdir)
+                logging.warning('%s is unreadable (%s); restarting training in %s', cfg_path, _first_line(e), workdir)
                 import shutil  # noqa: PLC0415
-                for name in ("checkpoints", "checkpoint_sums", "snapshots"):
+
+                for name in ('checkpoints', 'checkpoint_sums', 'snapshots'):
                     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-                for name in ("metrics.jsonl", "config.json"):
+                for name in ('metrics.jsonl', 'config.json'):
                     if os.path.exists(os.path.join(workdir, name)):
                         os.unlink(os.path.join(workdir, name))
                 old = None
         if old is not None:
             if old != json.loads(json.dumps(cfg_dict)):
-                diff = sorted(f"{g}.{k}" for g in cfg_dict for k in set(cfg_dict[g]) | set(old.get(g, {}))
-                              if old.get(g, {}).get(k) != cfg_dict[g].get(k))
-                raise InputError(f"workdir {workdir!r} holds a run with another config (differs in {diff}); "
-                                 "use a new workdir")
+                diff = sorted(
+                    f'{g}.{k}'
+                    for g in cfg_dict
+                    for k in set(cfg_dict[g]) | set(old.get(g, {}))
+                    if old.get(g, {}).get(k) != cfg_dict[g].get(k)
+                )
+                raise InputError(
+                    f'workdir {workdir!r} holds a run with another config (differs in {diff}); use a new workdir'
+                )
         else:
-            _atomic_write_json(cfg_path, cfg_dict)
-        metrics_path = os.path.join(workdir, "metrics.jsonl")
+            pio.atomic_write_text(cfg_path, json.dumps(cfg_dict, indent=1, sort_keys=True))
+        metrics_path = os.path.join(workdir, 'metrics.jsonl')
         if snap_steps:
-            snap_dir = os.path.join(workdir, "snapshots")
-            os.makedirs(snap_dir, exist_ok=True)
+            snap_dir = os.path.join(workdir, 'snapshots')
+            pio.make_dirs(snap_dir)
         if tcfg.checkpoint_every:
             ckpt = _Checkpointer(workdir)
 
@@ -614,6 +547,7 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
     state = init_state(sae_cfg, tcfg, sample)
     if mesh is not None:
         state = jax.device_put(state, jax.tree.map(lambda a: state_sharding(mesh, a), state))
+
     def snapshots_upto(step):  # the snapshots a resume from `step` keeps; later ones are taken again
         out = {}
         for t in sorted(snap_steps) if snap_dir is not None else ():
@@ -621,8 +555,9 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
                 try:
                     out[t] = np.load(_snapshot_path(snap_dir, t))
                 except (OSError, ValueError, EOFError) as e:
-                    raise ValueError(f"its decoder snapshot {_snapshot_path(snap_dir, t)!r} is missing or corrupt "
-                                     f"({_first_line(e)})") from None
+                    raise ValueError(
+                        f'its decoder snapshot {_snapshot_path(snap_dir, t)!r} is missing or corrupt ({_first_line(e)})'
+                    ) from None
         return out
 
     if ckpt is not None:
@@ -630,33 +565,31 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
         restored = ckpt.restore_last_good(state, snapshots_upto)
         if restored is not None:
             state, extra, snapshots = restored
-            start = int(extra["step"])
-            scale = float(extra["scale"])
+            start = int(extra['step'])
+            scale = float(extra['scale'])
         if metrics_path and os.path.exists(metrics_path):  # drop log lines written after that checkpoint
             rows = []
             with open(metrics_path) as f:
                 for r in f:
                     try:
-                        if json.loads(r)["step"] <= start:
+                        if json.loads(r)['step'] <= start:
                             rows.append(r)
                     except (ValueError, KeyError, TypeError):  # a torn or garbled line
                         continue
-            tmp = metrics_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(rows)
-            os.replace(tmp, metrics_path)
+            pio.atomic_write_text(metrics_path, ''.join(rows))
 
     step_fn = make_train_step(sae_cfg, tcfg, mesh)
     logged = []
     bar = None
     if tcfg.progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(total=tcfg.n_steps, initial=start, desc=f"SAE x{tcfg.n_seeds}", unit="step")
+
+        bar = tqdm(total=tcfg.n_steps, initial=start, desc=f'SAE x{tcfg.n_seeds}', unit='step')
     end = tcfg.n_steps if stop_at is None else min(tcfg.n_steps, int(stop_at))
     last_metrics = None
 
     def check_bad(at_step):
-        bad = np.asarray(state["bad_step"])
+        bad = np.asarray(state['bad_step'])
         if (bad >= 0).any():
             first = int(bad[bad >= 0].min())
             seeds = [int(i) for i in np.flatnonzero(bad == first)]
@@ -664,9 +597,14 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
                 bar.close()
             last = ckpt.latest() if ckpt is not None else None
             raise NonFiniteError(
-                what="SAE loss", stage="sae", step=first,
-                detail=(f"seed {', '.join(map(str, seeds))}; last good checkpoint: "
-                        f"{'none' if last is None else f'step {last}'}; stopped at step {at_step}"))
+                what='SAE loss',
+                stage='sae',
+                step=first,
+                detail=(
+                    f'seed {", ".join(map(str, seeds))}; last good checkpoint: '
+                    f'{"none" if last is None else f"step {last}"}; stopped at step {at_step}'
+                ),
+            )
 
     for step in range(start, end):
         batch = _batch(store, tcfg, step)
@@ -678,39 +616,52 @@ def train(sae_cfg: core.SAEConfig, tcfg: TrainConfig, source, workdir: str | Non
         if log_now or save_now or snap_now:
             check_bad(done)
         if snap_now:  # the only host copy of the params during the run
-            snapshots[done] = np.asarray(jax.device_get(state["params"]["W_dec"]))
+            snapshots[done] = np.asarray(jax.device_get(state['params']['W_dec']))
             if snap_dir is not None:
-                _atomic_save_npy(_snapshot_path(snap_dir, done), snapshots[done])
+                pio.atomic_write_npy(_snapshot_path(snap_dir, done), snapshots[done])
         if log_now:
             row = dict(step=done, tokens=done * tcfg.batch_size, **_to_host(last_metrics))
             logged.append(row)
             if metrics_path:
                 _append_jsonl(metrics_path, row)
             if bar is not None:
-                bar.set_postfix(fvu=f"{np.mean(row['fvu']):.3f}", l0=f"{np.mean(row['l0']):.1f}",
-                                dead=f"{np.mean(row['dead_frac']):.3f}")
+                bar.set_postfix(
+                    fvu=f'{np.mean(row["fvu"]):.3f}',
+                    l0=f'{np.mean(row["l0"]):.1f}',
+                    dead=f'{np.mean(row["dead_frac"]):.3f}',
+                )
         if save_now:
             snaps = [_snapshot_path(snap_dir, t) for t in sorted(snap_steps) if t <= done] if snap_dir else []
-            ckpt.save(done, state, {"step": done, "scale": scale, "data_seed": tcfg.data_seed,
-                                    "tokens": done * tcfg.batch_size}, files=snaps)
+            ckpt.save(
+                done,
+                state,
+                {'step': done, 'scale': scale, 'data_seed': tcfg.data_seed, 'tokens': done * tcfg.batch_size},
+                files=snaps,
+            )
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     check_bad(end)
 
-    params_n = jax.device_get(state["params"])
+    params_n = jax.device_get(state['params'])
     params = core.fold_scale(params_n, scale)
     evx = store.sample(tcfg.eval_tokens, seed=tcfg.data_seed + 31337)
     final = evaluate_seeds(sae_cfg, params, evx)
-    fc = np.asarray(state["fire_count"])
-    final["train_firing_rate"] = fc / max(end * tcfg.batch_size, 1)
-    final["train_dead_frac"] = (np.asarray(state["since_fired"]) >= dead_tokens).mean(-1)
-    final["aux_steps"] = np.asarray(state["aux_steps"])
-    final["dead_tokens"] = np.full((tcfg.n_seeds,), dead_tokens, np.int64)
-    final["init_cos"] = _init_cos(sae_cfg, tcfg, params_n["W_dec"])
-    return TrainResult(params=jax.tree.map(np.asarray, params), params_normalized=jax.tree.map(np.asarray, params_n),
-                       scale=scale, metrics=logged, final=final, snapshots=dict(sorted(snapshots.items())))
+    fc = np.asarray(state['fire_count'])
+    final['train_firing_rate'] = fc / max(end * tcfg.batch_size, 1)
+    final['train_dead_frac'] = (np.asarray(state['since_fired']) >= dead_tokens).mean(-1)
+    final['aux_steps'] = np.asarray(state['aux_steps'])
+    final['dead_tokens'] = np.full((tcfg.n_seeds,), dead_tokens, np.int64)
+    final['init_cos'] = _init_cos(sae_cfg, tcfg, params_n['W_dec'])
+    return TrainResult(
+        params=jax.tree.map(np.asarray, params),
+        params_normalized=jax.tree.map(np.asarray, params_n),
+        scale=scale,
+        metrics=logged,
+        final=final,
+        snapshots=dict(sorted(snapshots.items())),
+    )
 
 
 def _init_cos(sae_cfg, tcfg, w_dec) -> np.ndarray:
@@ -727,35 +678,28 @@ def _init_cos(sae_cfg, tcfg, w_dec) -> np.ndarray:
 
 
 def _snapshot_path(snap_dir, step):
-    return os.path.join(snap_dir, f"step_{int(step)}.npy")
+    return os.path.join(snap_dir, f'step_{int(step)}.npy')
 
 
-def _atomic_save_npy(path, a):
-    """Write the array to a temp file, fsync it, then rename it over path: a kill leaves the old file
-    or the new one, never a torn one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, a)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # the rename itself durable too
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def capture_and_train(model_cfg, model_params, token_batches, layer: int, sae_cfg: core.SAEConfig,
-                      tcfg: TrainConfig, masks=None, attention_masks=None, workdir: str | None = None,
-                      mesh=None, **capture_kw) -> TrainResult:
+def capture_and_train(
+    model_cfg,
+    model_params,
+    token_batches,
+    layer: int,
+    sae_cfg: SAEConfig,
+    tcfg: TrainConfig,
+    masks=None,
+    attention_masks=None,
+    workdir: str | None = None,
+    mesh=None,
+    **capture_kw,
+) -> TrainResult:
     """One pass for small runs: capture resid_post in memory, then train (no store on disk)."""
     from prunesae_jax.sae.store import capture_activations  # noqa: PLC0415
-    acts = capture_activations(model_cfg, model_params, token_batches, layer, None, masks=masks,
-                               attention_masks=attention_masks, **capture_kw)
+
+    acts = capture_activations(
+        model_cfg, model_params, token_batches, layer, None, masks=masks, attention_masks=attention_masks, **capture_kw
+    )
     return train(sae_cfg, tcfg, acts, workdir=workdir, mesh=mesh)
 
 
@@ -768,15 +712,15 @@ def unstack_seed(params: dict, i: int) -> dict:
     return jax.tree.map(lambda a: np.asarray(a[i]), params)
 
 
-def evaluate_seeds(sae_cfg: core.SAEConfig, params: dict, x) -> dict[str, Any]:
+def evaluate_seeds(sae_cfg: SAEConfig, params: dict, x) -> dict[str, Any]:
     """core.evaluate for every seed of params [S, ...] on the same x [B, d_in]."""
     x = jnp.asarray(x, jnp.float32)
     if x.shape[-1] != sae_cfg.d_in:
-        raise InputError(f"activations have d_in={x.shape[-1]}; this SAE expects d_in={sae_cfg.d_in}")
+        raise InputError(f'activations have d_in={x.shape[-1]}; this SAE expects d_in={sae_cfg.d_in}')
     # One seed at a time: all seeds at once hold S dense [B, n_latents] pre-activation, top-k and
     # code arrays (3 x 16384 x 5120 float32 = 1 GiB each in the default study, its peak memory).
     S = jax.tree.leaves(params)[0].shape[0]
-    outs = [_evaluate_fn(sae_cfg)(jax.tree.map(lambda a: a[s:s + 1], params), x) for s in range(S)]
+    outs = [_evaluate_fn(sae_cfg)(jax.tree.map(lambda a: a[s : s + 1], params), x) for s in range(S)]
     return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
 
 

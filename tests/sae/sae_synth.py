@@ -18,5 +18,5 @@ def recovered(w_dec, dirs, tau=0.9):
     """Fraction of true directions whose best decoder row has cosine > tau (w_dec [n, d] or [S, n, d])."""
     w = np.asarray(w_dec)
     w = w / np.linalg.norm(w, axis=-1, keepdims=True)
-    cos = np.einsum("...nd,md->...mn", w, dirs).max(-1)
+    cos = np.einsum('...nd,md->...mn', w, dirs).max(-1)
     return (cos > tau).mean(-1)

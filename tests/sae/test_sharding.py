@@ -24,10 +24,11 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_eight_device_mesh_equals_single_device(tmp_path):
-    out = tmp_path / "mesh.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    out = tmp_path / 'mesh.npz'
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    proc = subprocess.run(
+        [sys.executable, '-c', _SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meshed = dict(np.load(out))
     x = np.random.default_rng(0).normal(size=(4096, 32)).astype(np.float32)
@@ -40,10 +41,15 @@ def test_eight_device_mesh_equals_single_device(tmp_path):
 
 def test_mesh_errors():
     import pytest
-    with pytest.raises(ValueError, match="needs 16 devices"):
+
+    with pytest.raises(ValueError, match='needs 16 devices'):
         make_mesh(8, 2)
     mesh = make_mesh(1, 1)
     cfg = sae.SAEConfig(8, 16, k=2)
-    r = sae.train(cfg, sae.TrainConfig(n_steps=2, batch_size=64, progress=False, log_every=0),
-                  np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32), mesh=mesh)
-    assert r.params["W_dec"].shape == (1, 16, 8)
+    r = sae.train(
+        cfg,
+        sae.TrainConfig(n_steps=2, batch_size=64, progress=False, log_every=0),
+        np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32),
+        mesh=mesh,
+    )
+    assert r.params['W_dec'].shape == (1, 16, 8)

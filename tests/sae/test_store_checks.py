@@ -48,5 +48,5 @@ def test_damaged_store_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match=r"shard_00001.npy' is missing or damaged"):
         ActivationStore(str(tmp_path / 's')).read(0, 20)
     (tmp_path / 's' / 'metadata.json').write_text('{"d_in": 4}')
-    with pytest.raises(InputError, match=r"metadata .* is unreadable \(KeyError"):
+    with pytest.raises(InputError, match=r'metadata .* is unreadable \(KeyError'):
         ActivationStore(str(tmp_path / 's'))
