@@ -39,8 +39,7 @@ def get_config():
     """The default run's config (see the module docstring)."""
     config = base_config()
     config.name = 'default: builtin corpus'  # the report names the model next to it
-    config.model = 'gemma-3-270m'
-    config.layer = -1  # the middle layer: 9 of 18
+    # model 'gemma-3-270m' at its middle layer (9 of 18), as in base_config()
 
     # Budgets for a 2-core CPU (<= 15 minutes), chosen from bench/convergence.py (BENCHMARKS.md,
     # "Convergence"): a small dictionary (1x, 640 latents) with k 12 reaches a dense seed floor
@@ -55,9 +54,8 @@ def get_config():
 
     config.sae.expansion = 1
     config.sae.k = 12
-    config.sae.n_tokens = 65536  # 517 sequences of 128 (BOS excluded)
     config.sae.batch_size = 256
-    config.sae.epochs = 15  # 3,847 steps
+    config.sae.epochs = 15  # 3,847 steps over base_config's 65,536 tokens (517 sequences of 128)
     config.sae.lr = 2e-3
 
     config.analysis.transfer_tokens = 2048

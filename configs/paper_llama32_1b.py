@@ -35,6 +35,5 @@ def get_config():
     config = paper_base_config()
     config.name = 'paper: Llama 3.2 1B, layer 8'
     config.model = 'meta-llama/Llama-3.2-1B'
-    config.layer = 8
-    config.transfer.source = 'dense'
+    config.layer = 8  # transfer: the dense condition's own SAE (base_config's transfer.source)
     return config

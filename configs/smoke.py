@@ -21,7 +21,6 @@ def get_config():
     config = base_config()
     config.name = 'smoke: tiny random model'
     config.model = 'tiny:gemma3_text'
-    config.dtype = 'float32'
     config.layer = 1
 
     config.calibration.n_samples = 4
@@ -31,10 +30,8 @@ def get_config():
     config.ppl.max_tokens = 4096  # the minimum (study.config.MIN_TOKENS)
     config.ppl.batch_size = 4
 
-    config.pruning.methods = ('magnitude', 'wanda')
     config.pruning.sparsities = (0.0, 0.5)  # three conditions: dense, magnitude 50%, Wanda 50%
 
-    config.sae.expansion = 8
     config.sae.k = 8
     config.sae.n_tokens = 2048
     config.sae.seq_len = 32
@@ -49,6 +46,5 @@ def get_config():
     config.analysis.causal_tokens = 1024
     config.analysis.min_firings = 2
 
-    config.transfer.source = 'dense'
     config.progress = False
     return config

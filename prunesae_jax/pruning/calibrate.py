@@ -5,8 +5,10 @@ Every linear layer of a block reads one of four inputs ("sites"):
   'o_in'     attention output before o_proj -> o_proj                   [.., H*hd]
   'mlp_in'   pre_mlp_norm(h_mid)            -> gate_proj, up_proj        [.., D]
   'down_in'  act(gate) * up                 -> down_proj                [.., F]
-`block_with_inputs` takes them from the decoder's own `block_linear_inputs`. Statistics are sums over calibration tokens, accumulated in float32 in jit:
-Wanda needs sum x_j^2 [d_in], SparseGPT the Gram matrix X^T X [d_in, d_in].
+`block_with_inputs` takes them from the decoder's own `block_linear_inputs`. Statistics are sums
+over calibration tokens, accumulated in float32 in jit, of one of two kinds:
+  INPUT_SQ_NORMS  each input feature's squared norm sum_t x_tj^2 [d_in]  (Wanda's ||X_j||^2)
+  INPUT_GRAM      the inputs' Gram matrix X^T X [d_in, d_in]            (SparseGPT's Hessian)
 """
 
 from __future__ import annotations
@@ -17,15 +19,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunesae_jax.errors import InputError, NonFiniteError
 from prunesae_jax.models import decoder as _dec
 from prunesae_jax.models.config import DecoderConfig
-from prunesae_jax.errors import InputError, NonFiniteError
 
 SITE_OF = {
-    'q_proj': 'attn_in', 'k_proj': 'attn_in', 'v_proj': 'attn_in', 'o_proj': 'o_in',
-    'gate_proj': 'mlp_in', 'up_proj': 'mlp_in', 'down_proj': 'down_in',
+    'q_proj': 'attn_in',
+    'k_proj': 'attn_in',
+    'v_proj': 'attn_in',
+    'o_proj': 'o_in',
+    'gate_proj': 'mlp_in',
+    'up_proj': 'mlp_in',
+    'down_proj': 'down_in',
 }
 SITES = ('attn_in', 'o_in', 'mlp_in', 'down_in')
+INPUT_SQ_NORMS = 'input_sq_norms'
+INPUT_GRAM = 'input_gram'
+STATS_KINDS = (INPUT_SQ_NORMS, INPUT_GRAM)
 _FIRST_LINEAR_OF_SITE = {'q_proj': 'attn_in', 'o_proj': 'o_in', 'gate_proj': 'mlp_in', 'down_proj': 'down_in'}
 
 
@@ -43,8 +53,9 @@ def check_calib_tokens(tokens, *, min_len: int = 2) -> np.ndarray:
     return a.astype(np.int32)
 
 
-def calibration_batch(stream, n_samples: int = 128, seq_len: int = 2048, bos_token_id: int | None = None,
-                      seed: int = 0) -> np.ndarray:
+def calibration_batch(
+    stream, n_samples: int = 128, seq_len: int = 2048, bos_token_id: int | None = None, seed: int = 0
+) -> np.ndarray:
     """[n_samples, seq_len] int32 windows cut from a 1-D token stream (the Wanda reference's recipe).
 
     Windows start at random offsets (seeded) as the reference samples C4 segments; with a BOS id,
@@ -59,10 +70,12 @@ def calibration_batch(stream, n_samples: int = 128, seq_len: int = 2048, bos_tok
     if s.size == 0:
         raise InputError('calibration token stream is empty; expected at least seq_len tokens')
     if s.size < body:
-        raise InputError(f'calibration token stream has {s.size} tokens; expected at least {body} for seq_len={seq_len}')
+        raise InputError(
+            f'calibration token stream has {s.size} tokens; expected at least {body} for seq_len={seq_len}'
+        )
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, s.size - body + 1, size=n_samples)
-    out = np.stack([s[a:a + body] for a in starts]).astype(np.int32)
+    out = np.stack([s[a : a + body] for a in starts]).astype(np.int32)
     if bos_token_id is not None:
         out = np.concatenate([np.full((n_samples, 1), bos_token_id, np.int32), out], axis=1)
     return out
@@ -79,14 +92,18 @@ def block_with_inputs(cfg: DecoderConfig, layer_params: dict, i: int, h, with_ou
 
 
 def init_stats(cfg: DecoderConfig, kind: str) -> dict:
-    """Zero statistics for one block: kind 'sq' (Wanda, [d_in]) or 'gram' (SparseGPT, [d_in, d_in])."""
-    dims = {'attn_in': cfg.hidden_size, 'o_in': cfg.num_heads * cfg.head_dim,
-            'mlp_in': cfg.hidden_size, 'down_in': cfg.intermediate_size}
-    if kind == 'sq':
+    """Zero statistics for one block: INPUT_SQ_NORMS ([d_in] per site) or INPUT_GRAM ([d_in, d_in])."""
+    dims = {
+        'attn_in': cfg.hidden_size,
+        'o_in': cfg.num_heads * cfg.head_dim,
+        'mlp_in': cfg.hidden_size,
+        'down_in': cfg.intermediate_size,
+    }
+    if kind == INPUT_SQ_NORMS:
         return {s: jnp.zeros((d,), jnp.float32) for s, d in dims.items()}
-    if kind == 'gram':
+    if kind == INPUT_GRAM:
         return {s: jnp.zeros((d, d), jnp.float32) for s, d in dims.items()}
-    raise InputError(f"unknown statistics kind {kind!r}; expected 'sq' or 'gram'")
+    raise InputError(f'kind={kind!r} is not valid; accepted: {" | ".join(STATS_KINDS)}')
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5, 6), donate_argnums=(4,))
@@ -95,15 +112,16 @@ def _accumulate(cfg, layer_params, i, h, stats, kind, with_output):
     new = {}
     for site, x in inputs.items():
         x = x.astype(jnp.float32).reshape(-1, x.shape[-1])  # [tokens, d_in]
-        if kind == 'sq':
+        if kind == INPUT_SQ_NORMS:
             new[site] = stats[site] + jnp.sum(x * x, axis=0)
         else:
             new[site] = stats[site] + jnp.einsum('td,te->de', x, x, precision=jax.lax.Precision.HIGHEST)
     return out, new
 
 
-def accumulate_block_stats(cfg: DecoderConfig, layer_params: dict, i: int, h, stats: dict, kind: str,
-                           with_output: bool = True):
+def accumulate_block_stats(
+    cfg: DecoderConfig, layer_params: dict, i: int, h, stats: dict, kind: str, with_output: bool = True
+):
     """Adds the statistics of block i's inputs on h [B,T,D] to stats; returns (h_out or None, stats)."""
     return _accumulate(cfg, layer_params, _dec.canonical_layer(cfg, i), h, stats, kind, bool(with_output))
 
@@ -115,9 +133,13 @@ def check_stats(stats: dict, i: int, step: int | None = None) -> None:
     """
     for site, v in stats.items():
         if not bool(jnp.all(jnp.isfinite(v))):
-            raise NonFiniteError(f'calibration statistics of input {site!r}', stage='calibration',
-                                 layer=int(i), step=step,
-                                 detail='check the model weights, dtype and calibration tokens')
+            raise NonFiniteError(
+                f'calibration statistics of input {site!r}',
+                stage='calibration',
+                layer=int(i),
+                step=step,
+                detail='check the model weights, dtype and calibration tokens',
+            )
 
 
 def first_nonfinite_batch(cfg: DecoderConfig, layer_params: dict, i: int, hs, kind: str) -> int | None:

@@ -16,16 +16,16 @@ def magnitude_scores(W):
     return jnp.abs(jnp.asarray(W, jnp.float32))
 
 
-def wanda_scores(W, x_sq_norm):
+def wanda_scores(W, input_sq_norms):
     """Wanda: |W_ij| * ||X_i||_2 with ||X_i||^2 = sum over calibration tokens of x_i^2.
 
     W: [d_in, d_out] (our kernels are x @ W, so the input feature indexes axis 0);
-    x_sq_norm: [d_in], the summed squares of each input feature. Returns [d_in, d_out] float32.
-    Dividing x_sq_norm by the token count (E[x^2] as in the paper) scales every score by the same
-    constant and leaves every mask unchanged.
+    input_sq_norms: [d_in], the summed squares of each input feature (calibrate.INPUT_SQ_NORMS).
+    Returns [d_in, d_out] float32. Dividing input_sq_norms by the token count (E[x^2] as in the
+    paper) scales every score by the same constant and leaves every mask unchanged.
     """
     W = jnp.asarray(W, jnp.float32)
-    x_sq_norm = jnp.asarray(x_sq_norm, jnp.float32)
-    if x_sq_norm.shape != W.shape[:1]:
-        raise InputError(f'x_sq_norm has shape {x_sq_norm.shape}; expected ({W.shape[0]},) for W {W.shape}')
-    return jnp.abs(W) * jnp.sqrt(x_sq_norm)[:, None]
+    norms = jnp.asarray(input_sq_norms, jnp.float32)
+    if norms.shape != W.shape[:1]:
+        raise InputError(f'input_sq_norms has shape {norms.shape}; expected ({W.shape[0]},) for W {W.shape}')
+    return jnp.abs(W) * jnp.sqrt(norms)[:, None]

@@ -25,16 +25,16 @@ def check_sparsity(sparsity) -> float:
     try:
         s = float(sparsity)
     except (TypeError, ValueError):
-        raise InputError(f'sparsity must be a number in [0, 1), got {sparsity!r}') from None
-    if not (0.0 <= s < 1.0):
-        raise InputError(f'sparsity must be in [0, 1), got {sparsity!r}')
+        s = float('nan')
+    if not 0.0 <= s < 1.0:  # NaN fails too
+        raise InputError(f'sparsity={sparsity!r} is not valid; accepted: a number in [0, 1)')
     return s
 
 
 def check_group(group: str) -> str:
     """Returns group or raises unless it is one of GROUPS."""
     if group not in GROUPS:
-        raise InputError(f'unknown group {group!r}; expected one of {GROUPS}')
+        raise InputError(f'group={group!r} is not valid; accepted: {" | ".join(GROUPS)}')
     return group
 
 
@@ -43,11 +43,14 @@ def check_nm(nm, d_in: int | None = None) -> tuple[int, int]:
     try:
         n, m = (int(v) for v in nm)
     except (TypeError, ValueError):
-        raise InputError(f'N:M pattern must be a pair of ints like (2, 4), got {nm!r}') from None
-    if not (1 <= n < m):
-        raise InputError(f'N:M pattern {n}:{m} needs 1 <= N < M')
+        raise InputError(f'nm={nm!r} is not valid; accepted: a pair of ints (N, M) like (2, 4)') from None
+    if not 1 <= n < m:
+        raise InputError(f'nm={nm!r} is not valid; accepted: (N, M) with 1 <= N < M')
     if d_in is not None and d_in % m:
-        raise InputError(f'input width {d_in} is not divisible by M={m} for N:M pattern {n}:{m}')
+        raise InputError(
+            f'nm={nm!r} does not fit: input width {d_in} is not divisible by M={m}; '
+            'accepted: an M that divides every prunable input width'
+        )
     return n, m
 
 
@@ -170,7 +173,7 @@ def global_masks(scores: Sequence, sparsity) -> list:
     flat = np.empty(total, np.float32)  # the one full copy
     off = 0
     for j, size in enumerate(sizes):
-        flat[off:off + size] = np.asarray(scores[j], np.float32).reshape(-1)
+        flat[off : off + size] = np.asarray(scores[j], np.float32).reshape(-1)
         off += size
     flat.partition(k - 1)  # in place: flat[k-1] is the k-th smallest
     t = flat[k - 1]

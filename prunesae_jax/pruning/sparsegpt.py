@@ -31,8 +31,10 @@ def inverse_hessian_factor(H, damp: float = 0.01):
     H = jnp.asarray(H, jnp.float32)
     U = _inverse_hessian_factor(H, jnp.float32(damp))
     if not bool(jnp.all(jnp.isfinite(U))):
-        raise InputError('SparseGPT: the damped Hessian is not finite positive definite; '
-                         'expected finite calibration statistics (try a larger damp than %g)' % damp)
+        raise InputError(
+            'SparseGPT: the damped Hessian is not finite positive definite; '
+            'expected finite calibration statistics (try a larger damp than %g)' % damp
+        )
     return U
 
 
@@ -65,7 +67,7 @@ def _sparsegpt(Wt, U, dead, k_per_block, *, block_size: int, n: int, m: int, d_r
         d1 = jax.lax.dynamic_slice(diag_u, (i1,), (bs,))
         real = (i1 + jnp.arange(bs)) < d_real  # padded inputs are never selected
         if n == 0:  # unstructured: exactly k lowest w^2 / d^2 of the block, stable order
-            tmp = jnp.where(real[None, :], W1**2 / d1[None, :]**2, jnp.inf).reshape(-1)
+            tmp = jnp.where(real[None, :], W1**2 / d1[None, :] ** 2, jnp.inf).reshape(-1)
             mask1 = lowest_k(tmp, k_per_block[b]).reshape(d_out, bs)
         else:
             mask1 = jnp.zeros((d_out, bs), jnp.bool_)
@@ -73,8 +75,8 @@ def _sparsegpt(Wt, U, dead, k_per_block, *, block_size: int, n: int, m: int, d_r
         def column(i, c):
             W1, Q1, Err1, mask1 = c
             if n != 0:  # choose the group's N lowest with the weights updated so far, as the reference
-                g = jax.lax.dynamic_slice(W1, (0, i), (d_out, m))**2
-                g = g / jax.lax.dynamic_slice(d1, (i,), (m,))[None, :]**2
+                g = jax.lax.dynamic_slice(W1, (0, i), (d_out, m)) ** 2
+                g = g / jax.lax.dynamic_slice(d1, (i,), (m,))[None, :] ** 2
                 mask1 = jnp.where(i % m == 0, jax.lax.dynamic_update_slice(mask1, nm_prune_rows(g, n), (0, i)), mask1)
             w = W1[:, i]
             d = U1[i, i]
@@ -108,20 +110,23 @@ def sparsegpt_prune(W, H, sparsity=None, *, nm=None, block_size: int = 128, damp
     if tuple(H.shape) != (d_in, d_in):
         raise InputError(f'Hessian has shape {tuple(H.shape)}; expected ({d_in}, {d_in}) for W {W.shape}')
     if isinstance(block_size, bool) or int(block_size) < 1:
-        raise InputError(f'block_size must be a positive int, got {block_size!r}')
+        raise InputError(f'block_size={block_size!r} is not valid; accepted: a positive int')
     if nm is not None:
         n, m = check_nm(nm, d_in)
         if block_size % m:
-            raise InputError(f'block_size {block_size} must be a multiple of M={m} for N:M {n}:{m}')
+            raise InputError(f'block_size={block_size} is not valid for N:M {n}:{m}; accepted: a multiple of M={m}')
         s = 0.0
     else:
         n, m = 0, 1
         s = check_sparsity(sparsity if sparsity is not None else -1)
-    W_new, keep, ok = _sparsegpt_prune(W, jnp.asarray(H, jnp.float32), jnp.float32(damp), sparsity=s, n=n, m=m,
-                                       block_size=int(block_size))
+    W_new, keep, ok = _sparsegpt_prune(
+        W, jnp.asarray(H, jnp.float32), jnp.float32(damp), sparsity=s, n=n, m=m, block_size=int(block_size)
+    )
     if not bool(ok):
-        raise InputError('SparseGPT: non-finite inverse Hessian or weights; expected finite calibration '
-                         f'statistics and a positive definite damped Hessian (damp={damp})')
+        raise InputError(
+            'SparseGPT: non-finite inverse Hessian or weights; expected finite calibration '
+            f'statistics and a positive definite damped Hessian (damp={damp})'
+        )
     return W_new, keep
 
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunesae_jax.errors import NonFiniteError
+from prunesae_jax.errors import InputError, NonFiniteError
 from prunesae_jax.models import PRUNABLE, block, embed, forward, init_params
 from prunesae_jax.models.convert import export_hf_folder, from_transformers
-from prunesae_jax.pruning import apply_masks, prune
+from prunesae_jax.pruning import METHOD_GROUPS, METHODS, PruneArgs, apply_masks, parse_group, prune
 from prunesae_jax.pruning.calibrate import block_with_inputs, calibration_batch, check_calib_tokens
 from prunesae_jax.pruning.masks import prunable_items
 from prunesae_jax.testing import tiny_config
@@ -41,8 +41,11 @@ def test_block_with_inputs_matches_decoder_block(family):
         out, ins = jax.jit(block_with_inputs, static_argnums=(0, 2))(cfg, lp, i, h)
         np.testing.assert_allclose(np.asarray(out), np.asarray(block(cfg, lp, i, h)), atol=1e-5, rtol=1e-5)
         assert {k: v.shape[-1] for k, v in ins.items()} == {
-            'attn_in': cfg.hidden_size, 'o_in': cfg.num_heads * cfg.head_dim,
-            'mlp_in': cfg.hidden_size, 'down_in': cfg.intermediate_size}
+            'attn_in': cfg.hidden_size,
+            'o_in': cfg.num_heads * cfg.head_dim,
+            'mlp_in': cfg.hidden_size,
+            'down_in': cfg.intermediate_size,
+        }
 
 
 @pytest.mark.parametrize('family', ['llama', 'gemma3_text'])
@@ -65,6 +68,7 @@ def test_sequential_wanda_matches_pytorch_reference(family, make_hf_model):
         assert (k.sum(0) == k.shape[0] - k.shape[0] // 2).all()
     # the pruned torch model and our pruned params agree on logits
     import torch
+
     with torch.no_grad():
         hf_logits = hf(torch.as_tensor(tokens[:2], dtype=torch.long)).logits.numpy()
     ours = np.asarray(forward(cfg2, res.params, jnp.asarray(tokens[:2])))
@@ -82,10 +86,11 @@ def tiny():
 def test_sequential_differs_from_one_shot_after_block_zero(tiny):
     cfg, params, tokens = tiny
     seq = prune(cfg, params, 'wanda', 0.5, group='per_matrix', calib_tokens=tokens, progress=False)
-    one = prune(cfg, params, 'wanda', 0.5, group='per_matrix', calib_tokens=tokens, sequential=False,
-                progress=False)
-    diff = {(i, n): float((np.asarray(a) != np.asarray(b)).mean())
-            for (i, n, a), (_, _, b) in zip(prunable_items(seq.masks), prunable_items(one.masks))}
+    one = prune(cfg, params, 'wanda', 0.5, group='per_matrix', calib_tokens=tokens, sequential=False, progress=False)
+    diff = {
+        (i, n): float((np.asarray(a) != np.asarray(b)).mean())
+        for (i, n, a), (_, _, b) in zip(prunable_items(seq.masks), prunable_items(one.masks))
+    }
     assert all(diff[(0, n)] == 0 for n in PRUNABLE)  # block 0 sees the same embeddings
     assert sum(diff[(i, n)] for i in range(1, 4) for n in PRUNABLE) > 0
     for r in (seq.report, one.report):
@@ -118,41 +123,51 @@ def test_magnitude_groups_and_exported_hf_model_matches_masked_forward(tiny, tmp
     assert per.report['n_pruned'] == sum(int(np.prod(w.shape) * 0.3) for _, _, w in prunable_items(params))
     assert all(abs(v - 0.3) < 1e-3 for v in per.report['per_matrix'].values())  # exact in every matrix
     fr = glob.report['per_kind']  # global: one threshold, uneven fractions
-    print(f"global magnitude 30%: attention {fr['attention']:.4f}, mlp {fr['mlp']:.4f}")
+    print(f'global magnitude 30%: attention {fr["attention"]:.4f}, mlp {fr["mlp"]:.4f}')
     assert max(abs(v - 0.3) for v in glob.report['per_matrix'].values()) > 0.01
     # SparseGPT on a config whose 7 matrices share one shape (one compilation of the OBS loop)
     cfg_sq = tiny_config('llama', num_kv_heads=4, intermediate_size=64, num_layers=2)
     params_sq = init_params(cfg_sq, 5)
     sgpt = prune(cfg_sq, params_sq, 'sparsegpt', 0.5, calib_tokens=tokens, block_size=32, progress=False)
     assert sgpt.report['n_pruned'] == sgpt.report['n_total'] // 2
-    changed = [float(np.mean(np.asarray(sgpt.params['layers'][1][n])[np.asarray(sgpt.masks['layers'][1][n])]
-                             != np.asarray(params_sq['layers'][1][n])[np.asarray(sgpt.masks['layers'][1][n])]))
-               for n in PRUNABLE]
+    changed = [
+        float(
+            np.mean(
+                np.asarray(sgpt.params['layers'][1][n])[np.asarray(sgpt.masks['layers'][1][n])]
+                != np.asarray(params_sq['layers'][1][n])[np.asarray(sgpt.masks['layers'][1][n])]
+            )
+        )
+        for n in PRUNABLE
+    ]
     assert min(changed) > 0.5  # SparseGPT updates the kept weights, unlike a mask
     for name, c, p, res in (('global', cfg, params, glob), ('sparsegpt', cfg_sq, params_sq, sgpt)):
         masked = apply_masks(res.params, res.masks)
         ours = np.asarray(forward(c, masked, jnp.asarray(tokens[:2])))
         path = export_hf_folder(c, res.params, str(tmp_path / name), res.masks)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                               attn_implementation='eager').eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation='eager'
+        ).eval()
         with torch.no_grad():
             theirs = hf(torch.as_tensor(tokens[:2], dtype=torch.long)).logits.numpy()
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
-        n_zero = sum(int((p.detach().numpy() == 0).sum()) for n, p in hf.named_parameters()
-                     if n.split('.')[-2] in PRUNABLE)
+        n_zero = sum(
+            int((p.detach().numpy() == 0).sum()) for n, p in hf.named_parameters() if n.split('.')[-2] in PRUNABLE
+        )
         assert n_zero == res.report['n_pruned']
 
 
 def test_errors(tiny):
     cfg, params, tokens = tiny
-    with pytest.raises(ValueError, match="unknown pruning method 'obs'"):
+    with pytest.raises(ValueError, match=r"method='obs' is not valid; accepted: magnitude \| wanda"):
         prune(cfg, params, 'obs', 0.5)
-    with pytest.raises(ValueError, match="unknown group 'per_col'"):
+    with pytest.raises(
+        ValueError, match=r"group='per_col' is not valid for magnitude; accepted: per_row \| per_matrix \| global"
+    ):
         prune(cfg, params, 'magnitude', 0.5, group='per_col')
-    with pytest.raises(ValueError, match="group 'global' is not available for wanda"):
+    with pytest.raises(ValueError, match=r"group='global' is not valid for wanda; accepted: per_row \| per_matrix"):
         prune(cfg, params, 'wanda', 0.5, group='global', calib_tokens=tokens)
     for s in (1.0, -0.01, 2):
-        with pytest.raises(ValueError, match=r'sparsity must be in \[0, 1\)'):
+        with pytest.raises(ValueError, match=r'sparsity=.* is not valid; accepted: a number in \[0, 1\)'):
             prune(cfg, params, 'magnitude', s)
     with pytest.raises(ValueError, match='1 <= N < M'):
         prune(cfg, params, 'magnitude', nm=(4, 4))
@@ -172,8 +187,11 @@ def test_errors(tiny):
         calibration_batch(np.arange(10), 4, 16, bos_token_id=1)
     bad = {**params, 'layers': [dict(l) for l in params['layers']]}
     bad['layers'][0]['input_norm'] = bad['layers'][0]['input_norm'].at[0].set(jnp.inf)
-    with pytest.raises(NonFiniteError, match=r"calibration statistics of input 'attn_in'; "
-                       r"stage=calibration, condition=None, layer=0, step=0"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"calibration statistics of input 'attn_in'; "
+        r'stage=calibration, condition=None, layer=0, step=0',
+    ):
         prune(cfg, bad, 'wanda', 0.5, calib_tokens=tokens)
 
 
@@ -183,3 +201,25 @@ def test_calibration_batch_shape_bos_and_determinism():
     assert a.shape == (6, 32) and a.dtype == np.int32 and (a[:, 0] == 1).all()
     assert (np.diff(a[:, 1:], axis=1) == 1).all()  # contiguous windows of the stream
     np.testing.assert_array_equal(a, calibration_batch(stream, 6, 32, bos_token_id=1, seed=0))
+
+
+def test_prune_args_resolve_defaults_and_refuse_bad_fields():
+    assert PruneArgs('magnitude', 0.5).group == 'per_matrix'
+    assert PruneArgs('wanda', 0.5, '').group == 'per_row'
+    args = PruneArgs('sparsegpt', None, nm=(2, 4))
+    assert (args.sparsity, args.group, args.nm) == (0.5, None, (2, 4))
+    assert parse_group('2:4') == (None, (2, 4)) and parse_group('') == (None, None)
+    assert parse_group('global') == ('global', None)
+    bad = [
+        (lambda: parse_group('4:2'), r"group='4:2' is not valid; accepted: an N:M pattern"),
+        (lambda: PruneArgs('sparsegpt', 0.5, 'per_row'), "group='per_row' is not valid for sparsegpt"),
+        (lambda: PruneArgs('wanda', 0.5, sequential=1), 'sequential=1 is not valid; accepted: True'),
+        (lambda: PruneArgs('wanda', 0.5, batch_size=0), 'batch_size=0 is not valid; accepted'),
+        (lambda: PruneArgs('wanda'), 'sparsity=None is not valid without nm'),
+        (lambda: PruneArgs('magnitude', 0.5, 'per_row', (2, 4)), "group='per_row' is not valid with nm"),
+    ]
+    for make, match in bad:
+        with pytest.raises(InputError, match=match) as info:
+            make()
+        assert '\n' not in str(info.value)
+    assert set(METHOD_GROUPS) == set(METHODS)

@@ -21,9 +21,11 @@ def test_smollm2_dense_below_wanda_below_magnitude_perplexity():
     wanda = prune(cfg, params, 'wanda', 0.5, calib_tokens=calib, progress=False)
     magnitude = prune(cfg, params, 'magnitude', 0.5, progress=False)
     ppl_w, ppl_m = ppl(wanda.params), ppl(magnitude.params)
-    print(f'\nSmolLM2-135M, 50% unstructured, {text.size} eval tokens: dense PPL {dense:.2f}, '
-          f'Wanda (per_row, sequential) {ppl_w:.2f} (dlogPPL {delta_log_ppl(ppl_w, dense):.3f}), '
-          f'magnitude (per_matrix) {ppl_m:.2f} (dlogPPL {delta_log_ppl(ppl_m, dense):.3f})')
+    print(
+        f'\nSmolLM2-135M, 50% unstructured, {text.size} eval tokens: dense PPL {dense:.2f}, '
+        f'Wanda (per_row, sequential) {ppl_w:.2f} (dlogPPL {delta_log_ppl(ppl_w, dense):.3f}), '
+        f'magnitude (per_matrix) {ppl_m:.2f} (dlogPPL {delta_log_ppl(ppl_m, dense):.3f})'
+    )
     for r in (wanda.report, magnitude.report):
         assert abs(r['overall'] - 0.5) < 1e-6
     assert np.isfinite([dense, ppl_w, ppl_m]).all()

@@ -26,7 +26,7 @@ def ref_sparsegpt(W, X, sparsity=0.0, n=0, m=0, blocksize=128, percdamp=0.01):
         Q1, Err1 = np.zeros_like(W1), np.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         if n == 0:
-            tmp = W1**2 / np.diag(Hinv1)[None, :]**2
+            tmp = W1**2 / np.diag(Hinv1)[None, :] ** 2
             k = int(tmp.size * sparsity)  # exact count (the reference uses <= thresh)
             mask1 = np.zeros(tmp.size, bool)
             mask1[np.argsort(tmp.ravel(), kind='stable')[:k]] = True
@@ -36,9 +36,9 @@ def ref_sparsegpt(W, X, sparsity=0.0, n=0, m=0, blocksize=128, percdamp=0.01):
         for i in range(count):
             w, d = W1[:, i], Hinv1[i, i]
             if n != 0 and i % m == 0:
-                tmp = W1[:, i:i + m]**2 / np.diag(Hinv1)[i:i + m][None, :]**2
+                tmp = W1[:, i : i + m] ** 2 / np.diag(Hinv1)[i : i + m][None, :] ** 2
                 idx = np.argsort(tmp, axis=1, kind='stable')[:, :n]
-                np.put_along_axis(mask1[:, i:i + m], idx, True, axis=1)
+                np.put_along_axis(mask1[:, i : i + m], idx, True, axis=1)
             q = w.copy()
             q[mask1[:, i]] = 0
             Q1[:, i] = q
@@ -75,7 +75,7 @@ def test_sparsegpt_matches_numpy_reference(kw):
     if 'nm' in kw:
         assert (keep.reshape(-1, 4, W.shape[1]).sum(1) == 2).all()
     else:  # exactly int(block_numel * s) per block of 32 inputs
-        assert [int((~keep[a:a + 32]).sum()) for a in range(0, 96, 32)] == [int(32 * 40 * 0.5)] * 3
+        assert [int((~keep[a : a + 32]).sum()) for a in range(0, 96, 32)] == [int(32 * 40 * 0.5)] * 3
 
 
 def test_sparsegpt_partial_last_block_and_errors():
@@ -83,7 +83,7 @@ def test_sparsegpt_partial_last_block_and_errors():
     W_new, keep = sparsegpt_prune(W, hessian_from_inputs(X), 0.5, block_size=64)
     W_ref, keep_ref = ref_sparsegpt(W, X, 0.5, blocksize=64)
     assert (np.asarray(keep) != keep_ref).mean() < 2e-3
-    counts = [int((~np.asarray(keep)[a:a + 64]).sum()) for a in range(0, 96, 64)]
+    counts = [int((~np.asarray(keep)[a : a + 64]).sum()) for a in range(0, 96, 64)]
     assert counts == [64 * 40 // 2, 32 * 40 // 2]
     with pytest.raises(ValueError, match='Hessian has shape'):
         sparsegpt_prune(W, np.eye(3, dtype=np.float32), 0.5)
@@ -97,7 +97,7 @@ def test_sparsegpt_partial_last_block_and_errors():
 
 def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
     W, X = _layer(seed=1, tokens=2048)
-    x_sq = (X.astype(np.float64)**2).sum(0)
+    x_sq = (X.astype(np.float64) ** 2).sum(0)
 
     def err(W2):
         return float(np.linalg.norm(X @ W - X @ np.asarray(W2, np.float64)))
@@ -106,6 +106,6 @@ def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
     wanda = W * np.asarray(per_row_mask(wanda_scores(W, x_sq), 0.5))
     sparsegpt, keep = sparsegpt_prune(W, hessian_from_inputs(X), 0.5, block_size=32)
     e = {'magnitude': err(magnitude), 'wanda': err(wanda), 'sparsegpt': err(sparsegpt)}
-    print('||WX - W\'X|| at 50%:', {k: round(v, 2) for k, v in e.items()})
+    print("||WX - W'X|| at 50%:", {k: round(v, 2) for k, v in e.items()})
     assert 1 - np.asarray(keep).mean() == 0.5
     assert e['sparsegpt'] < e['wanda'] < e['magnitude']

@@ -39,8 +39,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMOKE = 'configs/smoke.py'
 # Enough characters for the smoke config's SAE rows (2048 tokens), calibration and perplexity.
-_WORDS = ('the pruned model keeps most of its features while some rare ones are lost to '
-          'magnitude and wanda alike; sparse autoencoders read the residual stream. ')
+_WORDS = (
+    'the pruned model keeps most of its features while some rare ones are lost to '
+    'magnitude and wanda alike; sparse autoencoders read the residual stream. '
+)
 
 
 @dataclasses.dataclass
@@ -60,25 +62,30 @@ class Case:
 
 # --------------------------------------------------------------------------- files to feed it
 
+
 def _char_tokenizer(folder: pathlib.Path) -> None:
     """A character-level fast tokenizer (ids < 128, the tiny models' vocabulary) saved in folder."""
     from tokenizers import Tokenizer, models  # pylint: disable=import-outside-toplevel
     from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+
     vocab = {'<pad>': 0, '<bos>': 1, '<eos>': 2, '<unk>': 3}
     for c in map(chr, range(32, 127)):
         vocab[c] = len(vocab)
     vocab['\n'] = len(vocab)
     tok = Tokenizer(models.BPE(vocab, [], unk_token='<unk>'))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<bos>', eos_token='<eos>',
-                                   pad_token='<pad>', unk_token='<unk>')
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token='<bos>', eos_token='<eos>', pad_token='<pad>', unk_token='<unk>'
+    )
     fast.save_pretrained(str(folder))
 
 
-def _hf_folder(folder: pathlib.Path, family: str = 'llama', tokenizer: bool = False,
-               nan_char: str | None = None, **overrides) -> pathlib.Path:
+def _hf_folder(
+    folder: pathlib.Path, family: str = 'llama', tokenizer: bool = False, nan_char: str | None = None, **overrides
+) -> pathlib.Path:
     from prunesae_jax.models import init_params  # pylint: disable=import-outside-toplevel
     from prunesae_jax.models.convert import export_hf_folder  # pylint: disable=import-outside-toplevel
     from prunesae_jax.testing import tiny_config  # pylint: disable=import-outside-toplevel
+
     if nan_char is not None:
         overrides = {**overrides, 'rms_norm_eps': 0.0}
     cfg = tiny_config(family, **overrides)
@@ -98,8 +105,15 @@ def _hf_folder(folder: pathlib.Path, family: str = 'llama', tokenizer: bool = Fa
 def _gguf_header(n_tensors: int = 1, n_kv: int = 1) -> bytes:
     key = b'general.architecture'
     value = b'llama'
-    return (b'GGUF' + struct.pack('<IQQ', 3, n_tensors, n_kv) + struct.pack('<Q', len(key)) + key
-            + struct.pack('<I', 8) + struct.pack('<Q', len(value)) + value)
+    return (
+        b'GGUF'
+        + struct.pack('<IQQ', 3, n_tensors, n_kv)
+        + struct.pack('<Q', len(key))
+        + key
+        + struct.pack('<I', 8)
+        + struct.pack('<Q', len(value))
+        + value
+    )
 
 
 @pytest.fixture(scope='module')
@@ -112,7 +126,7 @@ def files(tmp_path_factory):
 
     trunc = d / 'truncated'
     shutil.copytree(good, trunc)
-    (trunc / 'model.safetensors').write_bytes(weights[:len(weights) // 2])
+    (trunc / 'model.safetensors').write_bytes(weights[: len(weights) // 2])
     out['truncated'] = trunc
 
     unknown = d / 'unknown_type'
@@ -129,6 +143,7 @@ def files(tmp_path_factory):
     missing = d / 'missing_tensor'
     missing.mkdir()
     from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+
     sd = load_file(str(good / 'model.safetensors'))
     sd.pop('model.layers.1.mlp.down_proj.weight')
     save_file(sd, str(missing / 'model.safetensors'))
@@ -156,10 +171,15 @@ def files(tmp_path_factory):
     sae = d / 'saelens_d32'  # a SAELens folder for d_in=32; the tiny models have d_model=64
     sae.mkdir()
     rng = np.random.default_rng(0)
-    save_file({'W_enc': rng.normal(size=(32, 256)).astype(np.float32),
-               'b_enc': np.zeros(256, np.float32),
-               'W_dec': rng.normal(size=(256, 32)).astype(np.float32),
-               'b_dec': np.zeros(32, np.float32)}, str(sae / 'sae_weights.safetensors'))
+    save_file(
+        {
+            'W_enc': rng.normal(size=(32, 256)).astype(np.float32),
+            'b_enc': np.zeros(256, np.float32),
+            'W_dec': rng.normal(size=(256, 32)).astype(np.float32),
+            'b_dec': np.zeros(32, np.float32),
+        },
+        str(sae / 'sae_weights.safetensors'),
+    )
     (sae / 'cfg.json').write_text(json.dumps({'architecture': 'standard', 'd_in': 32, 'd_sae': 256}))
     out['sae_d32'] = sae
 
@@ -207,13 +227,14 @@ def files(tmp_path_factory):
         out[f'config_{name}'] = d / f'{name}.py'
     # The smoke config in a process whose writes of <suffix> files under <workdir>/stages find the
     # disk full (ENOSPC), as on a full file system.
-    for name, suffix in (('full_disk_stage', '.tmp'), ('full_disk_shard', '.npy')):
+    # Every file is written through a temp file named .<name>.<random>.tmp (prunesae_jax/io.py).
+    for name, suffix in (('full_disk_stage', '.tmp'), ('full_disk_shard', '.shard_')):
         (d / f'{name}.py').write_text(_FULL_DISK.format(smoke=str(smoke), suffix=suffix))
         out[name] = d / f'{name}.py'
     return out
 
 
-_FULL_DISK = '''"""configs/smoke.py, where writing a file under .../work/stages/ ending in {suffix!r} fails
+_FULL_DISK = '''"""configs/smoke.py, where writing a file under .../work/stages/ whose name holds {suffix!r} fails
 with ENOSPC (what a full disk does)."""
 import errno
 import importlib.util
@@ -246,7 +267,7 @@ def _fdopen_full(fd, *args, **kwargs):
         path = os.readlink(f'/proc/self/fd/{{fd}}')
     except OSError:
         return f
-    if 'w' in mode and '/work/stages/' in path and path.endswith({suffix!r}):
+    if 'w' in mode and '/work/stages/' in path and {suffix!r} in os.path.basename(path):
         return _Full(f)
     return f
 
@@ -274,8 +295,11 @@ def _stale_results(workdir: pathlib.Path) -> None:
 
 def _stale_results_gone(workdir: pathlib.Path, out) -> list:
     del out
-    problems = [f'{n} of the older config left beside the new config.json' for n in
-                ('results.json', 'report.md', 'tables') if (workdir / n).exists()]
+    problems = [
+        f'{n} of the older config left beside the new config.json'
+        for n in ('results.json', 'report.md', 'tables')
+        if (workdir / n).exists()
+    ]
     config = json.loads((workdir / 'config.json').read_text())
     if config.get('name') != 'smoke: tiny random model':
         problems.append(f'config.json is not the config of the new run: {config}')
@@ -284,6 +308,7 @@ def _stale_results_gone(workdir: pathlib.Path, out) -> list:
 
 def _make(*parts: str, files: dict | None = None) -> Callable[[pathlib.Path], None]:
     """prepare: the workdir with the given folders (names ending in '/') and files."""
+
     def prepare(workdir: pathlib.Path) -> None:
         workdir.mkdir()
         for part in parts:
@@ -293,6 +318,7 @@ def _make(*parts: str, files: dict | None = None) -> Callable[[pathlib.Path], No
                 p.mkdir()
             else:
                 p.write_text((files or {}).get(part, ''))
+
     return prepare
 
 
@@ -311,21 +337,27 @@ def _cases(f) -> list[Case]:
     def data(which, path, split='all'):
         return [f'--config.data.{which}.source={path}', f'--config.data.{which}.split={split}']
 
-    own_data = (data('train', f['tilde_txt']) + data('calibration', f['clean_txt'])
-                + data('eval', f['clean_txt']))
+    own_data = data('train', f['tilde_txt']) + data('calibration', f['clean_txt']) + data('eval', f['clean_txt'])
     return [
         # model stage
-        Case('truncated_safetensors', [f'--config.model={f["truncated"]}'], 'model.safetensors',
-             extra=('truncated/model.safetensors', 'corrupt')),
+        Case(
+            'truncated_safetensors',
+            [f'--config.model={f["truncated"]}'],
+            'model.safetensors',
+            extra=('truncated/model.safetensors', 'corrupt'),
+        ),
         Case('gguf_wrong_magic', [f'--config.model={f["wrong_magic"]}'], "b'GGML'"),
-        Case('gguf_truncated_header', [f'--config.model={f["gguf_truncated"]}'],
-             'header_only.gguf', extra=('truncated',)),
+        Case(
+            'gguf_truncated_header', [f'--config.model={f["gguf_truncated"]}'], 'header_only.gguf', extra=('truncated',)
+        ),
         Case('gguf_empty_file', [f'--config.model={f["gguf_empty"]}'], 'empty.gguf'),
         Case('unknown_model_type', [f'--config.model={f["unknown_type"]}'], "'mamba'"),
-        Case('config_json_not_json', [f'--config.model={f["bad_json"]}'], 'config.json',
-             extra=('not valid JSON',)),
-        Case('safetensors_missing_tensor', [f'--config.model={f["missing_tensor"]}'],
-             'model.layers.1.mlp.down_proj.weight'),
+        Case('config_json_not_json', [f'--config.model={f["bad_json"]}'], 'config.json', extra=('not valid JSON',)),
+        Case(
+            'safetensors_missing_tensor',
+            [f'--config.model={f["missing_tensor"]}'],
+            'model.layers.1.mlp.down_proj.weight',
+        ),
         Case('folder_without_weights', [f'--config.model={f["no_weights"]}'], 'no *.safetensors'),
         Case('unknown_model_name', ['--config.model=gpt-9000'], "'gpt-9000'"),
         Case('nonexistent_model_path', ['--config.model=/nonexistent/model'], '/nonexistent/model'),
@@ -334,106 +366,177 @@ def _cases(f) -> list[Case]:
         Case('bad_dtype', ['--config.dtype=float8'], "'float8'"),
         # pruning stage
         Case('sparsity_one', ['--config.pruning.sparsities=(0.0, 1.0)'], '1.0', extra=('[0, 1)',)),
-        Case('sparsity_negative', ['--config.pruning.sparsities=(-0.1, 0.5)'], '-0.1',
-             extra=('[0, 1)',)),
-        Case('nm_on_odd_width', [f'--config.model={f["odd_width"]}',
-                                 '--config.pruning.group.wanda=2:4',
-                                 '--config.pruning.sparsities=(0.0, 0.5)'],
-             "'2:4'", extra=('intermediate_size=129',)),
+        Case('sparsity_negative', ['--config.pruning.sparsities=(-0.1, 0.5)'], '-0.1', extra=('[0, 1)',)),
+        Case(
+            'nm_on_odd_width',
+            [
+                f'--config.model={f["odd_width"]}',
+                '--config.pruning.group.wanda=2:4',
+                '--config.pruning.sparsities=(0.0, 0.5)',
+            ],
+            "'2:4'",
+            extra=('intermediate_size=129',),
+        ),
         Case('nm_not_a_pattern', ['--config.pruning.group.wanda=4:2'], "'4:2'"),
         Case('unknown_pruning_method', ["--config.pruning.methods=('obs',)"], "'obs'"),
-        Case('calibration_seq_len_one', ['--config.calibration.seq_len=1'],
-             'config.calibration.seq_len=1'),
+        Case('calibration_seq_len_one', ['--config.calibration.seq_len=1'], 'config.calibration.seq_len=1'),
         # SAE stage
         Case('k_zero', ['--config.sae.k=0'], 'config.sae.k=0'),
-        Case('k_above_latents', ['--config.sae.k=100000'], 'config.sae.k=100000',
-             extra=('at most',)),
+        Case('k_above_latents', ['--config.sae.k=100000'], 'config.sae.k=100000', extra=('at most',)),
         Case('unknown_sae_architecture', ['--config.sae.architecture=gated'], "'gated'"),
         Case('n_seeds_zero', ['--config.sae.n_seeds=0'], 'config.sae.n_seeds=0'),
         Case('negative_lr', ['--config.sae.lr=-0.001'], 'config.sae.lr=-0.001'),
         Case('sae_seq_len_zero', ['--config.sae.seq_len=0'], 'config.sae.seq_len=0'),
-        Case('saelens_d_in_mismatch', ['--config.transfer.source=pretrained',
-                                       f'--config.transfer.path={f["sae_d32"]}'],
-             'd_in=32', extra=('d_model=64',)),
-        Case('transfer_path_missing', ['--config.transfer.source=pretrained',
-                                       '--config.transfer.path=/nonexistent/sae'],
-             '/nonexistent/sae'),
+        Case(
+            'saelens_d_in_mismatch',
+            ['--config.transfer.source=pretrained', f'--config.transfer.path={f["sae_d32"]}'],
+            'd_in=32',
+            extra=('d_model=64',),
+        ),
+        Case(
+            'transfer_path_missing',
+            ['--config.transfer.source=pretrained', '--config.transfer.path=/nonexistent/sae'],
+            '/nonexistent/sae',
+        ),
         Case('tau_above_one', ['--config.analysis.tau=1.5'], 'config.analysis.tau=1.5'),
         Case('tau_zero', ['--config.analysis.tau=0.0'], 'config.analysis.tau=0.0'),
         # data stage
-        Case('empty_text_file', data('train', f['empty_txt']), 'empty.txt',
-             extra=('zero tokens',)),
-        Case('zero_token_documents', data('train', f['blank_jsonl']), 'blank.jsonl',
-             extra=('zero tokens',), early=False),
+        Case('empty_text_file', data('train', f['empty_txt']), 'empty.txt', extra=('zero tokens',)),
+        Case(
+            'zero_token_documents', data('train', f['blank_jsonl']), 'blank.jsonl', extra=('zero tokens',), early=False
+        ),
         Case('data_file_wrong_suffix', data('train', f['csv']), 'corpus.csv'),
-        Case('data_missing_file', data('train', '/nonexistent/corpus.txt'),
-             '/nonexistent/corpus.txt'),
+        Case('data_missing_file', data('train', '/nonexistent/corpus.txt'), '/nonexistent/corpus.txt'),
         # config stage
         Case('override_wrong_type', ['--config.sae.k=abc'], "'abc'", extra=('type int',)),
         Case('unknown_field', ['--config.no_such_field=1'], 'no_such_field'),
         Case('nonexistent_config_file', [], 'missing.py', config='configs/missing.py'),
         Case('config_file_syntax_error', [], 'broken_config.py', config=str(f['broken_config'])),
         # non-finite: NaN activations stop the capture of the dense condition, batch by batch
-        Case('nan_activations', [f'--config.model={f["nan"]}', *own_data], 'resid_post',
-             extra=('stage=capture', 'condition=dense', 'layer=1', 'step='), early=False),
+        Case(
+            'nan_activations',
+            [f'--config.model={f["nan"]}', *own_data],
+            'resid_post',
+            extra=('stage=capture', 'condition=dense', 'layer=1', 'step='),
+            early=False,
+        ),
         # ---- ordinary mistakes that used to end in a traceback
         # config files that give no config
-        Case('config_get_config_raises', [], 'raises.py', config=str(f['config_raises']),
-             extra=('get_config() raised RuntimeError', 'no config today')),
-        Case('config_get_config_raises_value_error', [], 'raises_value.py',
-             config=str(f['config_raises_value']), extra=('ValueError', 'bad sweep value 7')),
-        Case('config_get_config_returns_none', [], 'returns_none.py',
-             config=str(f['config_returns_none']), extra=('returned NoneType',)),
-        Case('config_get_config_returns_dict', [], 'returns_dict.py',
-             config=str(f['config_returns_dict']), extra=('returned dict',)),
-        Case('config_without_get_config', [], 'no_get_config.py has no get_config()',
-             config=str(f['config_no_get_config'])),
-        Case('config_imports_a_missing_module', [], 'imports_missing.py',
-             config=str(f['config_imports_missing']), extra=("No module named 'no_such_module_xyz'",)),
+        Case(
+            'config_get_config_raises',
+            [],
+            'raises.py',
+            config=str(f['config_raises']),
+            extra=('get_config() raised RuntimeError', 'no config today'),
+        ),
+        Case(
+            'config_get_config_raises_value_error',
+            [],
+            'raises_value.py',
+            config=str(f['config_raises_value']),
+            extra=('ValueError', 'bad sweep value 7'),
+        ),
+        Case(
+            'config_get_config_returns_none',
+            [],
+            'returns_none.py',
+            config=str(f['config_returns_none']),
+            extra=('returned NoneType',),
+        ),
+        Case(
+            'config_get_config_returns_dict',
+            [],
+            'returns_dict.py',
+            config=str(f['config_returns_dict']),
+            extra=('returned dict',),
+        ),
+        Case(
+            'config_without_get_config',
+            [],
+            'no_get_config.py has no get_config()',
+            config=str(f['config_no_get_config']),
+        ),
+        Case(
+            'config_imports_a_missing_module',
+            [],
+            'imports_missing.py',
+            config=str(f['config_imports_missing']),
+            extra=("No module named 'no_such_module_xyz'",),
+        ),
         # corpora
-        Case('corpus_not_utf8', data('train', f['latin1_txt']), 'latin1.txt',
-             extra=('not UTF-8', "b'\\xe9'")),
-        Case('corpus_not_utf8_past_the_first_mib', data('train', f['late_latin1_txt']),
-             'config.data.train.source', extra=('late_latin1.txt', 'not UTF-8'), early=False),
-        Case('parquet_without_pyarrow', data('train', f['parquet']), 'corpus.parquet',
-             extra=('pyarrow',)),
+        Case('corpus_not_utf8', data('train', f['latin1_txt']), 'latin1.txt', extra=('not UTF-8', "b'\\xe9'")),
+        Case(
+            'corpus_not_utf8_past_the_first_mib',
+            data('train', f['late_latin1_txt']),
+            'config.data.train.source',
+            extra=('late_latin1.txt', 'not UTF-8'),
+            early=False,
+        ),
+        Case('parquet_without_pyarrow', data('train', f['parquet']), 'corpus.parquet', extra=('pyarrow',)),
         # models and dictionaries
-        Case('hf_folder_without_tokenizer', [f'--config.model={f["no_tokenizer"]}'],
-             'has no tokenizer', extra=(str(f['no_tokenizer']),)),
-        Case('transfer_repo_offline', ['--config.transfer.source=pretrained',
-                                       '--config.transfer.repo=no-such-org/no-such-saes',
-                                       '--config.transfer.path=layer_1'],
-             "config.transfer.repo='no-such-org/no-such-saes'", env={'HF_HUB_OFFLINE': '1'}),
+        Case(
+            'hf_folder_without_tokenizer',
+            [f'--config.model={f["no_tokenizer"]}'],
+            'has no tokenizer',
+            extra=(str(f['no_tokenizer']),),
+        ),
+        Case(
+            'transfer_repo_offline',
+            [
+                '--config.transfer.source=pretrained',
+                '--config.transfer.repo=no-such-org/no-such-saes',
+                '--config.transfer.path=layer_1',
+            ],
+            "config.transfer.repo='no-such-org/no-such-saes'",
+            env={'HF_HUB_OFFLINE': '1'},
+        ),
         Case('jax_platform_not_here', [], "JAX_PLATFORMS='tpu'", env={'JAX_PLATFORMS': 'tpu'}),
         # workdirs: the wrong place, or something in the way
         Case('workdir_empty_string', [], "--workdir=''", workdir_arg='', verify=_cwd_untouched),
-        Case('workdir_not_a_study', [], 'notes.txt', prepare=_make('notes.txt', 'photos/'),
-             extra=('no study',)),
-        Case('workdir_dangling_symlink', [], 'symlink to nothing', prepare=_dangling,
-             extra=('gone/deeper',)),
-        Case('workdir_stages_is_a_file', [], "'stages'", prepare=_make('config.json', 'stages'),
-             extra=('is a folder or absent',)),
-        Case('workdir_stage_is_a_file', [], "'stages/tokens'",
-             prepare=_make('config.json', 'stages/tokens')),
-        Case('workdir_lock_is_a_folder', [], "'.lock'", prepare=_make('.lock/'),
-             extra=('is a file or absent',)),
+        Case('workdir_not_a_study', [], 'notes.txt', prepare=_make('notes.txt', 'photos/'), extra=('no study',)),
+        Case('workdir_dangling_symlink', [], 'symlink to nothing', prepare=_dangling, extra=('gone/deeper',)),
+        Case(
+            'workdir_stages_is_a_file',
+            [],
+            "'stages'",
+            prepare=_make('config.json', 'stages'),
+            extra=('is a folder or absent',),
+        ),
+        Case('workdir_stage_is_a_file', [], "'stages/tokens'", prepare=_make('config.json', 'stages/tokens')),
+        Case('workdir_lock_is_a_folder', [], "'.lock'", prepare=_make('.lock/'), extra=('is a file or absent',)),
         Case('workdir_tables_is_a_file', [], "'tables'", prepare=_make('config.json', 'tables')),
         # the disk fills up: a stage file, an activation shard (written by the store)
-        Case('disk_full_stage_file', [], 'no space left', config=str(f['full_disk_stage']),
-             extra=('tokens.npz',), early=False),
-        Case('disk_full_activation_shard', [], 'no space left', config=str(f['full_disk_shard']),
-             early=False),
+        Case(
+            'disk_full_stage_file',
+            [],
+            'no space left',
+            config=str(f['full_disk_stage']),
+            extra=('tokens.npz',),
+            early=False,
+        ),
+        Case('disk_full_activation_shard', [], 'no space left', config=str(f['full_disk_shard']), early=False),
         # ---- validated before the first expensive step, naming the config field
-        Case('n_quintiles_above_latents', ['--config.analysis.n_quintiles=1000'],
-             'config.analysis.n_quintiles=1000', extra=('512',)),
+        Case(
+            'n_quintiles_above_latents',
+            ['--config.analysis.n_quintiles=1000'],
+            'config.analysis.n_quintiles=1000',
+            extra=('512',),
+        ),
         # ---- results and config stay consistent: a changed config that fails removes the old results
-        Case('changed_config_fails_after_stale_results', data('train', f['blank_jsonl']),
-             'blank.jsonl', extra=('zero tokens',), early=False, prepare=_stale_results,
-             verify=_stale_results_gone),
+        Case(
+            'changed_config_fails_after_stale_results',
+            data('train', f['blank_jsonl']),
+            'blank.jsonl',
+            extra=('zero tokens',),
+            early=False,
+            prepare=_stale_results,
+            verify=_stale_results_gone,
+        ),
     ]
 
 
 # --------------------------------------------------------------------------- running them
+
 
 def _files_under(path: pathlib.Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob('*') if not p.is_dir())
@@ -444,14 +547,11 @@ def _run_case(case: Case, workdir: pathlib.Path) -> subprocess.CompletedProcess:
     config = case.config if os.path.isabs(case.config) else str(ROOT / case.config)
     arg = str(workdir) if case.workdir_arg is None else case.workdir_arg
     # Run in the case's own folder: a relative (or empty) --workdir must not land in the repo.
-    cmd = [sys.executable, str(ROOT / 'launch' / 'run_study.py'), f'--config={config}',
-           *case.args, f'--workdir={arg}']
-    return subprocess.run(cmd, cwd=workdir.parent, capture_output=True, text=True, timeout=240,
-                          env=env)
+    cmd = [sys.executable, str(ROOT / 'launch' / 'run_study.py'), f'--config={config}', *case.args, f'--workdir={arg}']
+    return subprocess.run(cmd, cwd=workdir.parent, capture_output=True, text=True, timeout=240, env=env)
 
 
-def _check(case: Case, out: subprocess.CompletedProcess, workdir: pathlib.Path,
-           before: tuple = ()) -> list[str]:
+def _check(case: Case, out: subprocess.CompletedProcess, workdir: pathlib.Path, before: tuple = ()) -> list[str]:
     """The contract's violations for one case (empty when it holds); `before`: the workdir's files
     as the case prepared them."""
     problems = []
@@ -474,8 +574,7 @@ def _check(case: Case, out: subprocess.CompletedProcess, workdir: pathlib.Path,
     if workdir.exists():
         left = _files_under(workdir)
         if case.early and left != list(before):
-            problems.append(f'files left in the workdir by an up-front failure: {left} (was '
-                            f'{list(before)})')
+            problems.append(f'files left in the workdir by an up-front failure: {left} (was {list(before)})')
         for name in left:
             if name in ('results.json', 'timings.json', 'report.md') or 'tmp' in name:
                 problems.append(f'partial output {name!r} left in the workdir')
@@ -596,8 +695,9 @@ def test_an_unexpected_error_is_one_line_and_a_log_in_the_workdir(tmp_path):
     assert 'Traceback' not in out.stderr and 'Traceback' not in out.stdout
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     log = workdir / 'run_study.error.log'
-    assert lines[-1].startswith('run_study: unexpected RuntimeError during tokens: a bug in the '
-                                'tokens stage;'), lines[-1]
+    assert lines[-1].startswith('run_study: unexpected RuntimeError during tokens: a bug in the tokens stage;'), lines[
+        -1
+    ]
     assert str(log) in lines[-1] and sum(ln.startswith('run_study: ') for ln in lines) == 1
     text = log.read_text()
     assert 'Traceback (most recent call last)' in text and '_buggy_take_tokens' in text

@@ -45,8 +45,10 @@ def test_paper_configs_grid():
 
 def test_dead_window_must_be_reachable():
     # smoke: 66 rows of 31 tokens = 2,046 stored tokens x 4 epochs // 256 = 32 steps of 256 tokens
-    _bad(lambda c: setattr(c.sae, 'dead_tokens', 10_000_000),
-         r'config.sae.dead_tokens=10000000 .*at most the 8192 tokens the SAEs train on \(32 steps of 256')
+    _bad(
+        lambda c: setattr(c.sae, 'dead_tokens', 10_000_000),
+        r'config.sae.dead_tokens=10000000 .*at most the 8192 tokens the SAEs train on \(32 steps of 256',
+    )
     cfg = load('smoke')
     cfg.sae.dead_tokens = 8192
     validate(cfg)
@@ -76,7 +78,7 @@ def _bad(mutate, match, exc=ConfigError):
 
 def test_unknown_model():
     _bad(lambda c: setattr(c, 'model', 'gpt-9000'), r"config.model='gpt-9000'.*zoo name")
-    _bad(lambda c: setattr(c, 'model', 'tiny:mamba'), r"tiny:mamba.*tiny:llama")
+    _bad(lambda c: setattr(c, 'model', 'tiny:mamba'), r'tiny:mamba.*tiny:llama')
     _bad(lambda c: setattr(c, 'model', '/nonexistent/folder'), 'no HF folder', ConfigPathError)
 
 

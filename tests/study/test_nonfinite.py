@@ -12,6 +12,7 @@ import pytest
 
 from prunesae_jax.errors import NonFiniteError
 from prunesae_jax.models import init_params
+from prunesae_jax.models.load import LoadedModel
 from prunesae_jax.pruning import calibrate
 from prunesae_jax.pruning.perplexity import strided_nll
 from prunesae_jax.study import pipeline
@@ -57,22 +58,27 @@ def test_nan_calibration_statistics_name_layer_and_step():
     # with_context fills what a caller knows and keeps what the guard set
     e2 = e.with_context(condition='wanda@0.5', layer=9, detail='seed 0')
     assert (e2.condition, e2.layer) == ('wanda@0.5', 3)
-    assert str(e2).startswith("non-finite (NaN or inf) calibration statistics of input 'mlp_in'; "
-                              'stage=calibration, condition=wanda@0.5, layer=3, step=1')
+    assert str(e2).startswith(
+        "non-finite (NaN or inf) calibration statistics of input 'mlp_in'; "
+        'stage=calibration, condition=wanda@0.5, layer=3, step=1'
+    )
 
 
 def test_first_nonfinite_calibration_batch(tiny):
     cfg, params = tiny
     from prunesae_jax.models import embed  # pylint: disable=import-outside-toplevel
+
     tokens = np.full((3, 2, 8), 7, np.int32)
     hs = [embed(cfg, params, jnp.asarray(t)) for t in tokens]
     hs[2] = hs[2].at[0, 3, 5].set(jnp.nan)  # only the third batch carries a NaN
-    assert calibrate.first_nonfinite_batch(cfg, params['layers'][0], 0, hs, 'sq') == 2
-    assert calibrate.first_nonfinite_batch(cfg, params['layers'][0], 0, hs[:2], 'sq') is None
+    assert calibrate.first_nonfinite_batch(cfg, params['layers'][0], 0, hs, calibrate.INPUT_SQ_NORMS) == 2
+    assert calibrate.first_nonfinite_batch(cfg, params['layers'][0], 0, hs[:2], calibrate.INPUT_SQ_NORMS) is None
 
 
-def _model(cfg, params, layer=1):
-    return pipeline._Model('tiny:llama', cfg, params, None, 'modelkey', layer)
+def _study(config, cfg, params, cache, layer=1):
+    """The pipeline's state for a tiny model at `layer` (no tokenizer, no transfer dictionary)."""
+    model = LoadedModel('tiny:llama', cfg, params, None, 'modelkey')
+    return pipeline._Study(config, model, layer, None, cache, pipeline._Timings())
 
 
 def test_capture_stops_at_the_first_nan_batch_and_leaves_no_stage(tiny, tmp_path):
@@ -87,17 +93,21 @@ def test_capture_stops_at_the_first_nan_batch_and_leaves_no_stage(tiny, tmp_path
     rows[4, 5] = 50
     cache = StageCache(tmp_path)
     with pytest.raises(NonFiniteError) as err:
-        pipeline._acts_stage(config, _model(cfg, bad), bad, 'prunekey', 'tokkey', {'train': rows},
-                             cache, pipeline._Timings(), 'dense')
+        pipeline._acts_stage(_study(config, cfg, bad, cache), bad, 'prunekey', 'tokkey', {'train': rows}, 'dense')
     e = err.value
     assert (e.what, e.stage, e.layer, e.step) == ('resid_post activations', 'capture', 1, 2)
     # nothing half-written: the acts stage has no folder (its temp folder was removed)
     acts = tmp_path / 'stages' / 'acts'
     assert not acts.exists() or not any(acts.iterdir())
     # the same rows without the NaN token capture fine: 6 x 7 tokens (BOS excluded)
-    key, store = pipeline._acts_stage(config, _model(cfg, params), params, 'prunekey', 'tokkey',
-                                      {'train': np.where(rows == 50, 9, rows)}, cache,
-                                      pipeline._Timings(), 'dense')
+    key, store = pipeline._acts_stage(
+        _study(config, cfg, params, cache),
+        params,
+        'prunekey',
+        'tokkey',
+        {'train': np.where(rows == 50, 9, rows)},
+        'dense',
+    )
     assert store.n_tokens == 6 * 7 and cache.done('acts', key)
 
 
@@ -116,21 +126,22 @@ def test_run_names_condition_and_layer_and_keeps_finished_stages(tmp_path, monke
     def fake_ppl(*args, **kwargs):
         return {'ppl': 10.0, 'nll': 1.0, 'n_tokens': 1}
 
-    def fake_acts(config, model, params, prune_key, tokens_key, tokens, cache, timings, label):
+    def fake_acts(st, params, prune_key, tokens_key, tokens, label):
         calls.append(label)
         return 'actskey', None
 
     def nan_sae(*args, **kwargs):
-        raise NonFiniteError('SAE loss', stage='sae', step=7,
-                             detail='seed 1; last good checkpoint: step 5')
+        raise NonFiniteError('SAE loss', stage='sae', step=7, detail='seed 1; last good checkpoint: step 5')
 
     monkeypatch.setattr(pipeline, '_ppl_stage', fake_ppl)
     monkeypatch.setattr(pipeline, '_acts_stage', fake_acts)
     monkeypatch.setattr(pipeline, '_sae_stage', nan_sae)
     with pytest.raises(NonFiniteError) as err:
         pipeline.run(config, tmp_path / 'work')
-    assert str(err.value) == ('non-finite (NaN or inf) SAE loss; stage=sae, condition=dense, '
-                              'layer=1, step=7; seed 1; last good checkpoint: step 5')
+    assert str(err.value) == (
+        'non-finite (NaN or inf) SAE loss; stage=sae, condition=dense, '
+        'layer=1, step=7; seed 1; last good checkpoint: step 5'
+    )
     assert calls == ['dense']
     work = tmp_path / 'work'
     assert not (work / 'results.json').exists()
