@@ -2,7 +2,14 @@
 
 All functions are deterministic: randomness comes only from `seed` through a
 numpy PCG64 generator, so the same inputs and seed give the same numbers.
-Spearman and Kendall's W are checked against scipy in tests/analysis/test_analysis_stats.py.
+
+scipy.stats where it gives the same numbers: ranks are scipy.stats.rankdata. Our own code
+stays where scipy has no equivalent (Kendall's W, the cluster and seed bootstraps) or where
+scipy's numbers differ from ours in the last bits, which would change results.json:
+`pearson` (scipy.stats.pearsonr scales before the dot product), `spearman` (spearmanr goes
+through np.corrcoef; ours is `pearson` of scipy's ranks), `bootstrap_ci` (see there) and
+`spearman_ci` (scipy.stats.bootstrap with a spearmanr statistic is about 8x slower on 5000
+pairs). tests/analysis/test_analysis_stats.py checks each against scipy.
 
 Seed-level bootstraps. A study trains few SAE seeds (often 3), and its measures are
 values of seed PAIRS: pairs that share a seed are not independent, so resampling pairs
@@ -20,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
+import scipy.stats
 
 from prunesae_jax.analysis.checks import check_finite
 from prunesae_jax.errors import InputError
@@ -61,16 +69,16 @@ class SeedInterval(NamedTuple):
 
 def _check_boot(n_boot: int, ci: float) -> None:
     if int(n_boot) < 1:
-        raise InputError(f"n_boot={n_boot!r}; expected an integer >= 1")
+        raise InputError(f'n_boot={n_boot!r}; expected an integer >= 1')
     if not 0.0 < float(ci) < 1.0:
-        raise InputError(f"ci={ci!r}; expected a level strictly between 0 and 1, e.g. 0.95")
+        raise InputError(f'ci={ci!r}; expected a level strictly between 0 and 1, e.g. 0.95')
 
 
 def _percentile_interval(estimate: float, boots: np.ndarray, ci: float) -> Interval:
     boots = np.asarray(boots, dtype=np.float64)
     boots = boots[np.isfinite(boots)]
     if boots.size == 0:
-        return Interval(float(estimate), float("nan"), float("nan"))
+        return Interval(float(estimate), float('nan'), float('nan'))
     alpha = (1.0 - ci) / 2.0
     lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
     return Interval(float(estimate), float(lo), float(hi))
@@ -110,12 +118,19 @@ def bootstrap_ci(
     Returns Interval(statistic(data), low, high); non-finite bootstrap replicates
     (e.g. a constant resample for Spearman) are dropped. With n == 1 the interval
     collapses onto the estimate.
+
+    This is scipy.stats.bootstrap(method='percentile') with the same PCG64 generator: the
+    same resamples and the same bootstrap distribution. It is not scipy's function because
+    scipy (1.17) takes the percentiles with scipy.stats.quantile, which differs from
+    np.quantile in the last bits (in about half of the random cases tried), refuses n == 1 and
+    keeps non-finite replicates; and it builds the [n_boot, n] index array in one piece
+    unless batched.
     """
     _check_boot(n_boot, ci)
     data = np.asarray(data)
     if data.ndim == 0 or data.shape[0] == 0:
-        raise InputError(f"data shape {data.shape}; expected at least one row along axis 0")
-    check_finite(data, "data", "finite values to resample")
+        raise InputError(f'data shape {data.shape}; expected at least one row along axis 0')
+    check_finite(data, 'data', 'finite values to resample')
     n = data.shape[0]
     boots = []
     if statistic is None:
@@ -142,7 +157,7 @@ def spearman_ci(x, y, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> In
     x, y = _paired(x, y)
     n = x.shape[0]
     if n == 0:
-        raise InputError("x and y are empty; expected at least one pair")
+        raise InputError('x and y are empty; expected at least one pair')
     estimate = spearman(x, y)
     ux, ix = np.unique(x, return_inverse=True)
     uy, iy = np.unique(y, return_inverse=True)
@@ -164,6 +179,26 @@ def spearman_ci(x, y, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> In
     return _percentile_interval(estimate, np.array(boots), ci)
 
 
+def difference_ci(a, b, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap CI of mean(a) - mean(b) for two independent samples: each
+    resample draws a's values and then b's with replacement, from one PCG64 stream.
+
+    For values whose seed pairs are not known (the report's fallback); when they are, use
+    seed_difference_ci, which resamples the seeds the two conditions share.
+    """
+    _check_boot(n_boot, ci)
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.size == 0 or b.size == 0:
+        raise InputError(f'a has {a.size} and b has {b.size} values; expected at least one value in each')
+    check_finite(a, 'a', 'finite values to resample')
+    check_finite(b, 'b', 'finite values to resample')
+    n_boot = int(n_boot)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    boots = a[rng.integers(0, a.size, (n_boot, a.size))].mean(1) - b[rng.integers(0, b.size, (n_boot, b.size))].mean(1)
+    return _percentile_interval(float(a.mean() - b.mean()), boots, ci)
+
+
 def cluster_bootstrap_ci(
     clusters: Sequence[Any],
     statistic: Callable[[list], float],
@@ -183,7 +218,7 @@ def cluster_bootstrap_ci(
     _check_boot(n_boot, ci)
     clusters = list(clusters)
     if not clusters:
-        raise InputError("clusters is empty; expected at least one cluster")
+        raise InputError('clusters is empty; expected at least one cluster')
     k = len(clusters)
     estimate = float(statistic(clusters))
     boots = [float(statistic([clusters[j] for j in row])) for idx in _index_chunks(k, int(n_boot), seed) for row in idx]
@@ -200,20 +235,20 @@ def _pair_table(values, pairs, n_rows: int, n_cols: int, name: str) -> tuple[np.
     p = np.asarray(pairs)
     if p.ndim != 2 or p.shape[1] != 2 or p.shape[0] != v.shape[0]:
         raise InputError(
-            f"{name}: pairs shape {p.shape} for {v.shape[0]} values; expected [P, 2] seed indices, one row per value"
+            f'{name}: pairs shape {p.shape} for {v.shape[0]} values; expected [P, 2] seed indices, one row per value'
         )
     if v.shape[0] == 0:
-        raise InputError(f"{name}: no pair values; expected at least one pair")
-    check_finite(v, f"{name} values", "finite pair values (one per seed pair)")
+        raise InputError(f'{name}: no pair values; expected at least one pair')
+    check_finite(v, f'{name} values', 'finite pair values (one per seed pair)')
     if not np.issubdtype(p.dtype, np.integer):
         if not np.all(np.isfinite(p)) or np.any(p != np.round(p)):
-            raise InputError(f"{name}: pairs hold non-integer entries; expected seed indices")
+            raise InputError(f'{name}: pairs hold non-integer entries; expected seed indices')
         p = p.astype(np.int64)
     for col, n in ((0, n_rows), (1, n_cols)):
         if p[:, col].min() < 0 or p[:, col].max() >= n:
             raise InputError(
-                f"{name}: pairs column {col} spans [{p[:, col].min()}, {p[:, col].max()}]; "
-                f"expected seed indices in [0, {n})"
+                f'{name}: pairs column {col} spans [{p[:, col].min()}, {p[:, col].max()}]; '
+                f'expected seed indices in [0, {n})'
             )
     sums = np.zeros((n_rows, n_cols))
     counts = np.zeros((n_rows, n_cols))
@@ -224,7 +259,7 @@ def _pair_table(values, pairs, n_rows: int, n_cols: int, name: str) -> tuple[np.
 
 def _check_n(n, name: str) -> int:
     if isinstance(n, bool) or int(n) != n or int(n) < 1:
-        raise InputError(f"{name}={n!r}; expected a positive number of seeds")
+        raise InputError(f'{name}={n!r}; expected a positive number of seeds')
     return int(n)
 
 
@@ -237,9 +272,9 @@ def _seed_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
 
 def _weighted_mean(sums, counts, rows, cols) -> np.ndarray:
     """Per resample: sum_ij r_i c_j sums_ij / sum_ij r_i c_j counts_ij (nan with no valid pair)."""
-    num = np.einsum("bi,ij,bj->b", rows, sums, cols)
-    den = np.einsum("bi,ij,bj->b", rows, counts, cols)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    num = np.einsum('bi,ij,bj->b', rows, sums, cols)
+    den = np.einsum('bi,ij,bj->b', rows, counts, cols)
+    with np.errstate(invalid='ignore', divide='ignore'):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
@@ -258,10 +293,10 @@ def seed_bootstrap_ci(
     dropped. Estimate = the plain mean of the pair values.
     """
     _check_boot(n_boot, ci)
-    n = _check_n(n_seeds, "n_seeds")
-    sums, counts, v = _pair_table(pair_values, pairs, n, n, "seed_bootstrap_ci")
+    n = _check_n(n_seeds, 'n_seeds')
+    sums, counts, v = _pair_table(pair_values, pairs, n, n, 'seed_bootstrap_ci')
     if np.any(np.diag(counts) > 0):
-        raise InputError("seed_bootstrap_ci: a pair (s, s) pairs a seed with itself; expected distinct seeds i != j")
+        raise InputError('seed_bootstrap_ci: a pair (s, s) pairs a seed with itself; expected distinct seeds i != j')
     c = _seed_counts(np.random.Generator(np.random.PCG64(seed)), n, int(n_boot))
     iv = _percentile_interval(float(v.mean()), _weighted_mean(sums, counts, c, c), ci)
     return SeedInterval(*iv, float(v.min()), float(v.max()), n)
@@ -280,8 +315,8 @@ def two_way_bootstrap_ci(
     are dropped. n_seeds of the result = min(n_a, n_b).
     """
     _check_boot(n_boot, ci)
-    n_a, n_b = _check_n(n_a, "n_a"), _check_n(n_b, "n_b")
-    sums, counts, v = _pair_table(pair_values, pairs, n_a, n_b, "two_way_bootstrap_ci")
+    n_a, n_b = _check_n(n_a, 'n_a'), _check_n(n_b, 'n_b')
+    sums, counts, v = _pair_table(pair_values, pairs, n_a, n_b, 'two_way_bootstrap_ci')
     rng = np.random.Generator(np.random.PCG64(seed))
     ca = _seed_counts(rng, n_a, int(n_boot))
     cb = _seed_counts(rng, n_b, int(n_boot))
@@ -295,9 +330,9 @@ def matched_bootstrap_ci(values, n_boot: int = 2000, ci: float = 0.95, seed: int
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     n = v.shape[0]
     if n == 0:
-        raise InputError("values is empty; expected one value per seed s of the pairs (s, s)")
+        raise InputError('values is empty; expected one value per seed s of the pairs (s, s)')
     _check_boot(n_boot, ci)
-    sums, counts, v = _pair_table(v, np.stack([np.arange(n)] * 2, 1), n, n, "matched_bootstrap_ci")
+    sums, counts, v = _pair_table(v, np.stack([np.arange(n)] * 2, 1), n, n, 'matched_bootstrap_ci')
     c = _seed_counts(np.random.Generator(np.random.PCG64(seed)), n, int(n_boot))
     iv = _percentile_interval(float(v.mean()), _weighted_mean(sums, counts, c, np.ones_like(c)), ci)
     return SeedInterval(*iv, float(v.min()), float(v.max()), n)
@@ -329,15 +364,15 @@ def seed_difference_ci(
     (mean of A's pairs of dense seed s minus mean of B's), over seeds that both have.
     """
     _check_boot(n_boot, ci)
-    n_d = _check_n(n_dense, "n_dense")
+    n_d = _check_n(n_dense, 'n_dense')
     tables = []
-    for name, values, pairs in (("a", a_values, a_pairs), ("b", b_values, b_pairs)):
+    for name, values, pairs in (('a', a_values, a_pairs), ('b', b_values, b_pairs)):
         p = np.asarray(pairs)
         n_p = int(p[:, 1].max()) + 1 if p.ndim == 2 and p.shape[0] and p.shape[1] == 2 else 1
-        sums, counts, _ = _pair_table(values, pairs, n_d, max(n_p, 1), f"seed_difference_ci {name}")
+        sums, counts, _ = _pair_table(values, pairs, n_d, max(n_p, 1), f'seed_difference_ci {name}')
         if matched and np.any((counts > 0) & ~np.eye(n_d, counts.shape[1], dtype=bool)):
             raise InputError(
-                f"seed_difference_ci {name}: matched=True with a pair (i, j), i != j; expected pairs (s, s)"
+                f'seed_difference_ci {name}: matched=True with a pair (i, j), i != j; expected pairs (s, s)'
             )
         tables.append((sums, counts))
     (sa, ka), (sb, kb) = tables
@@ -353,58 +388,52 @@ def seed_difference_ci(
     iv = _percentile_interval(estimate, boots, ci)
     both = (ka.sum(1) > 0) & (kb.sum(1) > 0)
     per_seed = sa.sum(1)[both] / ka.sum(1)[both] - sb.sum(1)[both] / kb.sum(1)[both]
-    lo, hi = (float(per_seed.min()), float(per_seed.max())) if per_seed.size else (float("nan"), float("nan"))
+    lo, hi = (float(per_seed.min()), float(per_seed.max())) if per_seed.size else (float('nan'), float('nan'))
     n_seeds = n_d if matched else min(n_d, ka.shape[1], kb.shape[1])
     return SeedInterval(*iv, lo, hi, n_seeds)
 
 
 def rankdata(x) -> np.ndarray:
-    """1-based ranks with ties given their average rank (scipy.stats.rankdata 'average')."""
+    """1-based ranks with ties given their average rank (scipy.stats.rankdata, 'average'),
+    after checking that x is a finite 1-D array."""
     x = np.asarray(x)
     if x.ndim != 1:
-        raise InputError(f"x has shape {x.shape}; expected a 1-D array")
-    check_finite(x, "x", "finite values to rank")
-    n = x.shape[0]
-    # Average ranks do not depend on the order among equal values, so any sort kind works.
-    order = np.argsort(x)
-    xs = x[order]
-    # Boundaries of runs of equal values in sorted order.
-    new_run = np.concatenate([[True], xs[1:] != xs[:-1]]) if n else np.zeros(0, bool)
-    run_id = np.cumsum(new_run) - 1
-    starts = np.flatnonzero(new_run)
-    ends = np.concatenate([starts[1:], [n]])
-    avg = (starts + ends + 1) / 2.0  # mean of 1-based positions start+1 .. end
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = avg[run_id]
-    return ranks
+        raise InputError(f'x has shape {x.shape}; expected a 1-D array')
+    check_finite(x, 'x', 'finite values to rank')
+    return np.asarray(scipy.stats.rankdata(x, method='average'), dtype=np.float64)
 
 
 def _paired(x, y) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
-        raise InputError(f"x shape {x.shape}, y shape {y.shape}; expected two 1-D arrays of equal length")
-    check_finite(x, "x", "finite values to correlate")
-    check_finite(y, "y", "finite values to correlate")
+        raise InputError(f'x shape {x.shape}, y shape {y.shape}; expected two 1-D arrays of equal length')
+    check_finite(x, 'x', 'finite values to correlate')
+    check_finite(y, 'y', 'finite values to correlate')
     return x, y
 
 
 def pearson(x, y) -> float:
-    """Pearson correlation; nan when either input is constant or has fewer than 2 values."""
+    """Pearson correlation; nan when either input is constant or has fewer than 2 values.
+
+    Not scipy.stats.pearsonr: that one divides each centred input by its norm before the
+    dot product, which differs from this sum in the last bits (and it warns on constant
+    input and refuses fewer than 2 values)."""
     x, y = _paired(x, y)
     if x.shape[0] < 2:
-        return float("nan")
+        return float('nan')
     xc = x - x.mean()
     yc = y - y.mean()
     den = np.sqrt(np.sum(xc * xc) * np.sum(yc * yc))
     if den == 0.0:
-        return float("nan")
+        return float('nan')
     return float(np.clip(np.sum(xc * yc) / den, -1.0, 1.0))
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation: Pearson correlation of average ranks (ties handled as
-    in scipy.stats.spearmanr); nan when either input is constant."""
+    """Spearman rank correlation: `pearson` of the average ranks (ties handled as in
+    scipy.stats.spearmanr, whose np.corrcoef differs from `pearson` in the last bits);
+    nan when either input is constant."""
     x, y = _paired(x, y)
     return pearson(rankdata(x), rankdata(y))
 
@@ -423,11 +452,11 @@ def kendalls_w(ratings) -> float:
     """
     r = np.asarray(ratings, dtype=np.float64)
     if r.ndim != 2:
-        raise InputError(f"ratings shape {r.shape}; expected [m raters, n items]")
-    check_finite(r, "ratings", "finite scores to rank")
+        raise InputError(f'ratings shape {r.shape}; expected [m raters, n items]')
+    check_finite(r, 'ratings', 'finite scores to rank')
     m, n = r.shape
     if m < 1 or n < 2:
-        return float("nan")
+        return float('nan')
     ranks = np.stack([rankdata(row) for row in r])  # [m, n]
     totals = ranks.sum(axis=0)
     s = float(np.sum((totals - totals.mean()) ** 2))
@@ -437,5 +466,5 @@ def kendalls_w(ratings) -> float:
         ties += float(np.sum(counts.astype(np.float64) ** 3 - counts))
     den = m * m * (n**3 - n) - m * ties
     if den <= 0.0:
-        return float("nan")
+        return float('nan')
     return 12.0 * s / den
