@@ -23,6 +23,11 @@ params and batch placed on the mesh and the residual stream pinned to batch x 'd
 blocks (jax.lax.with_sharding_constraint); outputs come back split on batch over 'data'.
 They equal `prunesae_jax.models.forward` / `resid_post` on one device up to float rounding.
 
+The study's placement: `sae_mesh` (the trainer's mesh over every local device, or None),
+`place_params` (params on a ('data', 'model') mesh by strategy, unchanged on one device),
+`placed_mesh` (the mesh params were placed on) and `layer_activations` (resid_post of one layer in
+batches, on that mesh when params are placed, else on one device).
+
 Multi-host (one process per host, `initialize_distributed` first): meshes span every process's
 devices (jax.devices()); `shard_params` / `shard_batch` build global arrays from host data that
 is identical on every process, and `host_array` reads a result back on every process.
@@ -35,20 +40,35 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from prunesae_jax.errors import InputError
 
 __all__ = [
-    'STRATEGIES', 'make_mesh', 'make_model_mesh', 'param_specs', 'param_shardings', 'shard_params',
-    'batch_sharding', 'shard_batch', 'forward', 'resid_post', 'host_array', 'initialize_distributed',
+    'STRATEGIES',
+    'make_mesh',
+    'make_model_mesh',
+    'param_specs',
+    'param_shardings',
+    'shard_params',
+    'batch_sharding',
+    'shard_batch',
+    'forward',
+    'resid_post',
+    'host_array',
+    'initialize_distributed',
+    'sae_mesh',
+    'place_params',
+    'placed_mesh',
+    'layer_activations',
 ]
 
 STRATEGIES = ('none', 'fsdp', 'tp')
 
 # params['layers'][i] kernels by the dimension tensor parallelism splits (layout [d_in, d_out]).
-_TP_OUT = ('gate_proj', 'up_proj')          # column parallel: split d_out
-_TP_IN = ('down_proj',)                     # row parallel: split d_in
+_TP_OUT = ('gate_proj', 'up_proj')  # column parallel: split d_out
+_TP_IN = ('down_proj',)  # row parallel: split d_in
 _TP_ATTN_OUT = ('q_proj', 'k_proj', 'v_proj')
 _TP_ATTN_IN = ('o_proj',)
 
@@ -59,9 +79,10 @@ def make_mesh(n_seed: int | None = None, n_data: int = 1, devices=None) -> Mesh:
     if n_seed is None:
         n_seed = len(devices) // n_data
     if n_seed < 1 or n_data < 1 or n_seed * n_data > len(devices):
-        raise InputError(f"mesh seed={n_seed} x data={n_data} needs {n_seed * n_data} devices; "
-                         f"{len(devices)} available")
-    return Mesh(np.array(devices[:n_seed * n_data]).reshape(n_seed, n_data), ("seed", "data"))
+        raise InputError(
+            f'mesh seed={n_seed} x data={n_data} needs {n_seed * n_data} devices; {len(devices)} available'
+        )
+    return Mesh(np.array(devices[: n_seed * n_data]).reshape(n_seed, n_data), ('seed', 'data'))
 
 
 def make_model_mesh(n_data: int | None = None, n_model: int = 1, devices=None) -> Mesh:
@@ -77,14 +98,15 @@ def make_model_mesh(n_data: int | None = None, n_model: int = 1, devices=None) -
     if n_data is None:
         n_data = len(devices) // n_model
     if n_data < 1 or n_data * n_model > len(devices):
-        raise InputError(f'mesh data={n_data} x model={n_model} needs {n_data * n_model} devices; '
-                         f'{len(devices)} available')
-    return Mesh(np.array(devices[:n_data * n_model]).reshape(n_data, n_model), ('data', 'model'))
+        raise InputError(
+            f'mesh data={n_data} x model={n_model} needs {n_data * n_model} devices; {len(devices)} available'
+        )
+    return Mesh(np.array(devices[: n_data * n_model]).reshape(n_data, n_model), ('data', 'model'))
 
 
 def _check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
-        raise InputError(f"strategy={strategy!r} is not valid; accepted: {' | '.join(STRATEGIES)}")
+        raise InputError(f'strategy={strategy!r} is not valid; accepted: {" | ".join(STRATEGIES)}')
 
 
 def _axis(mesh: Mesh, name: str) -> int:
@@ -149,8 +171,9 @@ def param_specs(params: dict, mesh: Mesh, strategy: str, cfg=None) -> dict:
 
 def param_shardings(params: dict, mesh: Mesh, strategy: str, cfg=None) -> dict:
     """NamedSharding pytree for params on mesh (see `param_specs`)."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, strategy, cfg),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), param_specs(params, mesh, strategy, cfg), is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def _place(x, sharding: NamedSharding):
@@ -187,6 +210,7 @@ def _pin(h, mesh: Mesh):
 def _run(cfg, mesh, params, tokens, attention_mask, stop_after):
     # The decoder's public pieces, so that the residual stream can be pinned between blocks.
     from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+
     h = _pin(decoder.embed(cfg, params, tokens), mesh)
     out = {}
     last = cfg.num_layers - 1 if stop_after is None else max(stop_after)
@@ -203,8 +227,7 @@ def _check_placed(params, tokens, mesh: Mesh) -> None:
     leaf = jax.tree.leaves(params)[0]
     sh = getattr(leaf, 'sharding', None)
     if not isinstance(sh, NamedSharding) or sh.mesh != mesh:
-        raise InputError('params are not placed on this mesh; accepted: shard_params(params, mesh, '
-                         'strategy) first')
+        raise InputError('params are not placed on this mesh; accepted: shard_params(params, mesh, strategy) first')
     if getattr(tokens, 'ndim', None) != 2:
         raise InputError(f'tokens has shape {getattr(tokens, "shape", None)}; expected [B, T] int32')
 
@@ -221,6 +244,7 @@ def forward(cfg, params: dict, tokens, attention_mask=None, *, mesh: Mesh):
 def resid_post(cfg, params: dict, tokens, attention_mask=None, layers=None, *, mesh: Mesh) -> dict:
     """{l: [B,T,D]} after the requested blocks, split on B over 'data' (as models.resid_post)."""
     from prunesae_jax.models.decoder import check_layers  # pylint: disable=g-import-not-at-top
+
     _check_placed(params, tokens, mesh)
     layers = check_layers(cfg, layers)
     return _run(cfg, mesh, params, shard_batch(tokens, mesh), shard_batch(attention_mask, mesh), layers)
@@ -231,7 +255,71 @@ def host_array(x) -> np.ndarray:
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sae_mesh(n_seed: int = -1, n_data: int = 1) -> Mesh | None:
+    """The SAE trainer's ('seed', 'data') mesh over every device, or None for one device.
+
+    -1 for one axis: all devices / the other. None under several processes too: every process then
+    trains every seed on one local device (the trainer hands numpy batches to a jit with mesh
+    shardings, which jax.distributed refuses, and reads its state back with np.asarray, which needs
+    arrays the process holds whole; see BUILD.md).
+    """
+    if jax.process_count() > 1:
+        return None
+    n = jax.device_count()
+    if n == 1:
+        return None
+    seed = n // n_data if n_seed == -1 else n_seed
+    data = n // seed if n_data == -1 else n_data
+    if seed * data != n:
+        raise InputError(f'mesh (seed={n_seed}, data={n_data}) does not fit {n} devices; accepted: seed x data = {n}')
+    return make_mesh(seed, data)
+
+
+def place_params(params: dict, strategy: str, n_model: int = 1, cfg=None) -> dict:
+    """params on a ('data', 'model') mesh over every device by `strategy` (see the module docstring).
+
+    Unchanged with 'none' or on one device. A model is loaded and pruned unsharded; its forwards
+    (perplexity, capture, measures) then run on the placed params.
+    """
+    n = jax.device_count()
+    if strategy == 'none' or n == 1:
+        return params
+    if n % n_model:
+        raise InputError(f'n_model={n_model} does not divide the {n} devices; accepted: a divisor of {n}')
+    return shard_params(params, make_model_mesh(n // n_model, n_model), strategy, cfg)
+
+
+def placed_mesh(params: dict) -> Mesh | None:
+    """The ('data', 'model') mesh `place_params` put params on, else None."""
+    mesh = getattr(getattr(params['final_norm'], 'sharding', None), 'mesh', None)
+    return mesh if mesh is not None and 'model' in mesh.axis_names else None
+
+
+def layer_activations(cfg, params: dict, rows: np.ndarray, layer: int, batch_size: int) -> np.ndarray:
+    """resid_post of `layer` on token rows [n, T], batch_size rows at a time: [n, T, D] float32.
+
+    Runs on the mesh of placed params (batches split over 'data'), else on one device.
+    """
+    from prunesae_jax.models import decoder  # pylint: disable=g-import-not-at-top
+
+    mesh = placed_mesh(params)
+    out = []
+    for a in range(0, rows.shape[0], batch_size):
+        batch = rows[a : a + batch_size]
+        if mesh is not None:
+            h = host_array(resid_post(cfg, params, batch, layers=(layer,), mesh=mesh)[layer])
+            out.append(h.astype(np.float32))
+        else:
+            out.append(
+                np.asarray(
+                    decoder.resid_post(cfg, params, jax.numpy.asarray(batch), layers=(layer,))[layer], np.float32
+                )
+            )
+    return np.concatenate(out)
 
 
 def _env_int(name: str) -> int | None:
@@ -243,8 +331,9 @@ def _env_int(name: str) -> int | None:
     return int(v)
 
 
-def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
-                           process_id: int = -1) -> tuple[int, int]:
+def initialize_distributed(
+    coordinator_address: str = '', num_processes: int = 0, process_id: int = -1
+) -> tuple[int, int]:
     """jax.distributed.initialize() for a multi-host run; returns (process_index, process_count).
 
     Call before anything touches a JAX backend. Unset arguments ('' / 0 / -1) fall back to
@@ -256,12 +345,13 @@ def initialize_distributed(coordinator_address: str = '', num_processes: int = 0
     n = num_processes if num_processes > 0 else _env_int('JAX_NUM_PROCESSES')
     pid = process_id if process_id >= 0 else _env_int('JAX_PROCESS_ID')
     if n is not None and pid is not None and not 0 <= pid < n:
-        raise InputError(f'process_id={pid} is not valid for num_processes={n}; accepted: an int '
-                         f'in [0, {n - 1}]')
+        raise InputError(f'process_id={pid} is not valid for num_processes={n}; accepted: an int in [0, {n - 1}]')
     try:
         jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
     except ValueError as e:  # e.g. no coordinator given and no cluster detected
-        raise InputError(f'jax.distributed.initialize: {" ".join(str(e).split())}; accepted: a TPU pod / '
-                         'SLURM / Open MPI job, or coordinator_address, num_processes and process_id '
-                         '(or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)') from None
+        raise InputError(
+            f'jax.distributed.initialize: {" ".join(str(e).split())}; accepted: a TPU pod / '
+            'SLURM / Open MPI job, or coordinator_address, num_processes and process_id '
+            '(or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)'
+        ) from None
     return jax.process_index(), jax.process_count()

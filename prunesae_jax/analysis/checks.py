@@ -21,8 +21,8 @@ _CHUNK = 2**22
 
 def _where(shape: tuple[int, ...], flat_index: int) -> str:
     if not shape:
-        return "[]"
-    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat_index, shape)) + "]"
+        return '[]'
+    return '[' + ', '.join(str(int(i)) for i in np.unravel_index(flat_index, shape)) + ']'
 
 
 def _first_bad(x: np.ndarray) -> int | None:
@@ -43,7 +43,7 @@ def check_finite(x, name: str, expected: str):
     index in row-major order and what is `expected`, e.g.
     "D_a has a non-finite value at [12, 3]; expected finite decoder rows".
     """
-    jax = sys.modules.get("jax")  # not imported: x cannot be a jax array (keeps stats jax-free)
+    jax = sys.modules.get('jax')  # not imported: x cannot be a jax array (keeps stats jax-free)
     if jax is not None and isinstance(x, jax.Array):
         jnp = jax.numpy
         if not jnp.issubdtype(x.dtype, jnp.inexact) or bool(jnp.all(jnp.isfinite(x))):
@@ -55,15 +55,13 @@ def check_finite(x, name: str, expected: str):
             try:
                 arr = arr.astype(np.float64)
             except (TypeError, ValueError):
-                raise InputError(f"{name} holds non-numeric values; expected {expected}") from None
+                raise InputError(f'{name} holds non-numeric values; expected {expected}') from None
         if not np.issubdtype(arr.dtype, np.inexact):
             return x
     bad = _first_bad(arr)
     if bad is not None:
         value = arr.reshape(-1)[bad]
-        raise InputError(
-            f"{name} has a non-finite value at {_where(arr.shape, bad)} ({value}); expected {expected}"
-        )
+        raise InputError(f'{name} has a non-finite value at {_where(arr.shape, bad)} ({value}); expected {expected}')
     return x
 
 
@@ -75,5 +73,5 @@ def check_nonempty(x, name: str, expected: str, axis: int | None = None):
     else:
         size = shape[axis] if -len(shape) <= axis < len(shape) else 0
     if size == 0:
-        raise InputError(f"{name} is empty (shape {shape}); expected {expected}")
+        raise InputError(f'{name} is empty (shape {shape}); expected {expected}')
     return x

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunesae_jax.models.config import PRUNABLE
 from prunesae_jax.errors import InputError
+from prunesae_jax.models.config import PRUNABLE
 
 ATTENTION = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
 MLP = ('gate_proj', 'up_proj', 'down_proj')
@@ -97,7 +97,7 @@ def validate_masks(params: Params, masks: Masks) -> None:
         if key != 'layers' and masks[key] is not None:
             raise InputError(f'masks[{key!r}] must be None (not prunable), got {type(masks[key]).__name__}')
     if len(masks['layers']) != len(params['layers']):
-        raise InputError(f"masks have {len(masks['layers'])} layers, params have {len(params['layers'])}")
+        raise InputError(f'masks have {len(masks["layers"])} layers, params have {len(params["layers"])}')
     for i, (ml, pl) in enumerate(zip(masks['layers'], params['layers'])):
         if set(ml) != set(pl):
             raise InputError(f'masks layer {i} keys {sorted(ml)} do not match params keys {sorted(pl)}')
@@ -111,7 +111,8 @@ def validate_masks(params: Params, masks: Masks) -> None:
             if tuple(m.shape) != tuple(pl[name].shape) or m.dtype != np.bool_:
                 raise InputError(
                     f'mask {matrix_key(i, name)} has shape {tuple(m.shape)} dtype {m.dtype}; '
-                    f'expected bool {tuple(pl[name].shape)}')
+                    f'expected bool {tuple(pl[name].shape)}'
+                )
 
 
 def apply_masks(params: Params, masks: Masks) -> Params:
@@ -123,6 +124,39 @@ def apply_masks(params: Params, masks: Masks) -> Params:
         return jnp.where(m, p, jnp.zeros((), p.dtype))
 
     return jax.tree.map(one, masks, params, is_leaf=lambda x: x is None)
+
+
+def masked_params(params: Params, masks: Masks) -> Params:
+    """apply_masks, with every leaf that has no mask kept as the same array (not a copy).
+
+    Only the masked leaves go through the jit: a jit's pass-through outputs are fresh buffers, so
+    each pruned model would otherwise hold its own copy of the embedding and norms (0.7 GB for
+    Gemma 3 270M in float32).
+    """
+    none = lambda x: x is None
+    masked_only = jax.tree.map(lambda m, p: None if m is None else p, masks, params, is_leaf=none)
+    masked = jax.jit(apply_masks)(masked_only, masks)
+    return jax.tree.map(lambda m, p, q: p if m is None else q, masks, params, masked, is_leaf=none)
+
+
+def prunable_weights(params: Params) -> dict[str, np.ndarray]:
+    """Every prunable matrix as a host array, named '<layer>.<name>' (e.g. '3.q_proj').
+
+    For methods that also change the kept weights (SparseGPT): with_prunable_weights puts them back.
+    """
+    return {f'{i}.{n}': np.asarray(lp[n]) for i, lp in enumerate(params['layers']) for n in PRUNABLE}
+
+
+def with_prunable_weights(params: Params, weights: dict[str, np.ndarray]) -> Params:
+    """params with the matrices named in `weights` (as prunable_weights names them) replaced."""
+    layers = []
+    for i, lp in enumerate(params['layers']):
+        lp = dict(lp)
+        for name in list(lp):
+            if f'{i}.{name}' in weights:
+                lp[name] = jnp.asarray(weights[f'{i}.{name}'], lp[name].dtype)
+        layers.append(lp)
+    return {**params, 'layers': layers}
 
 
 def _zero_fraction_leaf(leaf) -> tuple[int, int]:
@@ -158,8 +192,10 @@ def sparsity_report(params_or_masks: Params) -> dict:
 def format_report(report: dict) -> str:
     """One line: overall and per-kind sparsity."""
     pk = report['per_kind']
-    return (f"sparsity overall {report['overall']:.4f} (attention {pk['attention']:.4f}, "
-            f"mlp {pk['mlp']:.4f}; {report['n_pruned']}/{report['n_total']} weights)")
+    return (
+        f'sparsity overall {report["overall"]:.4f} (attention {pk["attention"]:.4f}, '
+        f'mlp {pk["mlp"]:.4f}; {report["n_pruned"]}/{report["n_total"]} weights)'
+    )
 
 
 def save_masks(path: str | os.PathLike, masks: Masks) -> None:
@@ -196,7 +232,7 @@ def load_masks(path: str | os.PathLike, params: Params) -> Masks:
     with np.load(path) as z:
         n_layers = int(z['__num_layers__'])
         if n_layers != len(params['layers']):
-            raise InputError(f"mask file {path!r} has {n_layers} layers, params have {len(params['layers'])}")
+            raise InputError(f'mask file {path!r} has {n_layers} layers, params have {len(params["layers"])}')
 
         def leaf(i, name, w):
             key = matrix_key(i, name)

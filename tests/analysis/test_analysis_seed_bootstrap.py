@@ -12,7 +12,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from prunesae_jax.analysis import measures, stats
+from prunesae_jax import analysis
+from prunesae_jax.analysis import stats
 
 K = 3000  # sampled resamples per distribution check
 
@@ -48,7 +49,7 @@ def _sampled(fn):
 
 
 def _close(sampled, exact, tol=0.035):
-    assert set(sampled) <= set(exact), f"values the resampling cannot produce: {set(sampled) - set(exact)}"
+    assert set(sampled) <= set(exact), f'values the resampling cannot produce: {set(sampled) - set(exact)}'
     for k, p in exact.items():
         assert sampled.get(k, 0.0) == pytest.approx(p, abs=tol), (k, sampled, exact)
 
@@ -69,16 +70,16 @@ def test_seed_bootstrap_matches_enumeration_of_seed_draws():
     assert iv.estimate == pytest.approx(np.mean(values))
     assert (iv.min, iv.max, iv.n_seeds, iv.few_seeds) == (0.1, 0.9, 3, True)
     assert iv.low == pytest.approx(0.1) and iv.high == pytest.approx(0.9)
-    assert iv._asdict()["max"] == 0.9 and iv.interval == (iv.estimate, iv.low, iv.high)
+    assert iv._asdict()['max'] == 0.9 and iv.interval == (iv.estimate, iv.low, iv.high)
 
 
 def test_seed_bootstrap_two_seeds_and_bad_pairs():
     # Two seeds, one pair: every kept resample holds only that pair, so the CI collapses.
     iv = stats.seed_bootstrap_ci([0.4], [(0, 1)], 2, n_boot=200)
     assert iv[:3] == (0.4, 0.4, 0.4)
-    with pytest.raises(ValueError, match="distinct seeds"):
+    with pytest.raises(ValueError, match='distinct seeds'):
         stats.seed_bootstrap_ci([0.4, 0.5], [(0, 1), (1, 1)], 2)
-    with pytest.raises(ValueError, match=r"expected seed indices in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r'expected seed indices in \[0, 2\)'):
         stats.seed_bootstrap_ci([0.4], [(0, 2)], 2)
 
 
@@ -118,7 +119,7 @@ def test_difference_resamples_the_shared_dense_seeds_jointly():
     mp = [(s, s) for s in range(3)]
     iv = stats.seed_difference_ci([x + 0.1 for x in r], mp, r, mp, 3, matched=True, n_boot=500)
     np.testing.assert_allclose(iv[:3], [0.1] * 3, atol=1e-12)
-    with pytest.raises(ValueError, match="matched=True"):
+    with pytest.raises(ValueError, match='matched=True'):
         stats.seed_difference_ci(a, pairs, b, pairs, 3, matched=True)
 
 
@@ -153,25 +154,31 @@ def _stack3(n=40):
 
 
 def test_seed_stability_ci_resamples_seeds():
-    res = measures.seed_stability(_stack3(), n_boot=800, seed=2)
+    res = analysis.seed_stability(_stack3(), n_boot=800, seed=2)
     primary = res.fractions[res.taus.index(0.7)]
     ref = stats.seed_bootstrap_ci(primary, res.pair_indices, 3, n_boot=800, seed=2)
     assert tuple(res.shared) == pytest.approx(tuple(ref[:3]))
     assert (res.pair_min, res.pair_max, res.n_seeds, res.few_seeds) == (0.75, 0.9, 3, True)
     d = res.shared_dict()
-    assert d == {"estimate": res.shared.estimate, "low": res.shared.low, "high": res.shared.high,
-                 "min": 0.75, "max": 0.9, "n_seeds": 3}
+    assert d == {
+        'estimate': res.shared.estimate,
+        'low': res.shared.low,
+        'high': res.shared.high,
+        'min': 0.75,
+        'max': 0.9,
+        'n_seeds': 3,
+    }
 
 
 def test_feature_survival_ci_resamples_seeds_and_distinct_pairing():
     W = _stack3()
-    res = measures.feature_survival(W, W[::-1], n_boot=300, seed=1)
+    res = analysis.feature_survival(W, W[::-1], n_boot=300, seed=1)
     ref = stats.two_way_bootstrap_ci(res.fractions, res.pair_indices, 3, 3, n_boot=300, seed=1)
     assert tuple(res.survival) == pytest.approx(tuple(ref[:3]))
-    assert res.survival_seeds.n_seeds == 3 and res.pairing == "all"
-    dist = measures.feature_survival(W, W, pairing="distinct", n_boot=100)
+    assert res.survival_seeds.n_seeds == 3 and res.pairing == 'all'
+    dist = analysis.feature_survival(W, W, pairing='distinct', n_boot=100)
     assert [tuple(p) for p in dist.pair_indices] == [(i, j) for i in range(3) for j in range(3) if i != j]
-    same = measures.feature_survival(W, W, pairing="same_seed", n_boot=100)
+    same = analysis.feature_survival(W, W, pairing='same_seed', n_boot=100)
     assert same.survival == (1.0, 1.0, 1.0)
 
 
@@ -180,6 +187,6 @@ def test_seed_stability_never_reaches_values_only_a_pair_bootstrap_gives():
     # resampling 3 seeds cannot (two copies of pair (0, 1) need both seeds twice). Seed draws give
     # 0.8 ({0,1,2}), 0.9 ({0,0,1}, {0,1,1}) or 0.75 (a draw with seed 2 and one other seed).
     W = _stack3()
-    lows = [measures.seed_stability(W, taus=(0.7,), n_boot=1, seed=s).shared.low for s in range(150)]
+    lows = [analysis.seed_stability(W, taus=(0.7,), n_boot=1, seed=s).shared.low for s in range(150)]
     seen = {round(v, 9) for v in lows if not np.isnan(v)}  # nan: a draw of one seed, dropped
     assert seen <= {0.75, 0.8, 0.9} and len(seen) == 3

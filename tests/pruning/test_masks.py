@@ -72,7 +72,7 @@ def test_sparsity_report_per_matrix_kind_overall(model):
     for i, name, w in prunable_items(params):
         m = np.ones(w.shape, bool)
         frac = 0.25 if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 0.5
-        m.reshape(-1)[:int(m.size * frac)] = False
+        m.reshape(-1)[: int(m.size * frac)] = False
         leaves.append(m)
     masks = masks_from_list(params, leaves)
     rep = sparsity_report(masks)

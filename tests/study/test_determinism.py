@@ -9,13 +9,15 @@ import json
 import re
 
 import pytest
-
-from prunesae_jax.study import report
 from test_crash import launch  # the smoke config made smaller, run by launch/run_study.py
 
+from prunesae_jax.study import report
+
 # A key that would hold a wall-clock time or a timestamp.
-TIMING_KEY = re.compile(r'(^|_)(s|sec|secs|seconds|time|times|timing|timings|timestamp|date|'
-                        r'wall|elapsed|duration)$')
+TIMING_KEY = re.compile(
+    r'(^|_)(s|sec|secs|seconds|time|times|timing|timings|timestamp|date|'
+    r'wall|elapsed|duration)$'
+)
 
 
 @pytest.fixture(scope='module')
@@ -29,9 +31,11 @@ def two_runs(tmp_path_factory):
 
 
 def _files(workdir):
-    return sorted(['results.json', 'report.md', 'config.json']
-                  + [f'tables/{n}.csv' for n in report.TABLES]
-                  + [f'figures/{n}.png' for n in report.FIGURES])
+    return sorted(
+        ['results.json', 'report.md', 'config.json']
+        + [f'tables/{n}.csv' for n in report.TABLES]
+        + [f'figures/{n}.png' for n in report.FIGURES]
+    )
 
 
 def _keys(obj, path=''):

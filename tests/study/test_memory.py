@@ -36,11 +36,13 @@ def test_peak_rss_does_not_grow_with_tokens(tmp_path):
     config = str(ROOT / 'configs' / 'smoke.py')
     sets = ['pruning.methods=("magnitude",)', 'sae.epochs=1', 'analysis.n_bootstrap=10']
     base = scaling.base_tokens(config, sets)
-    runs = [scaling.run_once(config, sets, m * base, str(tmp_path / f'x{m}'), str(tmp_path / f'x{m}.log'))
-            for m in (1, 4)]
+    runs = [
+        scaling.run_once(config, sets, m * base, str(tmp_path / f'x{m}'), str(tmp_path / f'x{m}.log')) for m in (1, 4)
+    ]
     for r in runs:
         assert r['rc'] == 0, pathlib.Path(r['log']).read_text()[-2000:]
     growth = runs[1]['peak_rss'] - runs[0]['peak_rss']
     assert growth < MAX_GROWTH_BYTES, (
         f'peak RSS {runs[0]["peak_rss"] / 2**20:.0f} MiB at {base} tokens, '
-        f'{runs[1]["peak_rss"] / 2**20:.0f} MiB at {4 * base}: +{growth / 2**20:.0f} MiB')
+        f'{runs[1]["peak_rss"] / 2**20:.0f} MiB at {4 * base}: +{growth / 2**20:.0f} MiB'
+    )

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
+from prunesae_jax.io import to_jsonable
 from prunesae_jax.study import report
 from prunesae_jax.study.config import base_config
-from prunesae_jax.study.workdir import to_jsonable
 
 SPARSITIES = (0.3, 0.5)
 
@@ -24,24 +24,54 @@ def _condition(method, s, rng):
     ppl = {'dense': 20.0, 'magnitude': {0.3: 30.0, 0.5: 400.0}, 'wanda': {0.3: 22.0, 0.5: 35.0}}
     p = ppl['dense'] if dense else ppl[method][s]
     c = {
-        'model': 'tiny:gemma3_text', 'layer': 1, 'method': method, 'sparsity': 0.0 if dense else s,
-        'achieved_sparsity': 0.0 if dense else s + 0.001, 'group': None if dense else 'per_row',
-        'ppl': p, 'delta_log_ppl': math.log(p / 20.0),
-        'stability': {'shared': _iv(0.95), 'divergence': _iv(0.05), 'n_pairs': 3,
-                      'kendalls_w': 0.9, 'by_tau': {'0.6': 0.97, '0.7': 0.95, '0.8': 0.9}},
-        'survival': {**_iv(sv), 'fractions': [sv - 0.01, sv, sv + 0.01],
-                     'by_tau': {'0.6': sv + 0.02, '0.7': sv, '0.8': sv - 0.02}},
-        'fragility': None if dense else {
+        'model': 'tiny:gemma3_text',
+        'layer': 1,
+        'method': method,
+        'sparsity': 0.0 if dense else s,
+        'achieved_sparsity': 0.0 if dense else s + 0.001,
+        'group': None if dense else 'per_row',
+        'ppl': p,
+        'delta_log_ppl': math.log(p / 20.0),
+        'stability': {
+            'shared': _iv(0.95),
+            'divergence': _iv(0.05),
+            'n_pairs': 3,
+            'kendalls_w': 0.9,
+            'by_tau': {'0.6': 0.97, '0.7': 0.95, '0.8': 0.9},
+        },
+        'survival': {
+            **_iv(sv),
+            'fractions': [sv - 0.01, sv, sv + 0.01],
+            'by_tau': {'0.6': sv + 0.02, '0.7': sv, '0.8': sv - 0.02},
+        },
+        'fragility': None
+        if dense
+        else {
             'per_quintile': [sv + 0.2, sv + 0.1, sv, sv - 0.05, sv - 0.1],
             'per_quintile_ci': [[v - 0.03, v + 0.03] for v in (sv + 0.2, sv + 0.1, sv, sv - 0.05, sv - 0.1)],
-            'effect': _iv(0.3, 0.05), 'rho_quintile': -1.0, 'rho_feature': _iv(-0.4, 0.1)},
-        'transfer': {'dictionary': 'dense', 'fvu': 0.2 if dense else 0.2 + s, 'l0': 8.0,
-                     'jaccard': 1.0 if dense else 1 - s, 'ce_clean': 3.0, 'ce_spliced': 3.2,
-                     'ce_zero': 6.0, 'ce_recovered': 0.93 if dense else
-                     (0.9 if method == 'wanda' else 0.3), 'kl': 0.1},
-        'causal': None if dense else {
-            'n_features': 16, 'correlation': _iv(0.05, 0.2),
-            'max_cos': rng.uniform(0, 1, 16).tolist(), 'effect': rng.normal(0, 1, 16).tolist()},
+            'effect': _iv(0.3, 0.05),
+            'rho_quintile': -1.0,
+            'rho_feature': _iv(-0.4, 0.1),
+        },
+        'transfer': {
+            'dictionary': 'dense',
+            'fvu': 0.2 if dense else 0.2 + s,
+            'l0': 8.0,
+            'jaccard': 1.0 if dense else 1 - s,
+            'ce_clean': 3.0,
+            'ce_spliced': 3.2,
+            'ce_zero': 6.0,
+            'ce_recovered': 0.93 if dense else (0.9 if method == 'wanda' else 0.3),
+            'kl': 0.1,
+        },
+        'causal': None
+        if dense
+        else {
+            'n_features': 16,
+            'correlation': _iv(0.05, 0.2),
+            'max_cos': rng.uniform(0, 1, 16).tolist(),
+            'effect': rng.normal(0, 1, 16).tolist(),
+        },
         'sae': {'fvu': [0.2, 0.21], 'l0': [8.0, 8.0], 'dead_frac': [0.0, 0.01]},
     }
     return c
@@ -52,13 +82,27 @@ def synthetic_results():
     config = base_config()
     config.model = 'tiny:gemma3_text'
     conds = [_condition('dense', 0.0, rng)] + [
-        _condition(m, s, rng) for m in ('magnitude', 'wanda') for s in SPARSITIES]
+        _condition(m, s, rng) for m in ('magnitude', 'wanda') for s in SPARSITIES
+    ]
     res = {
-        'schema': report.SCHEMA, 'name': 'synthetic', 'config': to_jsonable(config),
-        'provenance': {'versions': {'jax': 'x', 'flax': 'y'}, 'git_revision': 'unknown',
-                       'device': {'platform': 'cpu', 'device_kind': 'cpu', 'device_count': 1}},
-        'models': {'tiny:gemma3_text': {'family': 'gemma3_text', 'num_layers': 4, 'd_model': 64,
-                                        'layer': 1, 'n_latents': 512, 'dense_ppl': 20.0}},
+        'schema': report.SCHEMA,
+        'name': 'synthetic',
+        'config': to_jsonable(config),
+        'provenance': {
+            'versions': {'jax': 'x', 'flax': 'y'},
+            'git_revision': 'unknown',
+            'device': {'platform': 'cpu', 'device_kind': 'cpu', 'device_count': 1},
+        },
+        'models': {
+            'tiny:gemma3_text': {
+                'family': 'gemma3_text',
+                'num_layers': 4,
+                'd_model': 64,
+                'layer': 1,
+                'n_latents': 512,
+                'dense_ppl': 20.0,
+            }
+        },
         'conditions': conds,
         'tau_agreement': {'taus': [0.6, 0.7, 0.8], 'kendalls_w': 0.97},
     }
@@ -171,13 +215,25 @@ def _grid(base, per_dense=(0.0, 0.0, 0.0), per_pruned=(0.0, 0.0, 0.0)):
 
 def _convergence(shared, n_steps=400, batch=64, unique=12800):
     steps = [n_steps // 4, n_steps // 2, n_steps]
-    return {'n_steps': n_steps, 'batch_size': batch, 'train_tokens': unique, 'steps': steps,
-            'tokens': [s * batch for s in steps], 'shared': list(shared),
-            'init_cos': [0.9, 0.92, 0.94], 'fvu': [0.3, 0.32, 0.34], 'l0': [16.0, 16.0, 16.0],
-            'dead_frac': [0.1, 0.2, 0.3],
-            'curve': {'step': [0, 100, 200, 300, 400], 'fvu': [1.0, 0.6, 0.45, 0.38, 0.32],
-                      'l0': [16.0] * 5, 'dead_frac': [0.0, 0.1, 0.2, 0.2, 0.2],
-                      'aux_loss': [0.1, 0.05, 0.04, 0.03, 0.03]}}
+    return {
+        'n_steps': n_steps,
+        'batch_size': batch,
+        'train_tokens': unique,
+        'steps': steps,
+        'tokens': [s * batch for s in steps],
+        'shared': list(shared),
+        'init_cos': [0.9, 0.92, 0.94],
+        'fvu': [0.3, 0.32, 0.34],
+        'l0': [16.0, 16.0, 16.0],
+        'dead_frac': [0.1, 0.2, 0.3],
+        'curve': {
+            'step': [0, 100, 200, 300, 400],
+            'fvu': [1.0, 0.6, 0.45, 0.38, 0.32],
+            'l0': [16.0] * 5,
+            'dead_frac': [0.0, 0.1, 0.2, 0.2, 0.2],
+            'aux_loss': [0.1, 0.05, 0.04, 0.03, 0.03],
+        },
+    }
 
 
 def new_results(floor=0.95, min_seed_floor=None):
@@ -193,15 +249,27 @@ def new_results(floor=0.95, min_seed_floor=None):
         c['ppl_ci'] = [c['ppl'] * 0.98, c['ppl'] * 1.02]
         c['convergence'] = _convergence([0.6, 0.85, 0.9] if c['method'] != 'dense' else [0.7, 0.93, 0.95])
         if c['method'] == 'dense':
-            c['stability']['shared'].update(estimate=floor, low=floor - 0.02, high=floor + 0.02,
-                                            min=floor - 0.05, max=floor + 0.04)
+            c['stability']['shared'].update(
+                estimate=floor, low=floor - 0.02, high=floor + 0.02, min=floor - 0.05, max=floor + 0.04
+            )
             c['convergence']['shared'][-1] = floor
             continue
-        c['survival'].update(fractions=_grid(sv, (0.01, -0.01, 0.0)), pairs=[list(p) for p in GRID],
-                             pairing='distinct', min=sv - 0.01, max=sv + 0.01, n_seeds=3)
+        c['survival'].update(
+            fractions=_grid(sv, (0.01, -0.01, 0.0)),
+            pairs=[list(p) for p in GRID],
+            pairing='distinct',
+            min=sv - 0.01,
+            max=sv + 0.01,
+            n_seeds=3,
+        )
         c['transfer'].update(fvu_ci=[0.1, 0.9], jaccard_ci=[0.4, 0.6], ce_recovered_ci=[0.88, 0.92])
-        c['causal'].update(measure='exact', n_live=12, correlation_signed=_iv(-0.05, 0.2),
-                           agreement={'estimate': 0.83, 'low': 0.7, 'high': 0.9}, agreement_features=8)
+        c['causal'].update(
+            measure='exact',
+            n_live=12,
+            correlation_signed=_iv(-0.05, 0.2),
+            agreement={'estimate': 0.83, 'low': 0.7, 'high': 0.9},
+            agreement_features=8,
+        )
     return res
 
 
@@ -348,8 +416,12 @@ def test_convergence_table_figure_and_new_columns(tmp_path):
 
     # Survival pairing and the init-only null of a 'shared' pairing.
     for c in res['conditions'][1:]:
-        c['survival'].update(pairing='shared', null=_iv(0.1, 0.01), pairs=[[s, s] for s in range(3)],
-                             fractions=[c['survival']['estimate']] * 3)
+        c['survival'].update(
+            pairing='shared',
+            null=_iv(0.1, 0.01),
+            pairs=[[s, s] for s in range(3)],
+            fractions=[c['survival']['estimate']] * 3,
+        )
     report.write_report(res, tmp_path)
     surv = _read_csv(tmp_path / 'tables' / 'survival.csv')
     assert surv[1]['pairing'] == 'shared' and float(surv[1]['null']) == pytest.approx(0.1)
@@ -362,6 +434,7 @@ def test_report_is_a_pure_function_of_results(tmp_path):
     res = new_results(floor=0.15)
     report.write_report(res, tmp_path / 'a')
     report.write_report(to_jsonable(res), tmp_path / 'b')
-    for rel in ['report.md'] + [f'figures/{f}.png' for f in report.FIGURES] + [
-            f'tables/{t}.csv' for t in report.TABLES]:
+    for rel in (
+        ['report.md'] + [f'figures/{f}.png' for f in report.FIGURES] + [f'tables/{t}.csv' for t in report.TABLES]
+    ):
         assert (tmp_path / 'a' / rel).read_bytes() == (tmp_path / 'b' / rel).read_bytes(), rel
