@@ -14,6 +14,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def machine() -> str:
     """One line naming the CPU, core count, jax backend and the date of the run."""
     import jax
+
     cpu = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
@@ -21,12 +22,18 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     try:
-        rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                                                  cwd=os.path.dirname(BENCHMARKS)).stdout.strip() or 'unknown'
+        rev = (
+            subprocess.run(
+                ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(BENCHMARKS)
+            ).stdout.strip()
+            or 'unknown'
+        )
     except OSError:
         rev = 'unknown'
-    return (f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}, '
-                    f'git {rev}, {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}')
+    return (
+        f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}, '
+        f'git {rev}, {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}'
+    )
 
 
 def write_section(title: str, body: str, path: str = BENCHMARKS) -> None:

@@ -35,8 +35,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['gemma-3-270m'], 'Zoo models to measure.')
 flags.DEFINE_list('shapes', ['8x256'], 'Batch shapes BxT.')
 flags.DEFINE_integer('repeats', 3, 'Interleaved timed rounds; the best call of each side is kept.')
-flags.DEFINE_string('xla_flags', '', 'Opt-in XLA_FLAGS for this run (e.g. "--xla_cpu_use_onednn=true"); '
-                                     'empty = XLA defaults.')
+flags.DEFINE_string(
+    'xla_flags', '', 'Opt-in XLA_FLAGS for this run (e.g. "--xla_cpu_use_onednn=true"); empty = XLA defaults.'
+)
 flags.DEFINE_bool('write', True, 'Write the "Activation capture" section of BENCHMARKS.md.')
 
 # The measurement this section replaces (issue 7): Gemma 3 270M, 8 x 256, git 0db95ae, quiet machine.
@@ -70,7 +71,7 @@ def measure(name: str, shapes: list[tuple[int, int]], repeats: int) -> list[dict
     layer = cfg.num_layers // 2
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation='sdpa').eval()
     body = hf.model
-    body.layers = body.layers[:layer + 1]  # stop early, as ours does
+    body.layers = body.layers[: layer + 1]  # stop early, as ours does
     rng = np.random.default_rng(0)
     matmul = jax.jit(jnp.matmul)
     rows = []
@@ -98,13 +99,24 @@ def measure(name: str, shapes: list[tuple[int, int]], repeats: int) -> list[dict
                 best[key] = min(best[key], _common.best_of(fn, 1))
         useful = useful_flops_per_token(cfg, layer, t) * b * t / best['ours'] / 1e9
         mm_gflops = 2 * b * t * cfg.hidden_size * cfg.intermediate_size / best['mm'] / 1e9
-        row = dict(model=name, shape=f'{b}x{t}', layer=layer, ours=b * t / best['ours'],
-                   theirs=b * t / best['theirs'], ratio=best['theirs'] / best['ours'],
-                   useful=useful, mm=mm_gflops, frac=useful / mm_gflops)
+        row = dict(
+            model=name,
+            shape=f'{b}x{t}',
+            layer=layer,
+            ours=b * t / best['ours'],
+            theirs=b * t / best['theirs'],
+            ratio=best['theirs'] / best['ours'],
+            useful=useful,
+            mm=mm_gflops,
+            frac=useful / mm_gflops,
+        )
         rows.append(row)
-        print(f'{name} {b}x{t} layer {layer}: ours {row["ours"]:,.0f} tok/s, transformers {row["theirs"]:,.0f} '
-              f'tok/s, ratio {row["ratio"]:.2f}x; useful {useful:.0f} GFLOP/s, matmul {mm_gflops:.0f} GFLOP/s '
-              f'({row["frac"]:.0%}); load {os.getloadavg()[0]:.2f}', flush=True)
+        print(
+            f'{name} {b}x{t} layer {layer}: ours {row["ours"]:,.0f} tok/s, transformers {row["theirs"]:,.0f} '
+            f'tok/s, ratio {row["ratio"]:.2f}x; useful {useful:.0f} GFLOP/s, matmul {mm_gflops:.0f} GFLOP/s '
+            f'({row["frac"]:.0%}); load {os.getloadavg()[0]:.2f}',
+            flush=True,
+        )
     return rows
 
 
@@ -113,6 +125,7 @@ def main(argv):
     if FLAGS.xla_flags:
         os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FLAGS.xla_flags).strip()
     import torch
+
     shapes = [tuple(int(v) for v in s.lower().split('x')) for s in FLAGS.shapes]
     load0 = os.getloadavg()
     t0 = time.time()
@@ -123,8 +136,10 @@ def main(argv):
         return
     load1 = os.getloadavg()
     flags_note = f' XLA_FLAGS={FLAGS.xla_flags!r} (opt-in).' if FLAGS.xla_flags else ' XLA defaults.'
-    reproduce = (f'python bench/extract.py --models={",".join(FLAGS.models)} --shapes={",".join(FLAGS.shapes)}'
-                 f' --repeats={FLAGS.repeats}' + (f" --xla_flags='{FLAGS.xla_flags}'" if FLAGS.xla_flags else ''))
+    reproduce = (
+        f'python bench/extract.py --models={",".join(FLAGS.models)} --shapes={",".join(FLAGS.shapes)}'
+        f' --repeats={FLAGS.repeats}' + (f" --xla_flags='{FLAGS.xla_flags}'" if FLAGS.xla_flags else '')
+    )
     body = [
         f'Machine: {_common.machine()}; torch {torch.__version__} with {torch.get_num_threads()} threads, SDPA '
         f'attention; XLA CPU on {os.cpu_count()} cores.{flags_note}',
@@ -132,9 +147,11 @@ def main(argv):
         f'{time.time() - t0:.0f} s run; both sides timed interleaved in one process, best of {FLAGS.repeats}.',
     ]
     if max(load0[0], load1[0]) > 1.5:
-        body.append(f'**Loaded machine ({max(load0[0], load1[0]):.1f} > 1.5 on {os.cpu_count()} cores): the absolute '
-                    'numbers are meaningless and the ratios overstate ours, since transformers\' OpenMP threads lose '
-                    'more to contention than XLA\'s; rerun on a quiet machine before reading the targets.**')
+        body.append(
+            f'**Loaded machine ({max(load0[0], load1[0]):.1f} > 1.5 on {os.cpu_count()} cores): the absolute '
+            "numbers are meaningless and the ratios overstate ours, since transformers' OpenMP threads lose "
+            "more to contention than XLA's; rerun on a quiet machine before reading the targets.**"
+        )
     body += [
         '',
         'Residual-stream capture at the middle layer, fp32, both sides stopping after that layer '
@@ -145,7 +162,7 @@ def main(argv):
         f'Reproduce: `{reproduce}`.',
         '',
         'Profile (issue 7, from the compiled HLO): the linear layers are about 90% of the FLOPs and run '
-        'as YNNPACK GEMMs, XLA\'s default CPU dot here (oneDNN/XNNPACK flags do not engage in jax 0.10.2; '
+        "as YNNPACK GEMMs, XLA's default CPU dot here (oneDNN/XNNPACK flags do not engage in jax 0.10.2; "
         'disabling YNN falls back to slower Eigen dots). Before the fix attention spent its non-GEMM time on '
         'transposes of the [B, KV, G, T, S] scores and probabilities (50 transposes for Gemma 3 270M) and on '
         'RoPE slices/concatenations; now QK^T and PV are batched GEMMs over a [B, KV, T*G, hd] layout, the '
@@ -159,8 +176,11 @@ def main(argv):
         '|---|---|---|---|---|---|---|---|---|---|',
         BEFORE,
     ]
-    body += [f'| {r["model"]} | {r["shape"]} | {r["layer"]} | {r["ours"]:,.0f} | {r["theirs"]:,.0f} | '
-             f'{r["ratio"]:.2f}x | {r["useful"]:.0f} | {r["mm"]:.0f} | {r["frac"]:.0%} | after |' for r in rows]
+    body += [
+        f'| {r["model"]} | {r["shape"]} | {r["layer"]} | {r["ours"]:,.0f} | {r["theirs"]:,.0f} | '
+        f'{r["ratio"]:.2f}x | {r["useful"]:.0f} | {r["mm"]:.0f} | {r["frac"]:.0%} | after |'
+        for r in rows
+    ]
     _common.write_section('Activation capture', '\n'.join(body))
 
 

@@ -1,11 +1,11 @@
 """One-shot GPU benchmark (written for one NVIDIA H200): SAE training and Gemma 3 270M forward throughput.
 
-    pip install -e '.[cuda]' && python bench/gpu.py --budget-s 480          # on the device (`run` tool)
-    python bench/gpu.py --from-json <files_at>/bench_gpu.json                 # back here: write the section
-    nice -n 19 /work/venv/bin/python bench/gpu.py --tiny                     # CPU smoke test, seconds
+    pip install -e '.[cuda]' && python bench/gpu.py --budget_s=480          # on the device (`run` tool)
+    python bench/gpu.py --from_json=<files_at>/bench_gpu.json                 # back here: write the section
+    nice -n 19 python bench/gpu.py --tiny                                     # CPU smoke test, seconds
 
 What it measures, in this order, each in its own try/except (an error is written into the JSON
-entry instead of a number) and only while the wall-clock budget (--budget-s, default 480 s,
+entry instead of a number) and only while the wall-clock budget (--budget_s, default 480 s,
 checked between measurements and inside timing loops) lasts:
 
   matmul   a plain jitted [B, d] @ [d, n] on the device, float32 at JAX's default matmul precision
@@ -30,9 +30,9 @@ checked between measurements and inside timing loops) lasts:
 Results: a JSON file ($OUT/bench_gpu.json when $OUT is set, else ./bench_gpu.json; rewritten
 after every measurement, so a killed run leaves what it had) and a markdown section 'GPU (<device>)'
 of BENCHMARKS.md (via bench/_common.write_section; also saved as gpu_section.md next to the JSON,
-because only $OUT comes back from the device machine). --from-json re-renders the section from a
+because only $OUT comes back from the device machine). --from_json re-renders the section from a
 JSON file without measuring anything. The budget counts from the script's start: give the `run`
-call a timeout_s that also covers the pip install and jax's import (e.g. 600 for --budget-s 480),
+call a timeout_s that also covers the pip install and jax's import (e.g. 600 for --budget_s=480),
 or install in a first `run` call and benchmark in a second while the machine is still warm. A
 compile already started is not interrupted, so a run may end up to one compile past the budget.
 
@@ -48,7 +48,6 @@ cache (copied there by other means), point PRUNESAE_CACHE at it and the real wei
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -56,6 +55,8 @@ import platform
 import sys
 import time
 import traceback
+
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,16 +68,34 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.92')
 
 # Gemma 3 270M's HF config as the zoo converts it (~/.cache/prunesae_jax/gemma-3-270m/hf/config.json).
 GEMMA3_270M_HF = {
-    'model_type': 'gemma3_text', 'vocab_size': 262144, 'hidden_size': 640, 'intermediate_size': 2048,
-    'num_hidden_layers': 18, 'num_attention_heads': 4, 'num_key_value_heads': 1, 'head_dim': 256,
-    'max_position_embeddings': 32768, 'rms_norm_eps': 9.999999974752427e-07, 'tie_word_embeddings': True,
-    'bos_token_id': 2, 'eos_token_id': 1, 'pad_token_id': 0, 'hidden_activation': 'gelu_pytorch_tanh',
-    'hidden_act': 'gelu_pytorch_tanh', 'query_pre_attn_scalar': 256, 'sliding_window': 512,
-    'rope_theta': 1000000.0, 'rope_local_base_freq': 10000.0,
-    'rope_parameters': {'full_attention': {'rope_type': 'default', 'rope_theta': 1000000.0},
-                        'sliding_attention': {'rope_type': 'default', 'rope_theta': 10000.0}},
-    'attn_logit_softcapping': None, 'final_logit_softcapping': None,
-    'layer_types': (['sliding_attention'] * 5 + ['full_attention']) * 3, 'sliding_window_pattern': 6,
+    'model_type': 'gemma3_text',
+    'vocab_size': 262144,
+    'hidden_size': 640,
+    'intermediate_size': 2048,
+    'num_hidden_layers': 18,
+    'num_attention_heads': 4,
+    'num_key_value_heads': 1,
+    'head_dim': 256,
+    'max_position_embeddings': 32768,
+    'rms_norm_eps': 9.999999974752427e-07,
+    'tie_word_embeddings': True,
+    'bos_token_id': 2,
+    'eos_token_id': 1,
+    'pad_token_id': 0,
+    'hidden_activation': 'gelu_pytorch_tanh',
+    'hidden_act': 'gelu_pytorch_tanh',
+    'query_pre_attn_scalar': 256,
+    'sliding_window': 512,
+    'rope_theta': 1000000.0,
+    'rope_local_base_freq': 10000.0,
+    'rope_parameters': {
+        'full_attention': {'rope_type': 'default', 'rope_theta': 1000000.0},
+        'sliding_attention': {'rope_type': 'default', 'rope_theta': 10000.0},
+    },
+    'attn_logit_softcapping': None,
+    'final_logit_softcapping': None,
+    'layer_types': (['sliding_attention'] * 5 + ['full_attention']) * 3,
+    'sliding_window_pattern': 6,
 }
 
 # NVIDIA datasheet dense peaks (no sparsity): FLOP/s per dtype and HBM bytes/s, keyed by device_kind substring.
@@ -85,10 +104,28 @@ PEAKS = {
     'H100': {'bfloat16': 989e12, 'tf32': 494e12, 'float32': 67e12, 'hbm_bytes_per_s': 3.35e12},
 }
 
-FULL = dict(sae_dims=(640, 2304), expansion=8, k=32, batch=4096, seeds=(1, 8, 32), steps=20,
-            model='gemma-3-270m', shapes=((32, 512), (64, 1024)), fwd_steps=10)
-TINY = dict(sae_dims=(16,), expansion=8, k=4, batch=64, seeds=(1, 2), steps=2,
-            model='tiny:gemma3_text', shapes=((2, 16),), fwd_steps=2)
+FULL = dict(
+    sae_dims=(640, 2304),
+    expansion=8,
+    k=32,
+    batch=4096,
+    seeds=(1, 8, 32),
+    steps=20,
+    model='gemma-3-270m',
+    shapes=((32, 512), (64, 1024)),
+    fwd_steps=10,
+)
+TINY = dict(
+    sae_dims=(16,),
+    expansion=8,
+    k=4,
+    batch=64,
+    seeds=(1, 2),
+    steps=2,
+    model='tiny:gemma3_text',
+    shapes=((2, 16),),
+    fwd_steps=2,
+)
 
 
 class Budget:
@@ -133,8 +170,12 @@ def device_info() -> dict:
     import jax
 
     dev = jax.devices()[0]
-    info = {'device_kind': dev.device_kind, 'platform': dev.platform, 'n_devices': jax.device_count(),
-            'backend': jax.default_backend()}
+    info = {
+        'device_kind': dev.device_kind,
+        'platform': dev.platform,
+        'n_devices': jax.device_count(),
+        'backend': jax.default_backend(),
+    }
     try:
         stats = dev.memory_stats() or {}
         if 'bytes_limit' in stats:
@@ -176,28 +217,46 @@ def bench_matmul(B: int, d: int, n: int, dtype: str, steps: int, budget: Budget)
     # back-to-back calls, one jit dispatch each (no eager ops in between: at H200 speed a [4096, 640] @
     # [640, 5120] takes tens of microseconds); the device runs them in order, so the last one ends the timing
     compile_s, dt, n_calls = timed_loop(lambda _: f(x, w), None, steps * 5, budget)
-    return {'B': B, 'd': d, 'n': n, 'dtype': dtype, 'step_s': dt, 'compile_s': compile_s, 'timed_calls': n_calls,
-            'tflops': 2 * B * d * n / dt / 1e12}
+    return {
+        'B': B,
+        'd': d,
+        'n': n,
+        'dtype': dtype,
+        'step_s': dt,
+        'compile_s': compile_s,
+        'timed_calls': n_calls,
+        'tflops': 2 * B * d * n / dt / 1e12,
+    }
 
 
 def bench_sae(d: int, expansion: int, k: int, B: int, S: int, steps: int, budget: Budget) -> dict:
     import jax
     import numpy as np
 
-    from prunesae_jax.sae import core
-    from prunesae_jax.sae.train import TrainConfig, init_state, make_train_step
+    from prunesae_jax.sae import SAEConfig, TrainConfig
+    from prunesae_jax.sae.train import init_state, make_train_step
 
     n = d * expansion
-    cfg = core.SAEConfig(d, n, k=k)
+    cfg = SAEConfig(d, n, k=k)
     t = TrainConfig(n_steps=10_000, n_seeds=S, batch_size=B, progress=False)
     x = jax.random.normal(jax.random.key(2), (B, d))
-    state = init_state(cfg, t, np.asarray(x[:min(B, 1024)]))
+    state = init_state(cfg, t, np.asarray(x[: min(B, 1024)]))
     step = make_train_step(cfg, t)
     compile_s, dt, n_calls = timed_loop(lambda s: step(s, x)[0], state, steps, budget)
     useful = (2 * B * d * n + 6 * B * k * d) * S
-    return {'d_in': d, 'n_latents': n, 'k': k, 'batch': B, 'S': S, 'dtype': 'float32', 'step_s': dt,
-            'compile_s': compile_s, 'timed_steps': n_calls, 'tokens_x_seeds_per_s': B * S / dt,
-            'useful_tflops': useful / dt / 1e12}
+    return {
+        'd_in': d,
+        'n_latents': n,
+        'k': k,
+        'batch': B,
+        'S': S,
+        'dtype': 'float32',
+        'step_s': dt,
+        'compile_s': compile_s,
+        'timed_steps': n_calls,
+        'tokens_x_seeds_per_s': B * S / dt,
+        'useful_tflops': useful / dt / 1e12,
+    }
 
 
 def load_model(name: str):
@@ -254,8 +313,9 @@ def forward_flops(cfg, T: int, unembed: bool) -> tuple[float, float]:
     return flops, 2.0 * weights  # bf16 bytes
 
 
-def bench_forward(cfg, params, kind: str, B: int, T: int, steps: int, budget: Budget, peaks: dict | None,
-                  mm_bf16_tflops: float | None) -> dict:
+def bench_forward(
+    cfg, params, kind: str, B: int, T: int, steps: int, budget: Budget, peaks: dict | None, mm_bf16_tflops: float | None
+) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -266,17 +326,29 @@ def bench_forward(cfg, params, kind: str, B: int, T: int, steps: int, budget: Bu
         last = cfg.num_layers - 1
         f = jax.jit(lambda p, t: resid_post(cfg, p, t, layers=(last,))[last][:, -1, 0].astype(jnp.float32).sum())
     else:
+
         def f_nll(p, t):  # logsumexp - gold logit: no second [B, T, V] array for the log-probabilities
             logits = forward(cfg, p, t)[:, :-1]
             gold = jnp.take_along_axis(logits, t[:, 1:, None], axis=-1)[..., 0]
             return (jax.nn.logsumexp(logits, axis=-1) - gold).mean()
+
         f = jax.jit(f_nll)
     compile_s, dt, n_calls = timed_loop(lambda _: f(params, tokens), None, steps, budget)
     flops_tok, wbytes = forward_flops(cfg, T, unembed=kind == 'nll')
     tflops = flops_tok * B * T / dt / 1e12
-    row = {'kind': kind, 'batch': B, 'seq': T, 'step_s': dt, 'compile_s': compile_s, 'timed_steps': n_calls,
-           'tokens_per_s': B * T / dt, 'gflop_per_token': flops_tok / 1e9, 'useful_tflops': tflops,
-           'roofline_frac': None, 'frac_matmul_bf16': tflops / mm_bf16_tflops if mm_bf16_tflops else None}
+    row = {
+        'kind': kind,
+        'batch': B,
+        'seq': T,
+        'step_s': dt,
+        'compile_s': compile_s,
+        'timed_steps': n_calls,
+        'tokens_per_s': B * T / dt,
+        'gflop_per_token': flops_tok / 1e9,
+        'useful_tflops': tflops,
+        'roofline_frac': None,
+        'frac_matmul_bf16': tflops / mm_bf16_tflops if mm_bf16_tflops else None,
+    }
     if peaks:
         bound = max(flops_tok * B * T / peaks['bfloat16'], wbytes / peaks['hbm_bytes_per_s'])
         row['roofline_frac'] = bound / dt
@@ -300,7 +372,7 @@ def render(res: dict) -> tuple[str, str]:
     f2 = lambda x: f'{x:.2f}' if isinstance(x, (int, float)) else '-'
     g = lambda x: f'{x:.3g}'  # tiny CPU runs and H200 runs share the table
     lines = [
-        f'`python bench/gpu.py --budget-s {res.get("budget_s", 0):.0f}{" --tiny" if res.get("tiny") else ""}` on '
+        f'`python bench/gpu.py --budget_s={res.get("budget_s", 0):.0f}{" --tiny" if res.get("tiny") else ""}` on '
         f'**{kind}** ({dev.get("n_devices", "?")} device(s), {f2(dev.get("memory_gib"))} GiB; backend '
         f'{dev.get("backend")}), jax {v.get("jax")}, jaxlib {v.get("jaxlib")}, flax {v.get("flax")}; measured '
         f'{res.get("date")}, {res.get("elapsed_s", 0):.0f} s of a {res.get("budget_s", 0):.0f} s budget. '
@@ -313,35 +385,49 @@ def render(res: dict) -> tuple[str, str]:
         if 'error' in m:
             lines.append(f'| {m.get("name")} | - | error: {m["error"][:120]} | - | - |')
         else:
-            lines.append(f'| [{m["B"]},{m["d"]}] @ [{m["d"]},{m["n"]}] | {m["dtype"]} | {m["step_s"] * 1e3:.3f} | '
-                         f'{g(m["tflops"])} | {f3(m.get("frac_peak"))} |')
-    lines += ['', 'SAE training (`prunesae_jax.sae.train` step, TopK, 8x latents, float32 params and inputs at JAX\'s '
-              'default matmul precision; useful FLOPs = 2*B*d*n + 6*B*k*d per seed):', '',
-              '| d_in | latents | k | batch | seeds S | step ms | tokens x seeds / s | useful TFLOP/s | '
-              'fraction of fp32 matmul | compile s |',
-              '|---|---|---|---|---|---|---|---|---|---|']
+            lines.append(
+                f'| [{m["B"]},{m["d"]}] @ [{m["d"]},{m["n"]}] | {m["dtype"]} | {m["step_s"] * 1e3:.3f} | '
+                f'{g(m["tflops"])} | {f3(m.get("frac_peak"))} |'
+            )
+    lines += [
+        '',
+        "SAE training (`prunesae_jax.sae.train` step, TopK, 8x latents, float32 params and inputs at JAX's "
+        'default matmul precision; useful FLOPs = 2*B*d*n + 6*B*k*d per seed):',
+        '',
+        '| d_in | latents | k | batch | seeds S | step ms | tokens x seeds / s | useful TFLOP/s | '
+        'fraction of fp32 matmul | compile s |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
     for r in res.get('sae', []):
         if 'error' in r:
             lines.append(f'| {r.get("name")} | error: {r["error"][:150]} |||||||||')
         else:
-            lines.append(f'| {r["d_in"]} | {r["n_latents"]} | {r["k"]} | {r["batch"]} | {r["S"]} | '
-                         f'{r["step_s"] * 1e3:.2f} | {r["tokens_x_seeds_per_s"]:,.0f} | {g(r["useful_tflops"])} | '
-                         f'{f2(r.get("frac_matmul_fp32"))} | {r["compile_s"]:.1f} |')
+            lines.append(
+                f'| {r["d_in"]} | {r["n_latents"]} | {r["k"]} | {r["batch"]} | {r["S"]} | '
+                f'{r["step_s"] * 1e3:.2f} | {r["tokens_x_seeds_per_s"]:,.0f} | {g(r["useful_tflops"])} | '
+                f'{f2(r.get("frac_matmul_fp32"))} | {r["compile_s"]:.1f} |'
+            )
     fw = res.get('forward', {})
-    lines += ['', f'{fw.get("model", "model")} forward, params in bfloat16, {fw.get("source", "")}. resid = the '
-              'blocks without unembedding (activation capture); nll = full forward + float32 logits + mean NLL '
-              '(perplexity). Roofline fraction = max(FLOPs / nominal bf16 peak, weight bytes / HBM bandwidth) / '
-              'measured time.', '',
-              '| kind | batch x seq | step ms | tokens / s | GFLOP / token | useful TFLOP/s | roofline fraction | '
-              'fraction of bf16 matmul | compile s |',
-              '|---|---|---|---|---|---|---|---|---|']
+    lines += [
+        '',
+        f'{fw.get("model", "model")} forward, params in bfloat16, {fw.get("source", "")}. resid = the '
+        'blocks without unembedding (activation capture); nll = full forward + float32 logits + mean NLL '
+        '(perplexity). Roofline fraction = max(FLOPs / nominal bf16 peak, weight bytes / HBM bandwidth) / '
+        'measured time.',
+        '',
+        '| kind | batch x seq | step ms | tokens / s | GFLOP / token | useful TFLOP/s | roofline fraction | '
+        'fraction of bf16 matmul | compile s |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
     for r in fw.get('rows', []):
         if 'error' in r:
             lines.append(f'| {r.get("name")} | error: {r["error"][:150]} ||||||||')
         else:
-            lines.append(f'| {r["kind"]} | {r["batch"]}x{r["seq"]} | {r["step_s"] * 1e3:.2f} | '
-                         f'{r["tokens_per_s"]:,.0f} | {g(r["gflop_per_token"])} | {g(r["useful_tflops"])} | '
-                         f'{f3(r.get("roofline_frac"))} | {f3(r.get("frac_matmul_bf16"))} | {r["compile_s"]:.1f} |')
+            lines.append(
+                f'| {r["kind"]} | {r["batch"]}x{r["seq"]} | {r["step_s"] * 1e3:.2f} | '
+                f'{r["tokens_per_s"]:,.0f} | {g(r["gflop_per_token"])} | {g(r["useful_tflops"])} | '
+                f'{f3(r.get("roofline_frac"))} | {f3(r.get("frac_matmul_bf16"))} | {r["compile_s"]:.1f} |'
+            )
     if res.get('skipped'):
         lines += ['', 'Skipped (budget spent): ' + ', '.join(res['skipped']) + '.']
     return title, '\n'.join(lines) + '\n'
@@ -350,38 +436,56 @@ def render(res: dict) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--budget-s', type=float, default=480.0, help='hard wall-clock budget, checked between '
-                    'measurements and inside timing loops (default 480)')
-    ap.add_argument('--tiny', action='store_true', help='tiny shapes and a tiny random model (CPU smoke test)')
-    ap.add_argument('--json', default=None, help='results file (default $OUT/bench_gpu.json or ./bench_gpu.json)')
-    ap.add_argument('--md', default=None, help='markdown file for the section (default: the repo BENCHMARKS.md; '
-                    "with --tiny: none unless given); 'none' to skip")
-    ap.add_argument('--from-json', default=None, help='only render the section from this results file')
-    args = ap.parse_args(argv)
+FLAGS = flags.FLAGS
 
-    md = args.md if args.md is not None else ('none' if args.tiny else _common.BENCHMARKS)
-    if args.from_json:
-        with open(args.from_json) as f:
+
+def _define_flags() -> None:
+    """This script's flags. Defined only when the file runs as a script: tests import it as a module
+    (under more than one name), and absl refuses a flag that is defined twice."""
+    flags.DEFINE_float(
+        'budget_s', 480.0, 'Hard wall-clock budget in seconds, checked between measurements and inside timing loops.'
+    )
+    flags.DEFINE_bool('tiny', False, 'Tiny shapes and a tiny random model (CPU smoke test).')
+    flags.DEFINE_string('json', None, 'Results file (default $OUT/bench_gpu.json or ./bench_gpu.json).')
+    flags.DEFINE_string(
+        'md',
+        None,
+        'Markdown file for the section (default: the repo BENCHMARKS.md; with '
+        "--tiny: none unless given); 'none' to skip.",
+    )
+    flags.DEFINE_string('from_json', None, 'Only render the section from this results file.')
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    md = FLAGS.md if FLAGS.md is not None else ('none' if FLAGS.tiny else _common.BENCHMARKS)
+    if FLAGS.from_json:
+        with open(FLAGS.from_json) as f:
             res = json.load(f)
         title, body = render(res)
-        target = args.md or _common.BENCHMARKS
+        target = FLAGS.md or _common.BENCHMARKS
         if target != 'none':
             _common.write_section(title, body, target)
         print(f'## {title}\n\n{body}')
         return 0
 
-    budget = Budget(args.budget_s)
+    budget = Budget(FLAGS.budget_s)
     out_dir = os.environ.get('OUT')
-    json_path = args.json or os.path.join(out_dir or '.', 'bench_gpu.json')
-    p = TINY if args.tiny else FULL
+    json_path = FLAGS.json or os.path.join(out_dir or '.', 'bench_gpu.json')
+    p = TINY if FLAGS.tiny else FULL
 
-    import jax
-
-    res = {'tiny': args.tiny, 'budget_s': args.budget_s, 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-           'settings': {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
-           'matmul': [], 'sae': [], 'forward': {'model': p['model'], 'rows': []}, 'skipped': [], 'errors': []}
+    res = {
+        'tiny': FLAGS.tiny,
+        'budget_s': FLAGS.budget_s,
+        'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+        'settings': {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
+        'matmul': [],
+        'sae': [],
+        'forward': {'model': p['model'], 'rows': []},
+        'skipped': [],
+        'errors': [],
+    }
 
     def save():
         res['elapsed_s'] = budget.elapsed()
@@ -399,8 +503,10 @@ def main(argv=None) -> int:
         try:
             row = fn()
             row['name'] = name
-            log(f'done {name}: ' + json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))},
-                                              default=str))
+            log(
+                f'done {name}: '
+                + json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}, default=str)
+            )
         except Exception as e:  # noqa: BLE001 - record and go on to the next measurement
             row = {'name': name, 'error': f'{type(e).__name__}: {e}'[:2000]}
             res['errors'].append(row)
@@ -451,8 +557,9 @@ def main(argv=None) -> int:
                 log(f'loading {p["model"]}')
                 cfg, params, source = load_model(p['model'])
                 model.update(cfg=cfg, params=params)
-                res['forward'].update(source=source, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                                      vocab_size=cfg.vocab_size)
+                res['forward'].update(
+                    source=source, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size
+                )
                 log(f'model: {source}')
             except Exception as ex:  # noqa: BLE001
                 res['forward']['rows'].append({'name': 'load', 'error': f'{type(ex).__name__}: {ex}'[:2000]})
@@ -460,11 +567,16 @@ def main(argv=None) -> int:
                 save()
                 return
         mm_bf16 = max((v for (dd, dt), v in mm.items() if dt == 'bfloat16'), default=None)
-        for (bb, T) in shapes:
+        for bb, T in shapes:
             for kd in ('resid', 'nll'):
-                attempt(f'forward {kd} {bb}x{T}', lambda: bench_forward(model['cfg'], model['params'], kd, bb, T,
-                                                                         p['fwd_steps'], budget, peaks, mm_bf16),
-                        res['forward']['rows'], reserve=20)
+                attempt(
+                    f'forward {kd} {bb}x{T}',
+                    lambda: bench_forward(
+                        model['cfg'], model['params'], kd, bb, T, p['fwd_steps'], budget, peaks, mm_bf16
+                    ),
+                    res['forward']['rows'],
+                    reserve=20,
+                )
 
     # most informative first, so a short budget still covers every kind of measurement once
     sae_rows(p['sae_dims'][0])
@@ -487,4 +599,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    _define_flags()
+    app.run(main)

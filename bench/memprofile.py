@@ -20,14 +20,25 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Study config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Study config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Study workdir (use an empty one).')
 flags.mark_flag_as_required('workdir')
 
-STAGES = ('_load_model', '_tokens_stage', '_prune_stage', '_ppl_stage', '_acts_stage', '_sae_stage',
-          '_firing_rates', '_causal_stage', '_dictionary', '_heldout_resid', '_transfer',
-          '_measures_stage')
+
+def _stage_names(pipeline) -> list[str]:
+    """The pipeline's stage functions: those defined in prunesae_jax.study.pipeline whose name ends
+    in '_stage', and the model loader `_load`. Found by name, so that the profile follows the
+    pipeline as its stages change."""
+    names = [
+        n
+        for n, f in vars(pipeline).items()
+        if callable(f)
+        and getattr(f, '__module__', None) == pipeline.__name__
+        and (n.endswith('_stage') or n == '_load')
+    ]
+    if not names:
+        raise app.UsageError('prunesae_jax.study.pipeline defines no *_stage function to profile')
+    return names
 
 
 def _status_kb(field: str) -> int:
@@ -78,24 +89,33 @@ class Profiler:
                 rss_out = _status_kb('VmRSS')
                 row = (name, time.perf_counter() - self.t0, rss_in, peak, rss_out)
                 self.rows.append(row)
-                print(f'[mem] {row[1]:7.1f}s {name:16s} rss in {rss_in / 2**20:6.2f} GB  '
-                      f'peak {peak / 2**20:6.2f} GB  rss out {rss_out / 2**20:6.2f} GB',
-                      file=sys.stderr, flush=True)
+                print(
+                    f'[mem] {row[1]:7.1f}s {name:16s} rss in {rss_in / 2**20:6.2f} GB  '
+                    f'peak {peak / 2**20:6.2f} GB  rss out {rss_out / 2**20:6.2f} GB',
+                    file=sys.stderr,
+                    flush=True,
+                )
+
         return wrapped
 
 
 def main(argv):
     del argv
     from prunesae_jax.study import pipeline  # pylint: disable=g-import-not-at-top
+
     prof = Profiler()
     if not prof.can_reset:
         print('[mem] /proc/self/clear_refs not writable: peaks are cumulative', file=sys.stderr)
-    for name in STAGES:
+    for name in _stage_names(pipeline):
         setattr(pipeline, name, prof.wrap(name, getattr(pipeline, name)))
     pipeline.run(_CONFIG.value, _WORKDIR.value)
     prof._boundary()  # pylint: disable=protected-access
-    print(f'[mem] total {time.perf_counter() - prof.t0:.1f}s, peak RSS {prof.global_peak / 2**20:.2f} GB '
-          f'(VmHWM, max over stages)', file=sys.stderr, flush=True)
+    print(
+        f'[mem] total {time.perf_counter() - prof.t0:.1f}s, peak RSS {prof.global_peak / 2**20:.2f} GB '
+        f'(VmHWM, max over stages)',
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == '__main__':

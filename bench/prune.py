@@ -1,8 +1,8 @@
 """Pruning speed on a real model: Wanda, magnitude and SparseGPT in JAX vs a PyTorch Wanda.
 
-    /work/venv/bin/python bench/prune.py                      # Gemma 3 270M, 128 x 512 calibration
-    /work/venv/bin/python bench/prune.py --n-samples 32 --skip-sparsegpt
-    /work/venv/bin/python bench/prune.py --quick                # tiny random model, seconds, writes nothing
+    python bench/prune.py                                   # Gemma 3 270M, 128 x 512 calibration
+    python bench/prune.py --n_samples=32 --skip_sparsegpt
+    python bench/prune.py --quick                           # tiny random model, seconds, writes nothing
 
 The PyTorch baseline is a straightforward implementation of the Wanda reference's algorithm on
 the same transformers model and calibration tokens: forward hooks on every nn.Linear of a
@@ -13,7 +13,6 @@ Results go to the "Pruning" section of BENCHMARKS.md (other sections are left un
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,8 +20,30 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 
 SECTION = 'Pruning'
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """This script's flags. Defined only when the file runs as a script: tests import it as a module
+    (under more than one name), and absl refuses a flag that is defined twice."""
+    flags.DEFINE_string('model', 'gemma-3-270m', 'Zoo model to prune.')
+    flags.DEFINE_integer('n_samples', 128, 'Calibration sequences.')
+    flags.DEFINE_integer('seq_len', 512, 'Tokens per calibration sequence.')
+    flags.DEFINE_integer('batch_size', 8, 'Calibration micro-batch.')
+    flags.DEFINE_float('sparsity', 0.5, 'Target sparsity.')
+    flags.DEFINE_bool('skip_torch', False, 'Skip the PyTorch Wanda reference.')
+    flags.DEFINE_bool('skip_sparsegpt', False, 'Skip JAX SparseGPT.')
+    flags.DEFINE_bool('skip_magnitude', False, 'Skip JAX magnitude pruning.')
+    flags.DEFINE_bool('warm_run', True, 'Time a second JAX Wanda run (the time without jit compilation).')
+    flags.DEFINE_bool('quick', False, 'Tiny random Gemma 3 model and random tokens (seconds; a smoke test, no zoo).')
+    flags.DEFINE_string(
+        'out', None, 'Markdown file (default: the repo BENCHMARKS.md; with --quick: none unless given).'
+    )
+    flags.DEFINE_string('json', None, 'Also write the numbers to this JSON file.')
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
@@ -44,14 +65,17 @@ def torch_wanda(model, tokens, sparsity: float, batch_size: int = 8) -> dict:
     import torch
 
     layers = _layers(model)
-    batches = [torch.as_tensor(np.asarray(tokens[a:a + batch_size]), dtype=torch.long)
-               for a in range(0, len(tokens), batch_size)]
+    batches = [
+        torch.as_tensor(np.asarray(tokens[a : a + batch_size]), dtype=torch.long)
+        for a in range(0, len(tokens), batch_size)
+    ]
     # The reference's "Catcher": the inputs of block 0 and the keyword arguments of every block.
     layer_kwargs, inps = {}, []
 
     def grab_kwargs(i):
         def hook(mod, args, kwargs):
             layer_kwargs[i] = {k: v for k, v in kwargs.items() if k != 'hidden_states'}
+
         return hook
 
     handles = [l.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, l in enumerate(layers)]
@@ -89,6 +113,7 @@ def torch_wanda(model, tokens, sparsity: float, batch_size: int = 8) -> dict:
                 def hook(mod, inp, out):
                     x = inp[0].reshape(-1, inp[0].shape[-1]).float()
                     scaler[name] += (x * x).sum(0)
+
                 return hook
 
             hs = [m.register_forward_hook(stat(n)) for n, m in linears.items()]
@@ -99,7 +124,7 @@ def torch_wanda(model, tokens, sparsity: float, batch_size: int = 8) -> dict:
             for n, m in linears.items():
                 W = m.weight.data  # [out, in]
                 metric = W.abs().float() * torch.sqrt(scaler[n]).reshape(1, -1)
-                idx = torch.sort(metric, dim=-1, stable=True)[1][:, :int(W.shape[1] * sparsity)]
+                idx = torch.sort(metric, dim=-1, stable=True)[1][:, : int(W.shape[1] * sparsity)]
                 prune = torch.zeros_like(W, dtype=torch.bool).scatter_(1, idx, True)
                 W[prune] = 0
                 keep[(i, n.split('.')[-1])] = (~prune).numpy()
@@ -147,48 +172,36 @@ def _tiny_model():
     return cfg, init_params(cfg, 0)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--model', default='gemma-3-270m')
-    ap.add_argument('--n-samples', type=int, default=128)
-    ap.add_argument('--seq-len', type=int, default=512)
-    ap.add_argument('--batch-size', type=int, default=8)
-    ap.add_argument('--sparsity', type=float, default=0.5)
-    ap.add_argument('--skip-torch', action='store_true')
-    ap.add_argument('--skip-sparsegpt', action='store_true')
-    ap.add_argument('--skip-magnitude', action='store_true')
-    ap.add_argument('--no-warm-run', action='store_true',
-                    help='skip the second JAX Wanda run (the time without jit compilation)')
-    ap.add_argument('--quick', action='store_true',
-                    help='tiny random Gemma 3 model and random tokens (seconds; a smoke test, no zoo)')
-    ap.add_argument('--out', default=None, help='markdown file (default: the repo BENCHMARKS.md; '
-                    'with --quick: none unless given)')
-    ap.add_argument('--json', default=None, help='also write the numbers to this JSON file')
-    args = ap.parse_args(argv)
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments {argv[1:]}')
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import BENCHMARKS, machine, write_section
-
     import jax
 
     from prunesae_jax.models.config import PRUNABLE
     from prunesae_jax.models.convert import export_hf_folder
     from prunesae_jax.pruning import prune
 
-    if args.quick:
+    from _common import BENCHMARKS, machine, write_section
+
+    if FLAGS.quick:
         cfg, params = _tiny_model()
-        n, T = min(args.n_samples, 4), min(args.seq_len, 32)
+        n, T = min(FLAGS.n_samples, 4), min(FLAGS.seq_len, 32)
         tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (n, T)).astype(np.int32)
         tokens[:, 0] = cfg.bos_token_id
         model_name, split = 'tiny:gemma3_text (random weights)', 'random'
     else:
         from prunesae_jax.models.zoo import load_zoo
 
-        cfg, params, tok = load_zoo(args.model)
-        tokens, split = _calibration(tok, args.n_samples, args.seq_len, cfg.bos_token_id)
-        model_name = args.model
+        cfg, params, tok = load_zoo(FLAGS.model)
+        tokens, split = _calibration(tok, FLAGS.n_samples, FLAGS.seq_len, cfg.bos_token_id)
+        model_name = FLAGS.model
     n_prunable = sum(int(np.prod(lp[n].shape)) for lp in params['layers'] for n in PRUNABLE)
-    print(f'{model_name}: {cfg.num_layers} layers, {n_prunable / 1e6:.1f}M prunable weights, '
-          f'calibration {tokens.shape} from the {split} split; {os.cpu_count()} CPUs', flush=True)
+    print(
+        f'{model_name}: {cfg.num_layers} layers, {n_prunable / 1e6:.1f}M prunable weights, '
+        f'calibration {tokens.shape} from the {split} split; {os.cpu_count()} CPUs',
+        flush=True,
+    )
     rows, results = [], {}
 
     def timed(label, fn):
@@ -200,28 +213,32 @@ def main(argv=None):
         rows.append((label, dt))
         return out, dt
 
-    kw = dict(calib_tokens=tokens, batch_size=args.batch_size, progress=False)
-    s = args.sparsity
-    wanda, t_wanda = timed('JAX Wanda per_row, sequential (incl. jit compile)',
-                           lambda: prune(cfg, params, 'wanda', s, **kw))
+    kw = dict(calib_tokens=tokens, batch_size=FLAGS.batch_size, progress=False)
+    s = FLAGS.sparsity
+    wanda, t_wanda = timed(
+        'JAX Wanda per_row, sequential (incl. jit compile)', lambda: prune(cfg, params, 'wanda', s, **kw)
+    )
     results['jax_wanda_s'] = t_wanda
     t_warm = None
-    if not args.no_warm_run:  # same shapes: every jitted function is already compiled
-        _, t_warm = timed('JAX Wanda per_row, sequential (warm, compiled)',
-                          lambda: prune(cfg, params, 'wanda', s, **kw))
+    if FLAGS.warm_run:  # same shapes: every jitted function is already compiled
+        _, t_warm = timed(
+            'JAX Wanda per_row, sequential (warm, compiled)', lambda: prune(cfg, params, 'wanda', s, **kw)
+        )
         results['jax_wanda_warm_s'] = t_warm
-    if not args.skip_magnitude:
+    if not FLAGS.skip_magnitude:
         results['jax_magnitude_per_matrix_s'] = timed(
-            'JAX magnitude per_matrix',
-            lambda: prune(cfg, params, 'magnitude', s, group='per_matrix', progress=False))[1]
+            'JAX magnitude per_matrix', lambda: prune(cfg, params, 'magnitude', s, group='per_matrix', progress=False)
+        )[1]
         results['jax_magnitude_global_s'] = timed(
-            'JAX magnitude global', lambda: prune(cfg, params, 'magnitude', s, group='global', progress=False))[1]
-    if not args.skip_sparsegpt:
-        results['jax_sparsegpt_s'] = timed('JAX SparseGPT, sequential (incl. jit compile)',
-                                           lambda: prune(cfg, params, 'sparsegpt', s, **kw))[1]
+            'JAX magnitude global', lambda: prune(cfg, params, 'magnitude', s, group='global', progress=False)
+        )[1]
+    if not FLAGS.skip_sparsegpt:
+        results['jax_sparsegpt_s'] = timed(
+            'JAX SparseGPT, sequential (incl. jit compile)', lambda: prune(cfg, params, 'sparsegpt', s, **kw)
+        )[1]
 
     t_torch = agree = None
-    if not args.skip_torch:
+    if not FLAGS.skip_torch:
         import torch
         import transformers
 
@@ -230,24 +247,33 @@ def main(argv=None):
             export_hf_folder(cfg, params, d)
             model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         t = time.perf_counter()
-        keep = torch_wanda(model, tokens, s, batch_size=args.batch_size)
+        keep = torch_wanda(model, tokens, s, batch_size=FLAGS.batch_size)
         t_torch = time.perf_counter() - t
         agree, agree_layers = mask_agreement(wanda.masks, keep)
-        print(f'PyTorch Wanda per_row, sequential: {t_torch:.1f}s ({torch.get_num_threads()} threads); '
-              f'mask agreement with JAX Wanda {agree:.6f} (per layer: '
-              f'{" ".join(f"{a:.4f}" for a in agree_layers)})', flush=True)
-        rows.append((f'PyTorch Wanda per_row, sequential (reference algorithm, {torch.get_num_threads()} threads)',
-                     t_torch))
-        results.update(torch_wanda_s=t_torch, torch_threads=torch.get_num_threads(), mask_agreement=agree,
-                       mask_agreement_per_layer=agree_layers, speedup=t_torch / t_wanda,
-                       speedup_warm=t_torch / t_warm if t_warm else None)
+        print(
+            f'PyTorch Wanda per_row, sequential: {t_torch:.1f}s ({torch.get_num_threads()} threads); '
+            f'mask agreement with JAX Wanda {agree:.6f} (per layer: '
+            f'{" ".join(f"{a:.4f}" for a in agree_layers)})',
+            flush=True,
+        )
+        rows.append(
+            (f'PyTorch Wanda per_row, sequential (reference algorithm, {torch.get_num_threads()} threads)', t_torch)
+        )
+        results.update(
+            torch_wanda_s=t_torch,
+            torch_threads=torch.get_num_threads(),
+            mask_agreement=agree,
+            mask_agreement_per_layer=agree_layers,
+            speedup=t_torch / t_wanda,
+            speedup_warm=t_torch / t_warm if t_warm else None,
+        )
 
-    flag = ' --quick' if args.quick else f' --model {args.model}'
+    flag = ' --quick' if FLAGS.quick else f' --model={FLAGS.model}'
     body = [
-        f'`bench/prune.py{flag} --n-samples {tokens.shape[0]} --seq-len {tokens.shape[1]}` '
+        f'`bench/prune.py{flag} --n_samples={tokens.shape[0]} --seq_len={tokens.shape[1]}` '
         f'({model_name}, {cfg.num_layers} layers, {n_prunable / 1e6:.1f}M prunable weights, sparsity {s}, '
         f'calibration {tokens.shape[0]} x {tokens.shape[1]} tokens of the {split} split, the same tokens for JAX and '
-        f'PyTorch, float32, micro-batch {args.batch_size}). Machine: {machine()}. Both Wanda runs are '
+        f'PyTorch, float32, micro-batch {FLAGS.batch_size}). Machine: {machine()}. Both Wanda runs are '
         'block-sequential (each block calibrates on the pruned outputs of the blocks before it) with a per-output-row '
         'selection of the lowest |W| * ||X||. JAX times include jit compilation unless marked warm (a second run in '
         'the same process); PyTorch runs with torch.set_num_threads(os.cpu_count()) and XLA uses every core. The '
@@ -258,15 +284,21 @@ def main(argv=None):
     ] + [f'| {label} | {dt:.1f} |' for label, dt in rows]
     if t_torch is not None:
         warm = f'; warm (compiled) JAX: **{t_torch / t_warm:.2f}x**' if t_warm else ''
-        body += ['', f'Wanda speed-up JAX vs PyTorch, JAX compile included: **{t_torch / t_wanda:.2f}x**{warm} '
-                 f'(target >= 1.5x on CPU). JAX and PyTorch keep masks agree on {agree:.4%} of the entries '
-                 f'(layer 0: {agree_layers[0]:.4%}, last layer: {agree_layers[-1]:.4%}).']
-        print(f'ratio PyTorch / JAX Wanda: {t_torch / t_wanda:.2f}x'
-              + (f' (warm {t_torch / t_warm:.2f}x)' if t_warm else ''), flush=True)
-    if args.json:
-        with open(args.json, 'w') as f:
+        body += [
+            '',
+            f'Wanda speed-up JAX vs PyTorch, JAX compile included: **{t_torch / t_wanda:.2f}x**{warm} '
+            f'(target >= 1.5x on CPU). JAX and PyTorch keep masks agree on {agree:.4%} of the entries '
+            f'(layer 0: {agree_layers[0]:.4%}, last layer: {agree_layers[-1]:.4%}).',
+        ]
+        print(
+            f'ratio PyTorch / JAX Wanda: {t_torch / t_wanda:.2f}x'
+            + (f' (warm {t_torch / t_warm:.2f}x)' if t_warm else ''),
+            flush=True,
+        )
+    if FLAGS.json:
+        with open(FLAGS.json, 'w') as f:
             json.dump(results, f, indent=1)
-    out = args.out or (None if args.quick else BENCHMARKS)
+    out = FLAGS.out or (None if FLAGS.quick else BENCHMARKS)
     if out:
         write_section(SECTION, '\n'.join(body), out)
         print(f'wrote section {SECTION!r} of {out}')
@@ -275,4 +307,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    _define_flags()
+    app.run(main)

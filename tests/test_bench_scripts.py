@@ -26,7 +26,7 @@ def _pos(x):
 def test_gpu_tiny_writes_json_and_section(tmp_path):
     md = tmp_path / 'B.md'
     md.write_text('# Benchmarks\n\n## Other\n\nkept\n')
-    _run([os.path.join(BENCH, 'gpu.py'), '--tiny', '--md', str(md)], tmp_path, {'OUT': str(tmp_path)})
+    _run([os.path.join(BENCH, 'gpu.py'), '--tiny', f'--md={md}'], tmp_path, {'OUT': str(tmp_path)})
     res = json.loads((tmp_path / 'bench_gpu.json').read_text())
     assert res['errors'] == [] and res['skipped'] == []
     assert res['device']['device_kind'] and res['versions']['jax']
@@ -80,12 +80,19 @@ def test_gpu_forward_flops_and_h200_section():
     flops_u, _ = gpu.forward_flops(cfg, T, unembed=True)
     assert flops_u - flops == pytest.approx(2 * 64 * 128)
 
-    res = {'device': {'device_kind': 'NVIDIA H200', 'n_devices': 1, 'memory_gib': 130.0, 'backend': 'gpu'},
-           'versions': {'jax': 'x'}, 'budget_s': 480, 'elapsed_s': 100, 'date': 'd',
-           'matmul': [{'B': 4096, 'd': 640, 'n': 5120, 'dtype': 'bfloat16', 'step_s': 5e-5, 'tflops': 536.9,
-                       'frac_peak': 0.543}],
-           'sae': [{'name': 'sae d640 S8', 'error': 'XlaRuntimeError: RESOURCE_EXHAUSTED'}],
-           'forward': {'model': 'gemma-3-270m', 'source': 'RANDOM weights', 'rows': []}, 'skipped': ['sae d2304 S32']}
+    res = {
+        'device': {'device_kind': 'NVIDIA H200', 'n_devices': 1, 'memory_gib': 130.0, 'backend': 'gpu'},
+        'versions': {'jax': 'x'},
+        'budget_s': 480,
+        'elapsed_s': 100,
+        'date': 'd',
+        'matmul': [
+            {'B': 4096, 'd': 640, 'n': 5120, 'dtype': 'bfloat16', 'step_s': 5e-5, 'tflops': 536.9, 'frac_peak': 0.543}
+        ],
+        'sae': [{'name': 'sae d640 S8', 'error': 'XlaRuntimeError: RESOURCE_EXHAUSTED'}],
+        'forward': {'model': 'gemma-3-270m', 'source': 'RANDOM weights', 'rows': []},
+        'skipped': ['sae d2304 S32'],
+    }
     title, body = gpu.render(res)
     assert title == 'GPU (H200)' and gpu.peaks_for('NVIDIA H200')['hbm_bytes_per_s'] == 4.8e12
     assert '**NVIDIA H200**' in body and '| 537 | 0.543 |' in body
@@ -95,8 +102,9 @@ def test_gpu_forward_flops_and_h200_section():
 def test_prune_quick_wanda_agrees_with_torch(tmp_path):
     pytest.importorskip('torch')
     out = tmp_path / 'p.json'
-    _run([os.path.join(BENCH, 'prune.py'), '--quick', '--skip-sparsegpt', '--skip-magnitude', '--json', str(out)],
-         tmp_path)
+    _run(
+        [os.path.join(BENCH, 'prune.py'), '--quick', '--skip_sparsegpt', '--skip_magnitude', f'--json={out}'], tmp_path
+    )
     res = json.loads(out.read_text())
     for key in ('jax_wanda_s', 'jax_wanda_warm_s', 'torch_wanda_s', 'speedup', 'speedup_warm'):
         assert _pos(res[key]), key
@@ -116,3 +124,24 @@ def test_prune_mask_agreement_transposes_torch_layout():
     masks = {'layers': [{'q_proj': ours}, {'q_proj': ours}]}
     total, per_layer = prune.mask_agreement(masks, {(0, 'q_proj'): theirs, (1, 'q_proj'): ours.T})
     assert per_layer == [5 / 6, 1.0] and total == pytest.approx(11 / 12)
+
+
+def test_matching_small_sweep_prints_its_table(tmp_path):
+    out = _run(
+        [os.path.join(BENCH, 'matching.py'), '--sizes=64,128', '--d=256', '--block_size=32', '--nowrite'], tmp_path
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+    assert [r['n'] for r in rows] == [64, 128]
+    assert all(r['matched_fraction'] == pytest.approx(r['expected_fraction']) for r in rows)
+    assert '`python bench/matching.py --sizes=64,128 --d=256 --block_size=32`' in out.stdout
+
+
+def test_scaling_rejects_bad_multipliers(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(BENCH, 'scaling.py'), '--multipliers=1,-2', '--nowrite'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "--multipliers='1,-2'; accepted: positive numbers" in out.stderr
