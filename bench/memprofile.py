@@ -3,7 +3,7 @@ r"""Peak resident memory per pipeline stage of one study run (a profiling driver
   python bench/memprofile.py --config=configs/default.py --workdir=/tmp/memprof \
       --config.pruning.sparsities='(0.0, 0.5)' --config.sae.epochs=1
 
-Wraps the stage functions of prunesae_jax.study.pipeline so that each call logs, on stderr, the
+Wraps the stage functions of prunesae_jax.study.stages (and the model load) so that each call logs, on stderr, the
 resident set size (VmRSS) on entry and exit and the peak (VmHWM) reached while it ran. The
 kernel's peak counter is reset at every stage boundary (writing 5 to /proc/self/clear_refs), so
 a stage's peak is its own; nested stages (e.g. the transfer measures inside the measures stage)
@@ -25,19 +25,16 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Study workdir (use an empty one
 flags.mark_flag_as_required('workdir')
 
 
-def _stage_names(pipeline) -> list[str]:
-    """The pipeline's stage functions: those defined in prunesae_jax.study.pipeline whose name ends
-    in '_stage', and the model loader `_load`. Found by name, so that the profile follows the
-    pipeline as its stages change."""
+def _stage_names(stages) -> list[str]:
+    """The study's stage functions: those defined in prunesae_jax.study.stages whose name ends in
+    '_stage'. Found by name, so that the profile follows the pipeline as its stages change."""
     names = [
         n
-        for n, f in vars(pipeline).items()
-        if callable(f)
-        and getattr(f, '__module__', None) == pipeline.__name__
-        and (n.endswith('_stage') or n == '_load')
+        for n, f in vars(stages).items()
+        if callable(f) and getattr(f, '__module__', None) == stages.__name__ and n.endswith('_stage')
     ]
     if not names:
-        raise app.UsageError('prunesae_jax.study.pipeline defines no *_stage function to profile')
+        raise app.UsageError('prunesae_jax.study.stages defines no *_stage function to profile')
     return names
 
 
@@ -101,13 +98,14 @@ class Profiler:
 
 def main(argv):
     del argv
-    from prunesae_jax.study import pipeline  # pylint: disable=g-import-not-at-top
+    from prunesae_jax.study import inputs, pipeline, stages  # pylint: disable=g-import-not-at-top
 
     prof = Profiler()
     if not prof.can_reset:
         print('[mem] /proc/self/clear_refs not writable: peaks are cumulative', file=sys.stderr)
-    for name in _stage_names(pipeline):
-        setattr(pipeline, name, prof.wrap(name, getattr(pipeline, name)))
+    for name in _stage_names(stages):  # the pipeline calls stages.<name> and inputs.load at call time
+        setattr(stages, name, prof.wrap(name, getattr(stages, name)))
+    inputs.load = prof.wrap('load', inputs.load)
     pipeline.run(_CONFIG.value, _WORKDIR.value)
     prof._boundary()  # pylint: disable=protected-access
     print(

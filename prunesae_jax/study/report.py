@@ -86,10 +86,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from prunesae_jax.errors import InputError
-from prunesae_jax.io import atomic_write_bytes, atomic_write_text
+from prunesae_jax.io import atomic_write_bytes, atomic_write_text, to_jsonable
 
 __all__ = [
     'SCHEMA',
+    'condition_entry',
+    'model_entry',
+    'results_entry',
     'load_results',
     'tables',
     'summarize_claims',
@@ -130,6 +133,64 @@ EQUIVALENCE_BAND = 0.3
 STATUSES = ('holds', 'fails', 'not resolved', 'not readable', 'not tested')
 # The paper's Spearman correlations of each diagnostic with delta log PPL over 17 pruned conditions.
 PAPER_DIAGNOSTICS = {'jaccard': -0.975, 'survival': -0.684, 'fvu': 0.556, 'fragility': -0.032}
+
+
+def condition_entry(
+    where: Mapping[str, Any],
+    prune_report: Mapping[str, Any],
+    ppl: Mapping[str, Any],
+    dense_ppl: float,
+    measures: Mapping[str, Any],
+    record: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One entry of results.json's conditions (the schema above): where (model, layer, method,
+    sparsity, group), the pruning report, the perplexity record, the measures and the SAE record."""
+    return {
+        **{k: where[k] for k in ('model', 'layer', 'method', 'sparsity')},
+        'achieved_sparsity': float(prune_report.get('overall', 0.0)),
+        'achieved_by_kind': prune_report.get('per_kind'),
+        'group': where['group'],
+        'ppl': ppl['ppl'],
+        'ppl_ci': ppl.get('ppl_ci'),
+        'ppl_tokens': ppl['n_tokens'],
+        'delta_log_ppl': math.log(ppl['ppl']) - math.log(dense_ppl),
+        **measures,
+        'sae': {k: record[k] for k in ('fvu', 'l0', 'dead_frac') if k in record},
+    }
+
+
+def model_entry(cfg: Any, layer: int, n_latents: int, dense_ppl: float) -> dict[str, Any]:
+    """results.json's models[model]: the decoder's shape, the layer, the dictionary size, dense ppl."""
+    return {
+        'family': cfg.family,
+        'num_layers': cfg.num_layers,
+        'd_model': cfg.hidden_size,
+        'layer': layer,
+        'n_latents': n_latents,
+        'dense_ppl': dense_ppl,
+    }
+
+
+def results_entry(
+    config: Any,
+    provenance: Mapping[str, Any],
+    models: Mapping[str, Any],
+    conditions: list[dict[str, Any]],
+    tau_agreement: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The whole results.json (plain JSON) with its claims: what write_report reads."""
+    results = {
+        'schema': SCHEMA,
+        'name': config.name,
+        'config': to_jsonable(config),
+        'provenance': provenance,
+        'models': models,
+        'conditions': conditions,
+    }
+    if tau_agreement is not None:
+        results['tau_agreement'] = tau_agreement
+    results['claims'] = summarize_claims(results)
+    return to_jsonable(results)
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -652,22 +713,40 @@ def _claim(cid: str, claim: str, status: str, head: str, lines: Sequence[str], p
     }
 
 
+# Each claim read from the study: (the claim, what the paper reports, why it can be 'not tested').
+_CLAIM_TEXT = {
+    'wanda_beats_magnitude': (
+        'Wanda preserves feature structure better than magnitude pruning (MNN survival at tau)',
+        'up to 3.7x; Gemma 2 2B at 30%: 0.794 Wanda vs 0.210 magnitude',
+        'needs both magnitude and Wanda at a common sparsity',
+    ),
+    'rare_survive_better': (
+        'Rare features (firing-rate Q1) survive pruning better than frequent ones (Q5)',
+        'v1: rho = -1.0 in 11 of 17 conditions; revision: rho between -0.540 and 0.062',
+        'no pruned condition has fragility measures',
+    ),
+    'survival_not_causal': (
+        "Geometric survival does not predict a feature's causal effect on the loss",
+        'geometric survival does not predict causal importance',
+        'no pruned condition has causal measures',
+    ),
+}
+
+
 def _claim_if_readable(
     cid: str,
-    claim: str,
-    paper: str,
     lines: Sequence[str],
     decided: Sequence[str],
     status: str,
     head: str,
     read: Mapping[str, Mapping[str, Any]],
     unreadable: set[str],
-    untested: str,
 ) -> dict[str, Any]:
     """The claim with `status` and `head` decided by the readable conditions (`decided`, one entry
     each); 'not tested' (`untested` says why) when no condition has the measures, 'not readable'
     when none of those that have them is readable (the dense seed floor is too low); the models
-    left out are named in the head."""
+    left out are named in the head. The claim's text is _CLAIM_TEXT[cid]."""
+    claim, paper, untested = _CLAIM_TEXT[cid]
     if not decided and not unreadable:
         return _claim(cid, claim, 'not tested', f'not tested: {untested}', lines, paper)
     if not decided:
@@ -675,6 +754,13 @@ def _claim_if_readable(
     if unreadable:
         head += f'; not readable for {", ".join(sorted(unreadable))} ({_unreadable_head(read, unreadable)})'
     return _claim(cid, claim, status, head, lines, paper)
+
+
+def _unanimous(outcomes: Sequence[str], passed: str, failed: str) -> tuple[str, int, int]:
+    """(status, n passed, n failed): 'holds' when every outcome is `passed`, 'fails' when any is
+    `failed`, else 'not resolved'."""
+    n_pass, n_fail = outcomes.count(passed), outcomes.count(failed)
+    return ('holds' if n_pass == len(outcomes) else 'fails' if n_fail else 'not resolved'), n_pass, n_fail
 
 
 def _ratio_text(sw: float, sm: float) -> str:
@@ -707,26 +793,12 @@ def _claim_wanda(results: Mapping[str, Any]) -> dict[str, Any]:
             f'{_fmt_ci(cm["survival"])}; difference {_fmt_sci(diff)} ({how}; '
             f'{_ci_side_text(side)}); {_ratio_text(sw, sm)}'
         )
-    claim = 'Wanda preserves feature structure better than magnitude pruning (MNN survival at tau)'
-    paper = 'up to 3.7x; Gemma 2 2B at 30%: 0.794 Wanda vs 0.210 magnitude'
-    n_above, n_below = sides.count('above'), sides.count('below')
-    status = 'holds' if n_above == len(sides) else 'fails' if n_below else 'not resolved'
+    status, n_above, n_below = _unanimous(sides, 'above', 'below')
     head = (
         f'the CI of survival(Wanda) - survival(magnitude) lies above 0 at {n_above} of {len(sides)} '
         f'sparsities and below 0 at {n_below} (holds only when above 0 at every sparsity)'
     )
-    return _claim_if_readable(
-        'wanda_beats_magnitude',
-        claim,
-        paper,
-        lines,
-        sides,
-        status,
-        head,
-        read,
-        unreadable,
-        untested='needs both magnitude and Wanda at a common sparsity',
-    )
+    return _claim_if_readable('wanda_beats_magnitude', lines, sides, status, head, read, unreadable)
 
 
 def _claim_rare(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -753,8 +825,6 @@ def _claim_rare(results: Mapping[str, Any]) -> dict[str, Any]:
             f'{label}: S(Q1)-S(Q5) = {_fmt_ci(eff)} ({_ci_side_text(side)}); rho(firing rate, '
             f'survival) = {_fmt_ci(rho)}'
         )
-    claim = 'Rare features (firing-rate Q1) survive pruning better than frequent ones (Q5)'
-    paper = 'v1: rho = -1.0 in 11 of 17 conditions; revision: rho between -0.540 and 0.062'
     n_above, n_below = sides.count('above'), sides.count('below')
     total = len(sides)
     status = 'holds' if n_above > total / 2 else 'fails' if n_below > total / 2 else 'not resolved'
@@ -763,18 +833,7 @@ def _claim_rare(results: Mapping[str, Any]) -> dict[str, Any]:
         f'the CI of S(Q1) - S(Q5) lies above 0 in {n_above} and below 0 in {n_below} of {total} pruned '
         f'conditions (holds when above 0 in most, fails when below 0 in most){rng}'
     )
-    return _claim_if_readable(
-        'rare_survive_better',
-        claim,
-        paper,
-        lines,
-        sides,
-        status,
-        head,
-        read,
-        unreadable,
-        untested='no pruned condition has fragility measures',
-    )
+    return _claim_if_readable('rare_survive_better', lines, sides, status, head, read, unreadable)
 
 
 def _claim_transfer(results: Mapping[str, Any], viable_fraction: float) -> dict[str, Any]:
@@ -880,10 +939,7 @@ def _claim_causal(results: Mapping[str, Any], band: float) -> dict[str, Any]:
             f'{c["model"]} {c["method"]} {_pct(c["sparsity"])}: Spearman(survival, {target}) = '
             f'{_fmt_ci(iv)} over {live}, {ca.get("measure") or "unknown"} effects (CI {state}){extra}{ag}'
         )
-    claim = "Geometric survival does not predict a feature's causal effect on the loss"
-    paper = 'geometric survival does not predict causal importance'
-    n_in, n_out = states.count('inside'), states.count('outside')
-    status = 'holds' if n_in == len(states) else 'fails' if n_out else 'not resolved'
+    status, n_in, n_out = _unanimous(states, 'inside', 'outside')
     target = (
         '|effect|'
         if all(_signed_correlation(c.get('causal')) is not None for c in _pruned(results) if c.get('causal'))
@@ -895,18 +951,7 @@ def _claim_causal(results: Mapping[str, Any], band: float) -> dict[str, Any]:
         f'inside in every one; a CI that merely covers 0 is absence of evidence); measure: '
         f'{", ".join(sorted(measures))} effects'
     )
-    return _claim_if_readable(
-        'survival_not_causal',
-        claim,
-        paper,
-        lines,
-        states,
-        status,
-        head,
-        read,
-        unreadable,
-        untested='no pruned condition has causal measures',
-    )
+    return _claim_if_readable('survival_not_causal', lines, states, status, head, read, unreadable)
 
 
 def summarize_claims(
@@ -1226,13 +1271,13 @@ def _md_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
     return '\n'.join([head, sep, *body]) + '\n'
 
 
-def _ci_cols(rows, est, lo, hi, name, extra=None):
-    """Adds a formatted 'estimate [low, high]' column `name`; extra=(min, max, n_seeds) keys add
-    the pair range when there are fewer than FEW_SEEDS seeds."""
+def _ci_cols(rows, est, name, with_range=False):
+    """Adds a formatted 'estimate [low, high]' column `name` from the columns est, est_low, est_high;
+    with_range adds the pair range (est_min, est_max) when n_seeds is below FEW_SEEDS."""
     for r in rows:
-        iv = {'estimate': r.get(est), 'low': r.get(lo), 'high': r.get(hi)}
-        if extra:
-            iv.update(min=r.get(extra[0]), max=r.get(extra[1]), n_seeds=r.get(extra[2]))
+        iv = {'estimate': r.get(est), 'low': r.get(f'{est}_low'), 'high': r.get(f'{est}_high')}
+        if with_range:
+            iv.update(min=r.get(f'{est}_min'), max=r.get(f'{est}_max'), n_seeds=r.get('n_seeds'))
         r[name] = _fmt_ci(iv)
     return rows
 
@@ -1349,14 +1394,9 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
         '![perplexity vs sparsity](figures/ppl_vs_sparsity.png)',
         '',
     ]
-    rows = _ci_cols(
-        _ci_cols([dict(r) for r in t['conditions']], 'survival', 'survival_low', 'survival_high', 'survival_ci'),
-        'seed_floor',
-        'seed_floor_low',
-        'seed_floor_high',
-        'seed_floor_ci',
-    )
-    rows = _ci_cols(rows, 'ppl', 'ppl_low', 'ppl_high', 'ppl_ci')
+    rows = _ci_cols([dict(r) for r in t['conditions']], 'survival', 'survival_ci')
+    rows = _ci_cols(rows, 'seed_floor', 'seed_floor_ci')
+    rows = _ci_cols(rows, 'ppl', 'ppl_ci')
     lines.append(
         _md_table(
             rows,
@@ -1409,15 +1449,8 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
     else:
         lines += ['_no convergence records in results.json_', '']
     lines += ['## Seed stability (RQ1)', '']
-    rows = _ci_cols(
-        [dict(r) for r in t['seed_stability']],
-        'shared',
-        'shared_low',
-        'shared_high',
-        'shared_ci',
-        ('shared_min', 'shared_max', 'n_seeds'),
-    )
-    rows = _ci_cols(rows, 'divergence', 'divergence_low', 'divergence_high', 'div_ci')
+    rows = _ci_cols([dict(r) for r in t['seed_stability']], 'shared', 'shared_ci', with_range=True)
+    rows = _ci_cols(rows, 'divergence', 'div_ci')
     lines.append(
         _md_table(
             rows,
@@ -1440,19 +1473,12 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
             '',
         ]
     lines += ['## Survival (RQ2)', '']
-    rows = _ci_cols(
-        [dict(r) for r in t['survival']],
-        'survival',
-        'survival_low',
-        'survival_high',
-        'surv_ci',
-        ('survival_min', 'survival_max', 'n_seeds'),
-    )
+    rows = _ci_cols([dict(r) for r in t['survival']], 'survival', 'surv_ci', with_range=True)
     cols = [('method', 'method'), ('sparsity', 'sparsity'), ('surv_ci', 'survival [CI]'), ('n_pairs', 'seed pairs')]
     if rows and 'pairing' in rows[0]:
         cols.append(('pairing', 'pairing'))
     if rows and 'null' in rows[0]:
-        rows = _ci_cols(rows, 'null', 'null_low', 'null_high', 'null_ci')
+        rows = _ci_cols(rows, 'null', 'null_ci')
         cols.append(('null_ci', 'init-only null [CI]'))
     cols += [
         (k, k.replace('survival_tau_', 'tau ')) for k in (rows[0] if rows else {}) if k.startswith('survival_tau_')
@@ -1471,10 +1497,8 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
         '![survival by quintile](figures/survival_by_quintile.png)',
         '',
     ]
-    rows = _ci_cols(
-        [dict(r) for r in t['fragility'] if not r.get('not_run')], 'effect', 'effect_low', 'effect_high', 'eff'
-    )
-    rows = _ci_cols(rows, 'rho_feature', 'rho_feature_low', 'rho_feature_high', 'rho')
+    rows = _ci_cols([dict(r) for r in t['fragility'] if not r.get('not_run')], 'effect', 'eff')
+    rows = _ci_cols(rows, 'rho_feature', 'rho')
     lines.append(
         _md_table(
             rows,
@@ -1502,7 +1526,7 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
     ]
     rows = [dict(r) for r in t['transfer']]
     for k in ('fvu', 'jaccard', 'ce_recovered'):
-        rows = _ci_cols(rows, k, f'{k}_low', f'{k}_high', f'{k}_txt')
+        rows = _ci_cols(rows, k, f'{k}_txt')
     lines.append(
         _md_table(
             rows,
@@ -1524,9 +1548,9 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
         '![survival vs causal effect](figures/survival_vs_causal.png)',
         '',
     ]
-    rows = _ci_cols([dict(r) for r in t['causal']], 'rho', 'rho_low', 'rho_high', 'rho_ci')
-    rows = _ci_cols(rows, 'rho_signed', 'rho_signed_low', 'rho_signed_high', 'rho_signed_ci')
-    rows = _ci_cols(rows, 'agreement', 'agreement_low', 'agreement_high', 'agreement_ci')
+    rows = _ci_cols([dict(r) for r in t['causal']], 'rho', 'rho_ci')
+    rows = _ci_cols(rows, 'rho_signed', 'rho_signed_ci')
+    rows = _ci_cols(rows, 'agreement', 'agreement_ci')
     for r in rows:
         r['live'] = f'{r["n_live"]} of {r["n_features"]}' if r.get('n_live') is not None else f'{r.get("n_features")}'
         if r.get('agreement_features') is not None and _finite_float(r.get('agreement')) is not None:

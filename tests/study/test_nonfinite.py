@@ -15,7 +15,7 @@ from prunesae_jax.models import init_params
 from prunesae_jax.models.load import LoadedModel
 from prunesae_jax.pruning import calibrate
 from prunesae_jax.pruning.perplexity import strided_nll
-from prunesae_jax.study import pipeline
+from prunesae_jax.study import pipeline, stages
 from prunesae_jax.study.config import base_config
 from prunesae_jax.study.workdir import StageCache
 from prunesae_jax.testing import tiny_config
@@ -78,7 +78,7 @@ def test_first_nonfinite_calibration_batch(tiny):
 def _study(config, cfg, params, cache, layer=1):
     """The pipeline's state for a tiny model at `layer` (no tokenizer, no transfer dictionary)."""
     model = LoadedModel('tiny:llama', cfg, params, None, 'modelkey')
-    return pipeline._Study(config, model, layer, None, cache, pipeline._Timings())
+    return stages.Study(config, model, layer, None, cache, stages.Timings())
 
 
 def test_capture_stops_at_the_first_nan_batch_and_leaves_no_stage(tiny, tmp_path):
@@ -93,14 +93,14 @@ def test_capture_stops_at_the_first_nan_batch_and_leaves_no_stage(tiny, tmp_path
     rows[4, 5] = 50
     cache = StageCache(tmp_path)
     with pytest.raises(NonFiniteError) as err:
-        pipeline._acts_stage(_study(config, cfg, bad, cache), bad, 'prunekey', 'tokkey', {'train': rows}, 'dense')
+        stages.acts_stage(_study(config, cfg, bad, cache), bad, 'prunekey', 'tokkey', {'train': rows}, 'dense')
     e = err.value
     assert (e.what, e.stage, e.layer, e.step) == ('resid_post activations', 'capture', 1, 2)
     # nothing half-written: the acts stage has no folder (its temp folder was removed)
     acts = tmp_path / 'stages' / 'acts'
     assert not acts.exists() or not any(acts.iterdir())
     # the same rows without the NaN token capture fine: 6 x 7 tokens (BOS excluded)
-    key, store = pipeline._acts_stage(
+    key, store = stages.acts_stage(
         _study(config, cfg, params, cache),
         params,
         'prunekey',
@@ -133,9 +133,9 @@ def test_run_names_condition_and_layer_and_keeps_finished_stages(tmp_path, monke
     def nan_sae(*args, **kwargs):
         raise NonFiniteError('SAE loss', stage='sae', step=7, detail='seed 1; last good checkpoint: step 5')
 
-    monkeypatch.setattr(pipeline, '_ppl_stage', fake_ppl)
-    monkeypatch.setattr(pipeline, '_acts_stage', fake_acts)
-    monkeypatch.setattr(pipeline, '_sae_stage', nan_sae)
+    monkeypatch.setattr(stages, 'ppl_stage', fake_ppl)
+    monkeypatch.setattr(stages, 'acts_stage', fake_acts)
+    monkeypatch.setattr(stages, 'sae_stage', nan_sae)
     with pytest.raises(NonFiniteError) as err:
         pipeline.run(config, tmp_path / 'work')
     assert str(err.value) == (
