@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ['InputError', 'MissingFileError', 'DiskFullError', 'NonFiniteError']
+__all__ = ['InputError', 'MissingFileError', 'DiskFullError', 'NonFiniteError', 'first_nonfinite']
 
 
 class InputError(ValueError):
@@ -73,3 +73,14 @@ class NonFiniteError(FloatingPointError):
         if detail:
             updates['detail'] = f'{self.detail}; {detail}' if self.detail else detail
         return dataclasses.replace(self, **updates)
+
+
+def first_nonfinite(a) -> tuple[int, tuple[int, ...]] | None:
+    """None when every value of the array `a` is finite, else (how many are not, the index of the
+    first): what an error message about NaN / inf in a tensor names."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    finite = np.isfinite(a)
+    if finite.all():
+        return None
+    return int((~finite).sum()), tuple(int(i) for i in np.argwhere(~finite)[0])

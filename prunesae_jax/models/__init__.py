@@ -15,19 +15,11 @@ from prunesae_jax.models.gguf import load_gguf, read_gguf
 from prunesae_jax.models.zoo import ZOO, ZOO_NAMES, load_zoo
 
 __all__ = [
+    # config
+    'DecoderConfig',
     'FAMILIES',
     'PRUNABLE',
-    'ZOO',
-    'ZOO_NAMES',
-    'export_hf_folder',
-    'from_hf_state_dict',
-    'from_transformers',
-    'load',
-    'load_gguf',
-    'load_hf_folder',
-    'load_zoo',
-    'read_gguf',
-    'DecoderConfig',
+    # decoder
     'block',
     'block_linear_inputs',
     'embed',
@@ -35,4 +27,15 @@ __all__ = [
     'init_params',
     'resid_post',
     'unembed',
+    # checkpoints: HF folders and state dicts, GGUF files, the zoo
+    'load',
+    'load_hf_folder',
+    'from_hf_state_dict',
+    'from_transformers',
+    'export_hf_folder',
+    'load_gguf',
+    'read_gguf',
+    'ZOO',
+    'ZOO_NAMES',
+    'load_zoo',
 ]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from prunesae_jax.errors import InputError, MissingFileError
+from prunesae_jax.errors import InputError, MissingFileError, first_nonfinite
 from prunesae_jax.io import atomic_file, atomic_write_bytes, atomic_write_json, make_dirs
 from prunesae_jax.models.config import DTYPES, PRUNABLE, DecoderConfig
 from prunesae_jax.models.decoder import layer_param_names, layer_param_shapes
@@ -92,11 +92,11 @@ def _checked_weight(name: str, arr: np.ndarray, np_dtype, dtype: str) -> np.ndar
             f'tensor {name!r} has dtype {arr.dtype}; accepted: a floating dtype (float32, bfloat16, '
             'float16, float64), not an integer / quantised tensor'
         )
-    finite = np.isfinite(arr)
-    if not finite.all():
-        idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+    bad = first_nonfinite(arr)
+    if bad:
+        n_bad, idx = bad
         raise InputError(
-            f'tensor {name!r} holds {int((~finite).sum())} non-finite value(s), first '
+            f'tensor {name!r} holds {n_bad} non-finite value(s), first '
             f'{float(arr[idx])} at index {idx}; accepted: a checkpoint with finite weights'
         )
     with np.errstate(over='ignore'):

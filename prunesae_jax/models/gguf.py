@@ -26,7 +26,7 @@ import struct
 
 import numpy as np
 
-from prunesae_jax.errors import InputError, MissingFileError
+from prunesae_jax.errors import InputError, MissingFileError, first_nonfinite
 from prunesae_jax.models.config import HF_ARCHITECTURES
 
 # GGUF `general.architecture` -> HF model_type.
@@ -401,11 +401,11 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
                 f'{_type_name(t.qtype)}; accepted: float (F32/F16/BF16/F64) or quantised weights'
             )
         w = _dequantize(t)
-        finite = np.isfinite(w)
-        if not finite.all():
-            idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+        bad = first_nonfinite(w)
+        if bad:
+            n_bad, idx = bad
             raise InputError(
-                f'GGUF tensor {t.name!r} in {os.fspath(path)!r} holds {int((~finite).sum())} '
+                f'GGUF tensor {t.name!r} in {os.fspath(path)!r} holds {n_bad} '
                 f'non-finite value(s), first {float(w[idx])} at index {idx}; accepted: finite weights'
             )
         if model_type == 'llama' and t.name.endswith(('.attn_q.weight', '.attn_k.weight')):

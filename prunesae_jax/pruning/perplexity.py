@@ -167,44 +167,23 @@ def window_nll(
     return np.concatenate(out)[:n], weights[:n].sum(-1).astype(np.int64)
 
 
-def strided_nll(
-    cfg: DecoderConfig,
-    params: dict,
-    tokens,
-    *,
-    window: int = 1024,
-    stride: int = 512,
-    batch_size: int = 2,
-    bos_token_id: int | None = None,
-    chunk: int | None = None,
-) -> tuple[float, int]:
-    """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream."""
-    nll, count = window_nll(
-        cfg, params, tokens, window=window, stride=stride, batch_size=batch_size, bos_token_id=bos_token_id, chunk=chunk
-    )
+def strided_nll(cfg: DecoderConfig, params: dict, tokens, **protocol) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, number of scored tokens) over a 1-D text stream.
+
+    protocol: window_nll's keyword arguments (window, stride, batch_size, bos_token_id, chunk).
+    """
+    nll, count = window_nll(cfg, params, tokens, **protocol)
     return float(nll.sum()), int(count.sum())
 
 
-def perplexity(
-    cfg: DecoderConfig,
-    params: dict,
-    tokens,
-    *,
-    window: int = 1024,
-    stride: int = 512,
-    batch_size: int = 2,
-    bos_token_id: int | None = None,
-    chunk: int | None = None,
-) -> float:
+def perplexity(cfg: DecoderConfig, params: dict, tokens, **protocol) -> float:
     """exp(mean NLL) of a 1-D text token stream (no BOS) under the strided protocol above.
 
-    batch_size windows run at once; logits are formed chunk positions of each window at a time
-    (batch_size * chunk * vocab floats; by default as many as fit MAX_LOGITS), which matters for
-    Gemma's 262k vocabulary.
+    protocol: window_nll's keyword arguments. batch_size windows run at once; logits are formed
+    chunk positions of each window at a time (batch_size * chunk * vocab floats; by default as many
+    as fit MAX_LOGITS), which matters for Gemma's 262k vocabulary.
     """
-    total, count = strided_nll(
-        cfg, params, tokens, window=window, stride=stride, batch_size=batch_size, bos_token_id=bos_token_id, chunk=chunk
-    )
+    total, count = strided_nll(cfg, params, tokens, **protocol)
     return math.exp(total / count)
 
 

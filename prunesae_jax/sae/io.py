@@ -36,7 +36,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from prunesae_jax import io as pio
-from prunesae_jax.errors import InputError, MissingFileError
+from prunesae_jax.errors import InputError, MissingFileError, first_nonfinite
 from prunesae_jax.sae.config import SAEConfig
 from prunesae_jax.sae.core import fold_scale
 
@@ -199,11 +199,11 @@ def _float32(name: str, arr, where: str) -> np.ndarray:
         )
     with np.errstate(over='ignore', invalid='ignore'):  # float64 beyond float32's range -> inf, refused below
         out = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(out)
-    if not finite.all():
-        idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+    bad = first_nonfinite(out)
+    if bad:
+        n_bad, idx = bad
         raise InputError(
-            f'{where}: tensor {name!r} holds {int((~finite).sum())} non-finite value(s), first '
+            f'{where}: tensor {name!r} holds {n_bad} non-finite value(s), first '
             f'{float(arr[idx])} at index {idx} (after the cast to float32); accepted: finite values'
         )
     return out
