@@ -136,6 +136,50 @@ def init_state(sae_cfg: SAEConfig, tcfg: TrainConfig, sample=None) -> dict:
     }
 
 
+def state_bytes(sae_cfg: SAEConfig, tcfg: TrainConfig) -> int:
+    """Bytes of the S-seed train state (params, Adam moments, counters), exact for every
+    architecture: float32 TopK holds 4 S [3 (2 n d + n + d) + 2 n + 2] + 4 bytes (BUILD.md)."""
+    shapes = jax.eval_shape(lambda: init_state(sae_cfg, tcfg))
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+
+
+def device_memory_bytes(device=None) -> int | None:
+    """What one device can hold: the accelerator's bytes_limit, or the host's MemAvailable on CPU;
+    None where neither is known."""
+    device = device or jax.devices()[0]
+    stats = getattr(device, 'memory_stats', lambda: None)()
+    if stats and stats.get('bytes_limit'):
+        return int(stats['bytes_limit'])
+    try:
+        with open('/proc/meminfo', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh=None, available: int | None = None) -> None:
+    """Refuses, in one line naming the numbers, a run whose train state and one batch alone exceed
+    one device's memory (the state is split over the mesh's seed axis). The step's transient
+    buffers come on top (about 8 n d + 3 B n floats per seed on CPU, BUILD.md), so passing this
+    check is necessary, not sufficient."""
+    available = device_memory_bytes() if available is None else available
+    if available is None:
+        return
+    per_seed_data = tcfg.n_seeds > 1 and tcfg.per_seed_data
+    batch = tcfg.batch_size * sae_cfg.d_in * 4 * (tcfg.n_seeds if per_seed_data else 1)
+    need = state_bytes(sae_cfg, tcfg) // (mesh.shape['seed'] if mesh is not None else 1) + batch
+    if need > available:
+        raise InputError(
+            f'n_seeds={tcfg.n_seeds} SAEs of {sae_cfg.n_latents} latents x d_in={sae_cfg.d_in} need '
+            f'{need / 2**30:.2f} GiB per device for the train state and a batch of {tcfg.batch_size}, '
+            f'{available / 2**30:.2f} GiB available; accepted: fewer seeds per run (or a mesh over more '
+            'devices), fewer latents or a smaller batch'
+        )
+
+
 def make_train_step(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh=None):
     """step(state, batch) -> (state, metrics); batch [B, d_in] or [S, B, d_in] (per_seed_data).
 
@@ -494,6 +538,7 @@ def train(
             raise InputError(
                 f'mesh (seed={ns}, data={nd}) must divide n_seeds={tcfg.n_seeds} and batch_size={tcfg.batch_size}'
             )
+    check_fits(sae_cfg, tcfg, mesh)
 
     ckpt = None
     start = 0
