@@ -17,7 +17,14 @@ import numpy as np
 from prunesae_jax import sharding
 from prunesae_jax.errors import InputError
 from prunesae_jax.models.load import LoadedModel, load_model
-from prunesae_jax.study.config import ConfigError, n_sequences, validate_layer, validate_nm_widths
+from prunesae_jax.study.config import (
+    ConfigError,
+    n_sequences,
+    sae_config,
+    train_config,
+    validate_layer,
+    validate_nm_widths,
+)
 
 __all__ = ['load', 'pretrained_dictionary', 'read_corpus', 'tokens_spec', 'read_tokens']
 
@@ -35,7 +42,11 @@ def load(config) -> tuple[LoadedModel, int, Any]:
             'intermediate_size': cfg.intermediate_size,
         },
     )
-    sharding.sae_mesh(config.mesh.seed, config.mesh.data)  # a mesh that does not fit fails here
+    mesh = sharding.sae_mesh(config.mesh.seed, config.mesh.data)  # a mesh that does not fit fails here
+    # So does an SAE train state larger than one device, before anything is computed.
+    from prunesae_jax.sae.train import check_fits  # pylint: disable=g-import-not-at-top
+
+    check_fits(sae_config(config, cfg.hidden_size), train_config(config, config.sae.n_tokens), mesh)
     dictionary = None
     if config.transfer.source == 'pretrained':
         dictionary = pretrained_dictionary(config, cfg.hidden_size)

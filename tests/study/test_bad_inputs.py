@@ -522,6 +522,13 @@ def _cases(f) -> list[Case]:
             'config.analysis.n_quintiles=1000',
             extra=('512',),
         ),
+        # ---- an SAE train state no machine holds (2 seeds x 64 x 320M latents: ~920 GiB), refused early
+        Case(
+            'sae_state_too_big',
+            ['--config.sae.expansion=5000000'],
+            'n_seeds=2 SAEs of 320000000 latents x d_in=64 need',
+            extra=('GiB available; accepted',),
+        ),
         # ---- results and config stay consistent: a changed config that fails removes the old results
         Case(
             'changed_config_fails_after_stale_results',
