@@ -11,6 +11,7 @@ hand-written gradients in prunesae_jax/sae/kernels.py.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 from prunesae_jax.errors import InputError
@@ -19,7 +20,7 @@ from prunesae_jax.sae import common
 _REGISTRY: dict[str, 'Architecture'] = {}
 
 
-class Architecture:
+class Architecture(abc.ABC):
     """What differs between SAE architectures; subclasses override what their architecture needs.
 
     Every method works on the params of ONE SAE (no seed axis) and on cfg, an SAEConfig.
@@ -35,17 +36,17 @@ class Architecture:
         del cfg
         return {}
 
+    @abc.abstractmethod
     def encode(self, cfg, params, pre):
         """Latent activations z [B, n] from the pre-activations pre [B, n] (the inference rule)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, cfg, params, x, dead, use_aux: bool = True):
         """(loss, aux) of one SAE on a batch x [B, d_in]; dead [n] bool marks dead latents (AuxK).
 
         aux holds mse (mean squared error per element), l0, fire_count [n] (tokens that fired each
         latent), x_hat and whatever the architecture's after_update reads.
         """
-        raise NotImplementedError
 
     def reconstruct(self, cfg, params, x):
         """x_hat [B, d_in] of float32 activations x [B, d_in] with the inference rule."""
