@@ -234,7 +234,18 @@ def files(tmp_path_factory):
     return out
 
 
-_FULL_DISK = '''"""configs/smoke.py, where writing a file under .../work/stages/ whose name holds {suffix!r} fails
+# The end of every config file written below: get_config() returns configs/smoke.py's config.
+_LOAD_SMOKE = """
+def get_config():
+    spec = importlib.util.spec_from_file_location('smoke_config', {smoke!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+"""
+
+
+_FULL_DISK = (
+    '''"""configs/smoke.py, where writing a file under .../work/stages/ whose name holds {suffix!r} fails
 with ENOSPC (what a full disk does)."""
 import errno
 import importlib.util
@@ -274,13 +285,9 @@ def _fdopen_full(fd, *args, **kwargs):
 
 os.fdopen = _fdopen_full
 
-
-def get_config():
-    spec = importlib.util.spec_from_file_location('smoke_config', {smoke!r})
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 '''
+    + _LOAD_SMOKE
+)
 
 
 def _stale_results(workdir: pathlib.Path) -> None:
@@ -670,7 +677,8 @@ def test_workdir_that_is_a_file(tmp_path):
     assert target.read_text() == 'not a folder'
 
 
-_BUGGY_CONFIG = '''"""configs/smoke.py in a process whose tokens stage has a bug (raises RuntimeError)."""
+_BUGGY_CONFIG = (
+    '''"""configs/smoke.py in a process whose tokens stage has a bug (raises RuntimeError)."""
 import importlib.util
 
 from prunesae_jax import data
@@ -682,13 +690,9 @@ def _buggy_take_tokens(*args, **kwargs):
 
 data.take_tokens = _buggy_take_tokens
 
-
-def get_config():
-    spec = importlib.util.spec_from_file_location('smoke_config', {smoke!r})
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 '''
+    + _LOAD_SMOKE
+)
 
 
 def test_an_unexpected_error_is_one_line_and_a_log_in_the_workdir(tmp_path):
