@@ -31,6 +31,22 @@ batches, on that mesh when params are placed, else on one device).
 Multi-host (one process per host, `initialize_distributed` first): meshes span every process's
 devices (jax.devices()); `shard_params` / `shard_batch` build global arrays from host data that
 is identical on every process, and `host_array` reads a result back on every process.
+
+How the study splits its work over P processes (JAX's multi-controller runtime; every process runs
+the same program). The decoder runs per process, on that process's devices (`place_params` uses
+the local devices), so a forward never waits on another host; the processes meet only where
+their work has to be combined:
+- `process_share(n)`: this process's contiguous share of n items (capture batches, calibration
+  sequences), in process order, so the shares concatenated are the single-process order;
+- `process_sum(tree)`: the element-wise sum of a pytree over processes, one all-reduce in jit
+  (Wanda's and SparseGPT's calibration statistics);
+- `sae_mesh`: the trainer's ('seed', 'data') mesh with 'data' spanning the processes, and
+  `global_array`, which builds a global batch from the rows this process's devices hold (each
+  process reads only its share of every batch);
+- `barrier(name)`: every process waits here until all have arrived (the coordination service's
+  barrier, with a long timeout: the others wait while process 0 computes what is computed once);
+- `from_main(fn)`: fn() run on process 0 only, its int result broadcast to all.
+With one process each of these is the identity (or a no-op), so single-process runs are unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +74,12 @@ __all__ = [
     'resid_post',
     'host_array',
     'initialize_distributed',
+    'is_main',
+    'process_share',
+    'process_sum',
+    'barrier',
+    'from_main',
+    'global_array',
     'sae_mesh',
     'place_params',
     'placed_mesh',
@@ -259,38 +281,137 @@ def host_array(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def is_main() -> bool:
+    """Whether this is process 0, the one that writes the workdir's shared files."""
+    return jax.process_index() == 0
+
+
+def process_share(n: int) -> slice:
+    """This process's contiguous share of n items: [p n / P, (p + 1) n / P). The shares of
+    processes 0 .. P-1, concatenated, are the items in order; with one process, all of them."""
+    p, count = jax.process_index(), jax.process_count()
+    return slice(p * n // count, (p + 1) * n // count)
+
+
+@functools.lru_cache(maxsize=4)
+def _process_mesh(count: int) -> Mesh:
+    """Mesh(('process',)) over the first device of each process."""
+    return Mesh(np.array([jax.local_devices(process_index=p)[0] for p in range(count)]), ('process',))
+
+
+@functools.lru_cache(maxsize=4)
+def _sum_over_processes(mesh: Mesh):
+    return jax.jit(lambda t: jax.tree.map(lambda a: a.sum(0), t), out_shardings=NamedSharding(mesh, P()))
+
+
+def process_sum(tree):
+    """The pytree's element-wise sum over processes, on this process's first device (every process
+    gets the same values). One all-reduce inside jit; with one process, tree itself."""
+    count = jax.process_count()
+    if count == 1:
+        return tree
+    mesh = _process_mesh(count)
+    device = jax.local_devices()[0]
+    spec = NamedSharding(mesh, P('process'))
+
+    def stacked(x):
+        local = jax.device_put(jax.numpy.asarray(x)[None], device)
+        return jax.make_array_from_single_device_arrays((count,) + local.shape[1:], spec, [local])
+
+    out = _sum_over_processes(mesh)(jax.tree.map(stacked, tree))
+    return jax.tree.map(lambda a: a.addressable_data(0), out)
+
+
+# How long the processes wait for each other at a barrier: process 0 alone computes the measures
+# (minutes to hours at paper scale) while the others wait.
+BARRIER_TIMEOUT_S = 24 * 3600
+_barriers = [0]
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op with one process). Every process
+    must pass the same barriers in the same order; name says where, in a timeout's message, and
+    must be the same on every process (no paths: hosts may mount the workdir elsewhere)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+    _barriers[0] += 1
+    distributed.global_state.client.wait_at_barrier(f'prunesae_jax:{_barriers[0]}:{name}', BARRIER_TIMEOUT_S * 1000)
+
+
+def from_main(fn) -> int:
+    """int(fn()) computed on process 0 only and broadcast to every process (fn() itself with one
+    process). Every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return int(fn())
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    value = np.int64(int(fn())) if is_main() else np.int64(0)
+    return int(multihost_utils.broadcast_one_to_all(value))
+
+
+def global_array(shape, sharding: NamedSharding, read) -> jax.Array:
+    """The global array of `shape` laid out by `sharding`, built from read(box) -> numpy, where box
+    (a tuple of slices) bounds the parts this process's devices hold: each process reads only
+    what it holds (its share of a batch split over a 'data' axis that spans the processes)."""
+    shape = tuple(int(d) for d in shape)
+    index = {
+        d: tuple(s.indices(n)[:2] for s, n in zip(idx, shape))
+        for d, idx in sharding.addressable_devices_indices_map(shape).items()
+    }
+    box = tuple(
+        slice(min(i[a][0] for i in index.values()), max(i[a][1] for i in index.values())) for a in range(len(shape))
+    )
+    block = np.asarray(read(box))
+    parts = [
+        jax.device_put(block[tuple(slice(lo - b.start, hi - b.start) for (lo, hi), b in zip(idx, box))], d)
+        for d, idx in index.items()
+    ]
+    return jax.make_array_from_single_device_arrays(shape, sharding, parts)
+
+
 def sae_mesh(n_seed: int = -1, n_data: int = 1) -> Mesh | None:
     """The SAE trainer's ('seed', 'data') mesh over every device, or None for one device.
 
-    -1 for one axis: all devices / the other. None under several processes too: every process then
-    trains every seed on one local device (the trainer hands numpy batches to a jit with mesh
-    shardings, which jax.distributed refuses, and reads its state back with np.asarray, which needs
-    arrays the process holds whole; see BUILD.md).
+    -1 for one axis: all devices / the other. With P processes 'data' spans them (it must be a
+    multiple of P): process p holds data shards p D / P .. (p + 1) D / P - 1 of every seed, so it
+    reads only its 1/P of each batch; each process's devices take the seeds and the rest of the
+    data axis.
     """
-    if jax.process_count() > 1:
-        return None
-    n = jax.device_count()
+    n, count = jax.device_count(), jax.process_count()
     if n == 1:
         return None
     seed = n // n_data if n_seed == -1 else n_seed
     data = n // seed if n_data == -1 else n_data
     if seed * data != n:
         raise InputError(f'mesh (seed={n_seed}, data={n_data}) does not fit {n} devices; accepted: seed x data = {n}')
-    return make_mesh(seed, data)
+    if count == 1:
+        return make_mesh(seed, data)
+    if data % count:
+        raise InputError(
+            f'mesh.data={data} does not split over the {count} processes; accepted: a multiple of {count} '
+            '(each process then reads its share of every batch)'
+        )
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    grid = np.array(devices).reshape(count, data // count, seed).transpose(2, 0, 1).reshape(seed, data)
+    return Mesh(grid, ('seed', 'data'))
 
 
 def place_params(params: dict, strategy: str, n_model: int = 1, cfg=None) -> dict:
-    """params on a ('data', 'model') mesh over every device by `strategy` (see the module docstring).
+    """params on a ('data', 'model') mesh over this process's devices by `strategy` (see the
+    module docstring).
 
     Unchanged with 'none' or on one device. A model is loaded and pruned unsharded; its forwards
-    (perplexity, capture, measures) then run on the placed params.
+    (perplexity, capture, measures) then run on the placed params, each process on its own devices.
     """
-    n = jax.device_count()
+    devices = jax.local_devices()
+    n = len(devices)
     if strategy == 'none' or n == 1:
         return params
     if n % n_model:
         raise InputError(f'n_model={n_model} does not divide the {n} devices; accepted: a divisor of {n}')
-    return shard_params(params, make_model_mesh(n // n_model, n_model), strategy, cfg)
+    return shard_params(params, make_model_mesh(n // n_model, n_model, devices), strategy, cfg)
 
 
 def placed_mesh(params: dict) -> Mesh | None:
@@ -346,6 +467,8 @@ def initialize_distributed(
     pid = process_id if process_id >= 0 else _env_int('JAX_PROCESS_ID')
     if n is not None and pid is not None and not 0 <= pid < n:
         raise InputError(f'process_id={pid} is not valid for num_processes={n}; accepted: an int in [0, {n - 1}]')
+    # CPU devices of several processes talk over gloo (no effect on GPU / TPU backends).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     try:
         jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
     except ValueError as e:  # e.g. no coordinator given and no cluster detected

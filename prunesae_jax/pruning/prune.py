@@ -248,10 +248,17 @@ def _wanda_matrix(W, input_sq_norms, s, group, nm):
 
 
 def _prune_calibrated(cfg, params, args: PruneArgs, tokens, progress):
-    """Wanda / SparseGPT block by block: statistics of block i's inputs, then its matrices."""
+    """Wanda / SparseGPT block by block: statistics of block i's inputs, then its matrices.
+
+    Under jax.distributed each process runs its contiguous share of the calibration sequences
+    through the blocks and the statistics are summed over processes (sharding.process_sum, an
+    all-reduce in jit) before each block is pruned, so every process prunes with the same sums.
+    """
+    from prunesae_jax import sharding  # pylint: disable=g-import-not-at-top
     from prunesae_jax.models.decoder import embed  # pylint: disable=g-import-not-at-top
 
     kind, bs = STATS_KIND[args.method], args.batch_size
+    tokens = tokens[sharding.process_share(tokens.shape[0])]
     hs = [embed(cfg, params, jnp.asarray(tokens[a : a + bs])) for a in range(0, tokens.shape[0], bs)]
     new_layers, leaves = [], []
     for i, lp in enumerate(params['layers']):
@@ -263,6 +270,7 @@ def _prune_calibrated(cfg, params, args: PruneArgs, tokens, progress):
                 cfg, lp, i, h, stats, kind, with_output=not args.sequential
             )
             outs.append(out)
+        stats = sharding.process_sum(stats)
         if not all(bool(jnp.all(jnp.isfinite(v))) for v in stats.values()):
             calibrate_lib.check_stats(stats, i, step=calibrate_lib.first_nonfinite_batch(cfg, lp, i, hs, kind))
         new_lp = dict(lp)

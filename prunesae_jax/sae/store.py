@@ -1,8 +1,11 @@
 """Activation stores: a disk-backed sharded store and an in-memory one with the same reading API.
 
 On disk: `path/metadata.json` plus shards `path/shard_00000.npy` ([rows, d_in], float16 / bfloat16
-(stored as uint16 bits) / float32), read memory-mapped. Batches are a seeded shuffle, epoch after
-epoch; batch `step` is a pure function of (seed, step), so a resumed run sees the same stream.
+(stored as uint16 bits) / float32), read memory-mapped. A store captured by P processes holds each
+process's shards, `shard_p<p>_00000.npy` ..., listed in process order in metadata.json's
+`shard_files`: the rows are in the same order as one process would have stored them. Batches are a
+seeded shuffle, epoch after epoch; batch `step` is a pure function of (seed, step), so a resumed run
+sees the same stream, and any process can read any part of it (`batch(..., part=)`).
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ class _Batches:
     def _perm(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([int(seed), int(epoch)]).permutation(self.n_tokens)
 
-    def batch(self, batch_size: int, seed: int, step: int) -> np.ndarray:
-        """Batch number `step` of the seeded shuffled stream: float32 [batch_size, d_in]."""
+    def batch(self, batch_size: int, seed: int, step: int, part: slice | None = None) -> np.ndarray:
+        """Batch number `step` of the seeded shuffled stream: float32 [batch_size, d_in], or only
+        its rows `part` (a slice of 0..batch_size: the share of the batch one process reads)."""
         if (
             isinstance(batch_size, bool)
             or not isinstance(batch_size, (int, np.integer))
@@ -67,8 +71,10 @@ class _Batches:
         per_epoch = self.n_tokens // batch_size  # drop the ragged tail of each epoch
         epoch, j = divmod(int(step), per_epoch)
         rows = self._perm(seed, epoch)[j * batch_size : (j + 1) * batch_size]
+        if part is not None:
+            rows = rows[part]
         order = np.argsort(rows, kind='stable')  # sorted reads are much faster on a memmap
-        out = np.empty((batch_size, self.d_in), np.float32)
+        out = np.empty((len(rows), self.d_in), np.float32)
         out[order] = self._take(rows[order])
         return out
 
@@ -122,6 +128,11 @@ class ActivationStore(_Batches):
             self.d_in = _check_count('d_in', self.metadata['d_in'])
             self.dtype = self.metadata['dtype']
             self._shard_rows = [_check_count('shard_rows entry', r) for r in self.metadata['shard_rows']]
+            self._files = self.metadata.get('shard_files') or [
+                f'shard_{i:05d}.npy' for i in range(len(self._shard_rows))
+            ]
+            if len(self._files) != len(self._shard_rows) or not all(isinstance(f, str) for f in self._files):
+                raise ValueError('shard_files does not list one file name per shard_rows entry')
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(
                 f'activation store metadata {meta_path!r} is unreadable ({type(e).__name__}: {e}); '
@@ -136,7 +147,7 @@ class ActivationStore(_Batches):
 
     def _shard(self, i: int) -> np.ndarray:
         if self._maps[i] is None:
-            f = os.path.join(self.path, f'shard_{i:05d}.npy')
+            f = os.path.join(self.path, self._files[i])
             try:
                 m = np.load(f, mmap_mode='r')
             except (OSError, ValueError, EOFError) as e:  # missing or truncated shard
@@ -176,7 +187,7 @@ class ActivationStore(_Batches):
 class StoreWriter:
     """Appends activations shard by shard; metadata.json is written last, so a store is complete or absent."""
 
-    def __init__(self, path, d_in, dtype, metadata, shard_tokens):
+    def __init__(self, path, d_in, dtype, metadata, shard_tokens, prefix='shard_'):
         if dtype not in DTYPES:
             raise InputError(f'dtype={dtype!r}; accepted: {DTYPES}')
         _check_count('d_in', d_in)
@@ -188,6 +199,7 @@ class StoreWriter:
         self.path, self.d_in, self.dtype = path, int(d_in), dtype
         self.metadata = dict(metadata or {})
         self.shard_tokens = int(shard_tokens)
+        self.prefix = prefix  # shard i is <prefix><i:05d>.npy
         self._buf: list[np.ndarray] = []
         self._buffered = 0
         self._shard_rows: list[int] = []
@@ -223,27 +235,37 @@ class StoreWriter:
                 p = p[: n - taken]
             parts.append(p)
             taken += len(p)
-        _save_npy_parts(os.path.join(self.path, f'shard_{len(self._shard_rows):05d}.npy'), parts)
+        _save_npy_parts(os.path.join(self.path, self.shard_name(len(self._shard_rows))), parts)
         self._shard_rows.append(n)
         self._buffered -= n
 
-    def close(self) -> ActivationStore:
+    def shard_name(self, i: int) -> str:
+        return f'{self.prefix}{i:05d}.npy'
+
+    def flush(self) -> tuple[int, float]:
+        """Writes the buffered rows as the last shard; returns (rows stored, sum of their norms).
+        The shards are then shard_tokens rows each, the last one the rest."""
         if self._buffered:
             self._flush(self._buffered)
-        n = sum(self._shard_rows)
+        return sum(self._shard_rows), self._sum_norm
+
+    def close(self) -> ActivationStore:
+        n, sum_norm = self.flush()
+        self.write_metadata([self.shard_name(i) for i in range(len(self._shard_rows))], self._shard_rows, sum_norm)
+        return ActivationStore(self.path)
+
+    def write_metadata(self, files: list[str], rows: list[int], sum_norm: float) -> None:
+        """metadata.json, written last, for shards `files` of `rows` rows (this writer's own, or
+        every process's in process order); it completes the store."""
+        n = sum(rows)
         if n == 0:
             raise InputError(f'no activations were appended to the store at {self.path!r}')
-        meta = dict(
-            self.metadata,
-            n_tokens=n,
-            d_in=self.d_in,
-            dtype=self.dtype,
-            shard_rows=self._shard_rows,
-            mean_norm=self._sum_norm / n,
-        )
+        meta = dict(self.metadata, n_tokens=n, d_in=self.d_in, dtype=self.dtype, shard_rows=list(rows))
+        meta['mean_norm'] = sum_norm / n
+        if files != [f'shard_{i:05d}.npy' for i in range(len(rows))]:
+            meta['shard_files'] = list(files)
         # sorted keys, indent 1, no trailing newline: the bytes of every store written so far
         pio.atomic_write_text(os.path.join(self.path, 'metadata.json'), json.dumps(meta, indent=1, sort_keys=True))
-        return ActivationStore(self.path)
 
 
 def capture_activations(
@@ -275,6 +297,8 @@ def capture_activations(
     A batch whose real tokens' resid_post is not finite raises NonFiniteError (stage 'capture', the
     layer, step = the batch); what was written to `path` by then is left for the caller to remove.
     """
+    import jax  # noqa: PLC0415
+
     from prunesae_jax import models, sharding  # noqa: PLC0415
 
     if masks is not None:
@@ -326,10 +350,17 @@ def capture_activations(
         seq_len=int(toks.shape[1]),
         n_sequences=int(toks.shape[0]),
     )
-    writer = None if path is None else ActivationStore.create(path, model_cfg.hidden_size, dtype, meta, shard_tokens)
-    chunks = []
     n_batches = -(-len(toks) // batch_size)
-    for step in range(n_batches):
+    # Several processes (jax.distributed) each capture their contiguous share of the batches into
+    # their own shards of the one store; one process captures them all.
+    count = 1 if path is None else jax.process_count()
+    mine = sharding.process_share(n_batches) if count > 1 else slice(None)
+    prefix = f'shard_p{jax.process_index():05d}_' if count > 1 else 'shard_'
+    writer = None
+    if path is not None:
+        writer = StoreWriter(path, model_cfg.hidden_size, dtype, meta, shard_tokens, prefix)
+    chunks = []
+    for step in range(n_batches)[mine]:
         t = toks[step * batch_size : (step + 1) * batch_size]
         m = None if am is None else am[step * batch_size : (step + 1) * batch_size]
         h = resid(t, m)  # [b, T, D]
@@ -357,4 +388,28 @@ def capture_activations(
             on_batch(step, n_batches)
     if writer is None:
         return ArrayStore(np.concatenate(chunks), meta)
-    return writer.close()
+    if count == 1:
+        return writer.close()
+    return _close_shared(writer, count)
+
+
+def _close_shared(writer: StoreWriter, count: int) -> ActivationStore:
+    """Completes a store that `count` processes captured into: each process writes its last shard,
+    process 0 lists every process's shards (their rows follow from each process's total, see
+    StoreWriter.flush) in metadata.json, and every process opens the store once it exists."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    from prunesae_jax import sharding  # noqa: PLC0415
+
+    n, sum_norm = writer.flush()
+    totals = np.asarray(multihost_utils.process_allgather(np.asarray([n, sum_norm], np.float64))).reshape(count, 2)
+    if sharding.is_main():
+        files, rows = [], []
+        for p, (n_p, _) in enumerate(totals):
+            full, rest = divmod(int(n_p), writer.shard_tokens)
+            sizes = [writer.shard_tokens] * full + ([rest] if rest else [])
+            files += [f'shard_p{p:05d}_{i:05d}.npy' for i in range(len(sizes))]
+            rows += sizes
+        writer.write_metadata(files, rows, float(totals[:, 1].sum()))
+    sharding.barrier('activation store complete')
+    return ActivationStore(writer.path)

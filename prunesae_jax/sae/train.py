@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prunesae_jax import io as pio
+from prunesae_jax import sharding
 from prunesae_jax.errors import InputError, NonFiniteError
 from prunesae_jax.sae import arch, common, core, kernels
 from prunesae_jax.sae.config import SAEConfig, TrainConfig
@@ -146,7 +147,7 @@ def state_bytes(sae_cfg: SAEConfig, tcfg: TrainConfig) -> int:
 def device_memory_bytes(device=None) -> int | None:
     """What one device can hold: the accelerator's bytes_limit, or the host's MemAvailable on CPU;
     None where neither is known."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = getattr(device, 'memory_stats', lambda: None)()
     if stats and stats.get('bytes_limit'):
         return int(stats['bytes_limit'])
@@ -194,7 +195,14 @@ def make_train_step(sae_cfg: SAEConfig, tcfg: TrainConfig, mesh=None):
     )
     sched = schedule_args(sae_cfg, tcfg)
     ctl = step_controls(sae_cfg, tcfg)
-    return lambda state, batch, scale=1.0: f(state, batch, sched, np.float32(scale), ctl)
+    if mesh is None:
+        return lambda state, batch, scale=1.0: f(state, batch, sched, np.float32(scale), ctl)
+    # On a mesh the small arguments are placed once (replicated): under jax.distributed a jit
+    # refuses host arrays for shardings that span processes.
+    rep = NamedSharding(mesh, P())
+    sched, ctl = jax.device_put(sched, rep), jax.device_put(ctl, rep)
+    placed = functools.lru_cache(maxsize=1)(lambda scale: jax.device_put(np.float32(scale), rep))
+    return lambda state, batch, scale=1.0: f(state, batch, sched, placed(float(scale)), ctl)
 
 
 _SINCE_CAP = 2**30  # since_fired saturates here (int32)
@@ -308,7 +316,7 @@ def _make_train_step(sae_cfg: SAEConfig, b1: float, b2: float, per_seed_data: bo
 
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
-    batch_sh = NamedSharding(mesh, P('seed', 'data') if per_seed_data else P('data'))
+    batch_sh = batch_sharding(mesh, per_seed_data)
     metric_sh = NamedSharding(mesh, P('seed'))
     rep = NamedSharding(mesh, P())
     compiled = {}
@@ -341,15 +349,30 @@ def _input_scale(store, tcfg, d_in) -> float:
     return float(math.sqrt(d_in) / max(float(np.linalg.norm(x, axis=1).mean()), 1e-30))
 
 
-def _batch(store, tcfg, step):
-    """The raw batch of a step (the jitted step scales it)."""
-    if tcfg.per_seed_data:
-        b = np.stack([store.batch(tcfg.batch_size, tcfg.data_seed + s, step) for s in range(tcfg.n_seeds)])
-    else:
-        b = store.batch(tcfg.batch_size, tcfg.data_seed, step)
-    if not np.isfinite(b).all():
-        raise InputError(f'non-finite activations in the batch of step {step}; activations must be finite')
-    return b
+def batch_sharding(mesh, per_seed_data: bool) -> NamedSharding:
+    """A step's batch on the mesh: [B, d] split over 'data', or [S, B, d] (per_seed_data) over
+    'seed' x 'data'."""
+    return NamedSharding(mesh, P('seed', 'data') if per_seed_data else P('data'))
+
+
+def _batch(store, tcfg, step, sh=None):
+    """The raw batch of a step (the jitted step scales it): numpy, or with the batch's sharding sh a
+    global array for which this process reads only the rows its devices hold."""
+
+    def read(box=None):
+        if tcfg.per_seed_data:
+            seeds, part = (range(tcfg.n_seeds), None) if box is None else (range(tcfg.n_seeds)[box[0]], box[1])
+            b = np.stack([store.batch(tcfg.batch_size, tcfg.data_seed + s, step, part) for s in seeds])
+        else:
+            b = store.batch(tcfg.batch_size, tcfg.data_seed, step, None if box is None else box[0])
+        if not np.isfinite(b).all():
+            raise InputError(f'non-finite activations in the batch of step {step}; activations must be finite')
+        return b
+
+    if sh is None:
+        return read()
+    shape = ((tcfg.n_seeds,) if tcfg.per_seed_data else ()) + (tcfg.batch_size, store.d_in)
+    return sharding.global_array(shape, sh, read)
 
 
 def _sha256_file(path: str) -> list:
@@ -402,8 +425,10 @@ class _Checkpointer:
             logging.warning('SAE checkpoints in %s cannot be read (%s); removing them', self.dir, _first_line(e))
             import shutil  # noqa: PLC0415
 
-            shutil.rmtree(self.dir, ignore_errors=True)
-            shutil.rmtree(self.sums, ignore_errors=True)
+            if sharding.is_main():
+                shutil.rmtree(self.dir, ignore_errors=True)
+                shutil.rmtree(self.sums, ignore_errors=True)
+            sharding.barrier('checkpoints removed')
             self.mgr = self._manager()
 
     def _manager(self):
@@ -425,6 +450,9 @@ class _Checkpointer:
             args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state), extra=self.ocp.args.JsonSave(extra)),
         )
         self.mgr.wait_until_finished()
+        sharding.barrier(f'checkpoint {step} saved')  # every process's part is on disk
+        if not sharding.is_main():
+            return
         pio.make_dirs(self.sums)
         sums = {'checkpoint': _file_sums(os.path.join(self.dir, str(int(step)))), 'files': {}}
         for path in files:  # relative to the workdir, which may move
@@ -464,9 +492,12 @@ class _Checkpointer:
     def drop(self, step):
         import shutil  # noqa: PLC0415
 
-        shutil.rmtree(os.path.join(self.dir, str(int(step))), ignore_errors=True)
-        if os.path.exists(self._sums_path(step)):
-            os.unlink(self._sums_path(step))
+        sharding.barrier(f'checkpoint {step} checked')  # every process has read it before it goes
+        if sharding.is_main():
+            shutil.rmtree(os.path.join(self.dir, str(int(step))), ignore_errors=True)
+            if os.path.exists(self._sums_path(step)):
+                os.unlink(self._sums_path(step))
+        sharding.barrier(f'checkpoint {step} dropped')
         self.mgr.reload()
 
     def restore(self, step, like):
@@ -508,7 +539,7 @@ def _append_jsonl(path, row):
 
 
 def _to_host(metrics):
-    return {k: np.asarray(v).astype(float).tolist() for k, v in metrics.items()}
+    return {k: sharding.host_array(v).astype(float).tolist() for k, v in metrics.items()}
 
 
 def train(
@@ -539,6 +570,10 @@ def train(
                 f'mesh (seed={ns}, data={nd}) must divide n_seeds={tcfg.n_seeds} and batch_size={tcfg.batch_size}'
             )
     check_fits(sae_cfg, tcfg, mesh)
+    # Under jax.distributed every process runs this with the same arguments: each reads its share of
+    # every batch (sharding.sae_mesh), the state and metrics are global arrays, and only process 0
+    # writes the workdir's files (orbax writes each process's part of a checkpoint).
+    main = sharding.is_main()
 
     ckpt = None
     start = 0
@@ -561,9 +596,9 @@ def train(
                 logging.warning('%s is unreadable (%s); restarting training in %s', cfg_path, _first_line(e), workdir)
                 import shutil  # noqa: PLC0415
 
-                for name in ('checkpoints', 'checkpoint_sums', 'snapshots'):
+                for name in ('checkpoints', 'checkpoint_sums', 'snapshots') if main else ():
                     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-                for name in ('metrics.jsonl', 'config.json'):
+                for name in ('metrics.jsonl', 'config.json') if main else ():
                     if os.path.exists(os.path.join(workdir, name)):
                         os.unlink(os.path.join(workdir, name))
                 old = None
@@ -578,8 +613,9 @@ def train(
                 raise InputError(
                     f'workdir {workdir!r} holds a run with another config (differs in {diff}); use a new workdir'
                 )
-        else:
+        elif main:
             pio.atomic_write_text(cfg_path, json.dumps(cfg_dict, indent=1, sort_keys=True))
+        sharding.barrier('sae workdir checked')  # process 0 may have removed a damaged run's files
         metrics_path = os.path.join(workdir, 'metrics.jsonl')
         if snap_steps:
             snap_dir = os.path.join(workdir, 'snapshots')
@@ -591,6 +627,8 @@ def train(
     sample = store.sample(tcfg.geometric_median_tokens, seed=tcfg.data_seed + 104729) * np.float32(scale)
     state = init_state(sae_cfg, tcfg, sample)
     if mesh is not None:
+        if jax.process_count() > 1:  # the same host values on every process, placed as global arrays
+            state = jax.tree.map(np.asarray, state)
         state = jax.device_put(state, jax.tree.map(lambda a: state_sharding(mesh, a), state))
 
     def snapshots_upto(step):  # the snapshots a resume from `step` keeps; later ones are taken again
@@ -621,12 +659,13 @@ def train(
                             rows.append(r)
                     except (ValueError, KeyError, TypeError):  # a torn or garbled line
                         continue
-            pio.atomic_write_text(metrics_path, ''.join(rows))
+            if main:
+                pio.atomic_write_text(metrics_path, ''.join(rows))
 
     step_fn = make_train_step(sae_cfg, tcfg, mesh)
     logged = []
     bar = None
-    if tcfg.progress:
+    if tcfg.progress and main:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         bar = tqdm(total=tcfg.n_steps, initial=start, desc=f'SAE x{tcfg.n_seeds}', unit='step')
@@ -634,7 +673,7 @@ def train(
     last_metrics = None
 
     def check_bad(at_step):
-        bad = np.asarray(state['bad_step'])
+        bad = sharding.host_array(state['bad_step'])
         if (bad >= 0).any():
             first = int(bad[bad >= 0].min())
             seeds = [int(i) for i in np.flatnonzero(bad == first)]
@@ -651,8 +690,9 @@ def train(
                 ),
             )
 
+    batch_sh = None if mesh is None else batch_sharding(mesh, tcfg.per_seed_data)
     for step in range(start, end):
-        batch = _batch(store, tcfg, step)
+        batch = _batch(store, tcfg, step, batch_sh)
         state, last_metrics = step_fn(state, batch, scale)
         done = step + 1
         log_now = tcfg.log_every and (done % tcfg.log_every == 0 or done == tcfg.n_steps)
@@ -661,13 +701,13 @@ def train(
         if log_now or save_now or snap_now:
             check_bad(done)
         if snap_now:  # the only host copy of the params during the run
-            snapshots[done] = np.asarray(jax.device_get(state['params']['W_dec']))
-            if snap_dir is not None:
+            snapshots[done] = sharding.host_array(state['params']['W_dec'])
+            if snap_dir is not None and main:
                 pio.atomic_write_npy(_snapshot_path(snap_dir, done), snapshots[done])
         if log_now:
             row = dict(step=done, tokens=done * tcfg.batch_size, **_to_host(last_metrics))
             logged.append(row)
-            if metrics_path:
+            if metrics_path and main:
                 _append_jsonl(metrics_path, row)
             if bar is not None:
                 bar.set_postfix(
@@ -689,14 +729,14 @@ def train(
         bar.close()
     check_bad(end)
 
-    params_n = jax.device_get(state['params'])
+    params_n = jax.tree.map(sharding.host_array, state['params'])
     params = core.fold_scale(params_n, scale)
     evx = store.sample(tcfg.eval_tokens, seed=tcfg.data_seed + 31337)
     final = evaluate_seeds(sae_cfg, params, evx)
-    fc = np.asarray(state['fire_count'])
+    fc = sharding.host_array(state['fire_count'])
     final['train_firing_rate'] = fc / max(end * tcfg.batch_size, 1)
-    final['train_dead_frac'] = (np.asarray(state['since_fired']) >= dead_tokens).mean(-1)
-    final['aux_steps'] = np.asarray(state['aux_steps'])
+    final['train_dead_frac'] = (sharding.host_array(state['since_fired']) >= dead_tokens).mean(-1)
+    final['aux_steps'] = sharding.host_array(state['aux_steps'])
     final['dead_tokens'] = np.full((tcfg.n_seeds,), dead_tokens, np.int64)
     final['init_cos'] = _init_cos(sae_cfg, tcfg, params_n['W_dec'])
     return TrainResult(
