@@ -260,6 +260,14 @@ def _disk_full(e: BaseException) -> OSError | None:
     return None
 
 
+def _log_name() -> str:
+    """run_study.error.log; run_study.error.process<i>.log for process i > 0 of a jax.distributed
+    run (read without starting a backend), so the processes of one workdir keep their own logs."""
+    state = getattr(sys.modules.get('jax._src.distributed'), 'global_state', None)
+    i = getattr(state, 'process_id', 0) or 0
+    return _ERROR_LOG if i == 0 else _ERROR_LOG.replace('.log', f'.process{i}.log')
+
+
 def _error_log(workdir: str | None, text: str) -> str:
     """Writes `text` to <workdir>/run_study.error.log (or a temp file); returns its path."""
     folder = None
@@ -267,7 +275,7 @@ def _error_log(workdir: str | None, text: str) -> str:
         full = os.path.abspath(os.path.expanduser(workdir))
         if os.path.isdir(full):
             folder = full
-    paths = [os.path.join(folder, _ERROR_LOG)] if folder else []
+    paths = [os.path.join(folder, _log_name())] if folder else []
     paths.append(os.path.join(tempfile.gettempdir(), f'run_study.error.{os.getpid()}.log'))
     for p in paths:
         try:
@@ -347,7 +355,7 @@ def main(argv):
                 'stages stay cached'
             )
         _unexpected(e)
-    stale = os.path.join(os.path.abspath(os.path.expanduser(_WORKDIR.value)), _ERROR_LOG)
+    stale = os.path.join(os.path.abspath(os.path.expanduser(_WORKDIR.value)), _log_name())
     if os.path.isfile(stale):  # the error it recorded is behind us
         os.unlink(stale)
 

@@ -10,12 +10,11 @@ The protocol choices are in docs/method.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 from typing import Any
-
-import jax
 
 from prunesae_jax import sharding
 from prunesae_jax.analysis.measures import stability
@@ -98,13 +97,14 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     model, layer, dictionary = inputs.load(config)  # a bad checkpoint, layer or N:M width fails before any write
     timings.add('load_model', time.perf_counter() - t0)
     workdir = Path(workdir)
-    if jax.process_index() > 0:
-        # Multi-host: every process runs the same stages in lockstep (their collectives must
-        # match), so each keeps its own cache; only process 0 writes into `workdir`.
-        workdir = workdir.with_name(f'{workdir.name}.process{jax.process_index()}')
+    # Under jax.distributed every process runs this with one shared workdir (see stages.py):
+    # process 0 holds it and writes the shared files, the others write only their shards.
+    main = sharding.is_main()
     # Creates the workdir; one live run per workdir; removes what killed runs left.
-    with hold_workdir(workdir):
-        write_config(workdir, config)  # a changed config first removes the old config's results
+    with hold_workdir(workdir) if main else contextlib.nullcontext():
+        if main:
+            write_config(workdir, config)  # a changed config first removes the old config's results
+        sharding.barrier('workdir held')
         st = stages.Study(config, model, layer, dictionary, StageCache(workdir), timings)
         return _run_held(st, workdir, t0)
 
@@ -122,6 +122,8 @@ def _run_held(st: stages.Study, workdir: Path, t0: float) -> dict[str, Any]:
     prov.pop('config')
     agreement = stability.survival_tau_agreement([c for c in conds if c['method'] != 'dense'], config.analysis.taus)
     results = report_lib.results_entry(config, prov, {config.model: info}, conds, agreement)
+    if not sharding.is_main():  # every process returns the results; process 0 writes them
+        return results
     atomic_write_json(workdir / 'results.json', results)
     t_report = time.perf_counter()
     # The report is a function of results.json alone (byte-identical across runs and resumes);

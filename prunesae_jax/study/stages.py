@@ -5,10 +5,17 @@ editing e.g. `analysis.tau` recomputes only the measures. Each stage computes by
 package that owns the work (models, pruning, sae, analysis) and writes its files through `cached`;
 every number the pipeline uses is read back from the cache, so a resumed run writes the same
 results.json bytes as an uninterrupted one. pipeline.py orders the stages over the grid.
+
+Under jax.distributed (P processes, one shared workdir) every process walks the same stages with
+the same keys. The stages that split work over the processes (pruning calibration, capture, SAE
+training: `cached(..., shared=True)`) run on every process; the others (tokens, perplexity, the
+causal effects and the measures) are computed once, on process 0, while the others wait. Process
+0 alone decides whether a stage is cached, writes and commits it; every process then reads it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import shutil
@@ -16,6 +23,7 @@ import sys
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -55,6 +63,14 @@ __all__ = [
 MEASURES_VERSION = 3
 
 
+class EachProcess:
+    """A stage file every process writes its own part of (`write(path)`; the activation store's
+    shards), where a plain function of the path is run by process 0 alone."""
+
+    def __init__(self, write):
+        self.write = write
+
+
 class Timings(dict):
     """Wall-clock seconds per stage of this invocation, for timings.json (not results.json)."""
 
@@ -72,6 +88,15 @@ class Study:
     dictionary: Any  # transfer.source='pretrained': (SAEConfig, params, name), loaded up front
     cache: StageCache
     timings: Timings
+    alone: bool = False  # process 0 computing a stage for every process: nested stages do not wait
+
+    @contextlib.contextmanager
+    def on_main_alone(self):
+        alone, self.alone = self.alone, True
+        try:
+            yield
+        finally:
+            self.alone = alone
 
     def rows(self, tokens: dict, n_tokens: int) -> np.ndarray:
         """The held-out rows that hold n_tokens SAE tokens (BOS excluded)."""
@@ -80,8 +105,8 @@ class Study:
 
 def progress_bar(config, iterable, **kw):
     """iterable with a tqdm bar when config.progress (iterable=None: a bar to update by hand), else
-    iterable itself."""
-    if not config.progress:
+    iterable itself. Only process 0 shows bars."""
+    if not config.progress or not sharding.is_main():
         return iterable
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -90,7 +115,7 @@ def progress_bar(config, iterable, **kw):
 
 def progress_line(config, line: str) -> None:
     """One line of progress: above the progress bars when they are on, else to the log."""
-    if config.progress:
+    if config.progress and sharding.is_main():
         from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
         tqdm.write(line, file=sys.stderr)
@@ -101,23 +126,40 @@ def progress_line(config, line: str) -> None:
 # --------------------------------------------------------------------------- the stages
 
 
-def cached(st: Study, stage: str, spec: dict, upstream: list[str], make_files) -> str:
+def cached(st: Study, stage: str, spec: dict, upstream: list[str], make_files, shared: bool = False) -> str:
     """The key of `stage`. When it is not cached, make_files() -> {file name: contents} runs and its
     files are written into the stage's folder (a dict to .json, arrays to .npz, a function of the
-    path writes its own file), then committed."""
+    path writes its own file, an EachProcess its part), then committed.
+
+    Several processes: process 0 checks the cache for all. make_files runs on every process when
+    `shared` (each does its share of the work), else on process 0 alone; every process writes
+    its part of an EachProcess file, process 0 all other files.
+    """
     key = st.cache.key(stage, spec, upstream)
-    if not st.cache.done(stage, key):
-        t0 = time.perf_counter()
+    together = jax.process_count() > 1 and not st.alone
+    if sharding.from_main(lambda: st.cache.done(stage, key)) if together else st.cache.done(stage, key):
+        return key
+    t0 = time.perf_counter()
+    main = not together or sharding.is_main()
+    files = {}
+    if shared or not together:
         files = make_files()
-        with st.cache.writing(stage, key, spec) as tmp:
-            for name, value in files.items():
-                if callable(value):
-                    value(tmp / name)
-                elif name.endswith('.npz'):
-                    atomic_write_npz(tmp / name, value)
-                else:
-                    atomic_write_json(tmp / name, value)
-        st.timings.add(stage, time.perf_counter() - t0)
+    elif main:
+        with st.on_main_alone():
+            files = make_files()
+    with st.cache.writing(stage, key, spec, together=together) as tmp:
+        for name, value in files.items():
+            if isinstance(value, EachProcess):
+                value.write(tmp / name)
+            elif not main:
+                continue
+            elif callable(value):
+                value(tmp / name)
+            elif name.endswith('.npz'):
+                atomic_write_npz(tmp / name, value)
+            else:
+                atomic_write_json(tmp / name, value)
+    st.timings.add(stage, time.perf_counter() - t0)
     return key
 
 
@@ -159,14 +201,14 @@ def prune_stage(st: Study, method: str, sparsity: float, tokens_key: str, tokens
             model.params,
             prune_args(st.config, method, sparsity),
             calib_tokens=tokens['calibration'] if calibrated else None,
-            progress=st.config.progress,
+            progress=st.config.progress and sharding.is_main(),
         )
         files = {'masks.npz': functools.partial(pruning.save_masks, masks=res.masks)}
         if method == 'sparsegpt':  # SparseGPT also updates the kept weights
             files['weights.npz'] = pruning.masks.prunable_weights(res.params)
         return {**files, 'report.json': {k: v for k, v in res.report.items() if k != 'seconds'}}
 
-    key = cached(st, 'prune', spec, [model.key] + ([tokens_key] if calibrated else []), prune)
+    key = cached(st, 'prune', spec, [model.key] + ([tokens_key] if calibrated else []), prune, shared=calibrated)
     masks = pruning.load_masks(st.cache.path('prune', key) / 'masks.npz', model.params)
     params = model.params
     if method == 'sparsegpt':
@@ -224,7 +266,7 @@ def acts_stage(st: Study, params, prune_key: str, tokens_key: str, tokens: dict,
             bar.close()
 
     spec = {'layer': st.layer, 'dtype': st.config.sae.store_dtype}
-    key = cached(st, 'acts', spec, [prune_key, tokens_key], lambda: {'store': capture})
+    key = cached(st, 'acts', spec, [prune_key, tokens_key], lambda: {'store': EachProcess(capture)}, shared=True)
     return key, ActivationStore(str(st.cache.path('acts', key) / 'store'))
 
 
@@ -266,8 +308,8 @@ def sae_stage(st: Study, acts_key: str, store, label: str, seed: int) -> tuple[s
             'final.json': convergence.training_record(res, train_cfg.n_steps, train_cfg.batch_size, store.n_tokens),
         }
 
-    key = cached(st, 'sae', spec, [acts_key], train)
-    if work.exists():  # also when a run was killed between the commit and this cleanup
+    key = cached(st, 'sae', spec, [acts_key], train, shared=True)
+    if work.exists() and sharding.is_main():  # also when a run was killed between the commit and this cleanup
         shutil.rmtree(work, ignore_errors=True)
     record = st.cache.read_json('sae', key, 'final.json')
     training = st.cache.read_npz('sae', key, 'training.npz')

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from prunesae_jax import sharding
 from prunesae_jax.errors import InputError
 from prunesae_jax.io import (
     atomic_write_json,
@@ -274,27 +275,47 @@ class StageCache:
         return verify_manifest(path, files)
 
     @contextlib.contextmanager
-    def writing(self, stage: str, key: str, spec: Any = None) -> Iterator[Path]:
+    def writing(self, stage: str, key: str, spec: Any = None, together: bool = False) -> Iterator[Path]:
         """Yields an empty temporary folder; on clean exit it becomes the finished stage: `spec`
         (when given) in spec.json, then the DONE manifest of every file in it, then one
-        `io.commit_dir` (mode policy, fsync of every file, rename into place)."""
+        `io.commit_dir` (mode policy, fsync of every file, rename into place).
+
+        together=True (every process of a jax.distributed run calls this at the same point): the
+        folder is `.<key>.tmp-shared`, made by process 0 before any process writes into it; once
+        every process has written its files, process 0 commits the stage, and every process
+        returns only once it is committed (sharding.barrier).
+        """
         final = self.path(stage, key)
-        make_dirs(final.parent)
-        # Leftovers of a killed run of this very stage are useless: remove them first.
-        for stale in final.parent.glob(f'.{key}.tmp-*'):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = make_temp_dir(final.parent, prefix=f'.{key}.tmp-')
+        main = not together or sharding.is_main()
+        tmp = final.parent / f'.{key}.tmp-shared'
+        if main:
+            make_dirs(final.parent)
+            # Leftovers of a killed run of this very stage are useless: remove them first.
+            for stale in final.parent.glob(f'.{key}.tmp-*'):
+                shutil.rmtree(stale, ignore_errors=True)
+            if together:
+                make_dirs(tmp)
+            else:
+                tmp = make_temp_dir(final.parent, prefix=f'.{key}.tmp-')
+        if together:
+            sharding.barrier(f'writing {stage}/{key}')
         try:
             yield tmp
-            if spec is not None:
-                atomic_write_json(tmp / 'spec.json', spec)
-            atomic_write_json(tmp / 'DONE', {'key': key, 'files': manifest(tmp)}, indent=None)
-            if final.exists():  # a previous incomplete (or damaged) attempt
-                _remove_tree(final)
-            commit_dir(tmp, final)
-            self._verified.add(final)  # just written and hashed
+            if together:
+                sharding.barrier(f'written {stage}/{key}')
+            if main:
+                if spec is not None:
+                    atomic_write_json(tmp / 'spec.json', spec)
+                atomic_write_json(tmp / 'DONE', {'key': key, 'files': manifest(tmp)}, indent=None)
+                if final.exists():  # a previous incomplete (or damaged) attempt
+                    _remove_tree(final)
+                commit_dir(tmp, final)
+                self._verified.add(final)  # just written and hashed
+            if together:
+                sharding.barrier(f'committed {stage}/{key}')
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def read_json(self, stage: str, key: str, name: str) -> Any:
