@@ -18,9 +18,15 @@ one wraps:
                    rename: os.replace as prunesae_jax/io.py sees it (its module attribute `os`)
   after_results    results.json written, the report not yet: prunesae_jax.study.report.write_report
 
-The library carries no test code: these patches live here only, and $PRUNESAE_TEST_CRASH_AT is
-read by this file only. A point whose function was renamed fails on install (AttributeError), and
-a point never reached lets the run finish, which the crash tests report as a missing SIGKILL.
+With $PRUNESAE_TEST_COUNTS=<path> (with or without a crash point) it also counts the activation
+rows this process stored (StoreWriter.append) and read for SAE training batches
+(ActivationStore.batch), and writes {"captured": n, "trained": n} to <path> when it exits normally:
+the multi-process tests check each process's share with it.
+
+The library carries no test code: these patches live here only, and $PRUNESAE_TEST_CRASH_AT and
+$PRUNESAE_TEST_COUNTS are read by this file only. A point whose function was renamed fails on
+install (AttributeError), and a point never reached lets the run finish, which the crash tests
+report as a missing SIGKILL.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import sys
 from typing import Any, Callable
 
 CRASH_ENV = 'PRUNESAE_TEST_CRASH_AT'
+COUNTS_ENV = 'PRUNESAE_TEST_COUNTS'
 LAUNCHER = pathlib.Path(__file__).resolve().parents[2] / 'launch' / 'run_study.py'
 POINTS = ('capture', 'sae_step', 'measures', 'commit@<stage>', 'replace@<name>', 'after_results')
 _PLAIN = tuple(p for p in POINTS if '@' not in p)
@@ -116,8 +123,36 @@ def install(crash: CrashAt) -> None:
     _before(report, 'write_report', lambda *a, **k: 'after_results', crash)
 
 
+def count_rows(path: str) -> None:
+    """Counts the rows this process captures and reads for training; writes them to path at exit."""
+    import atexit  # pylint: disable=g-import-not-at-top
+    import json  # pylint: disable=g-import-not-at-top
+
+    from prunesae_jax.sae import store  # pylint: disable=g-import-not-at-top
+
+    counts = {'captured': 0, 'trained': 0}
+    append, batch = store.StoreWriter.append, store.ActivationStore.batch
+
+    @functools.wraps(append)
+    def counted_append(self, x, *args, **kwargs):
+        counts['captured'] += len(x)
+        return append(self, x, *args, **kwargs)
+
+    @functools.wraps(batch)
+    def counted_batch(self, *args, **kwargs):
+        out = batch(self, *args, **kwargs)
+        counts['trained'] += len(out)
+        return out
+
+    store.StoreWriter.append, store.ActivationStore.batch = counted_append, counted_batch
+    atexit.register(lambda: pathlib.Path(path).write_text(json.dumps(counts)))
+
+
 def main() -> None:
-    install(CrashAt(os.environ[CRASH_ENV]))
+    if os.environ.get(COUNTS_ENV):
+        count_rows(os.environ[COUNTS_ENV])
+    if os.environ.get(CRASH_ENV):
+        install(CrashAt(os.environ[CRASH_ENV]))
     sys.argv = [str(LAUNCHER), *sys.argv[1:]]
     runpy.run_path(str(LAUNCHER), run_name='__main__')
 
