@@ -24,6 +24,11 @@ Launch (from the repository root):
         python launch/run_study.py --config=configs/paper_llama32_1b.py --workdir=/tmp/llama_1b \
             --config.dtype=float32 --config.sae.n_tokens=100000 --config.ppl.max_tokens=16384
 
+  Several hosts (a SLURM job over GPU hosts, a TPU v5e / v6e pod slice): the same command on
+        every host with --config.distributed.enabled=True and a workdir every host mounts; the
+        copyable recipes (sbatch script, gcloud commands, mesh flags) and what each process does
+        are in BUILD.md, "Multi-device and multi-host".
+
 The workdir caches every finished stage: re-run the same command to resume.
 """
 
