@@ -49,7 +49,9 @@ def _env(n_devices: int, counts: Path | None, **extra) -> dict:
     return {**env, **extra}
 
 
-def _start(workdir: Path, n_proc: int, n_dev: int, crash: dict[int, str] | None = None) -> list[subprocess.Popen]:
+def _start(
+    workdir: Path, n_proc: int, n_dev: int, crash: dict[int, str] | None = None, flags: tuple[str, ...] = ()
+) -> list[subprocess.Popen]:
     """n_proc processes of n_dev devices each on `workdir`; crash {process: crash point}."""
     port = str(_free_port())
     procs = []
@@ -66,7 +68,7 @@ def _start(workdir: Path, n_proc: int, n_dev: int, crash: dict[int, str] | None 
         log = open(workdir.with_name(f'{workdir.name}.log{i}'), 'w')  # noqa: SIM115  (closed with the process)
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(RUN), *FLAGS, f'--workdir={workdir}', '--config.distributed.enabled=True'],
+                [sys.executable, str(RUN), *FLAGS, f'--workdir={workdir}', '--config.distributed.enabled=True', *flags],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -205,3 +207,20 @@ def test_four_processes_of_one_device_equal_one_process(tmp_path):
     resumed = _single(killed, 4)
     assert _counts(killed, 1)[0]['trained'] < _counts(tmp_path / 'single', 1)[0]['trained']
     _check_against_single(resumed, single)
+
+
+def test_a_mesh_that_does_not_split_over_the_processes_is_refused_by_every_process(tmp_path):
+    """mesh.data must be a multiple of the process count: every process exits 2 with one line,
+    before the workdir is touched."""
+    workdir = tmp_path / 'bad'
+    procs = _start(workdir, 2, 2, flags=('--config.sae.n_seeds=4', '--config.mesh.seed=4', '--config.mesh.data=1'))
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=TIMEOUT_S) == 2
+        lines = [
+            line for line in workdir.with_name(f'bad.log{i}').read_text().splitlines() if line.startswith('run_study:')
+        ]
+        assert lines == [
+            'run_study: mesh.data=1 does not split over the 2 processes; accepted: a multiple of 2 '
+            '(each process then reads its share of every batch)'
+        ]
+    assert not workdir.exists()
