@@ -9,7 +9,9 @@ because the function has no derivative of its own:
     chunked pass (the only TopK gradient path in the library; arch/topk.py builds the loss on it);
 - `auxk_few_dead` / `auxk_dense`: the AuxK term's error and gradients as dense matmuls;
 - `kth_largest`: BatchTopK's batch-wide cut by bisection instead of a sort;
-- `adam_apply`: one fused elementwise pass of Adam with the unit-norm decoder projection.
+- `adam_apply`: one fused elementwise pass of Adam with the unit-norm decoder projection;
+- `seed_loop_update`: S seeds' gradients and Adam one seed after another, in place in the stacked
+    state (`seed_adam_inplace`, in row blocks): the CPU train step for several seeds.
 
 tests/sae/reference.py holds the plain-autodiff references these are tested against.
 """
@@ -17,6 +19,7 @@ tests/sae/reference.py holds the plain-autodiff references these are tested agai
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -282,12 +285,145 @@ def adam_apply(p, g, mu, nu, ok, lr, b1, b2, t, unit_rows: bool, eps: float = 1e
     dropped before Adam and the updated rows are renormalised (the rows are unit norm on entry, so the
     projection uses them directly). ok [S]: seeds whose loss was not finite keep p, mu, nu unchanged.
     """
+    return adam_apply_scaled(p, g, mu, nu, ok, lr / (1 - b1**t), 1 - b2**t, b1, b2, unit_rows, eps)
+
+
+def adam_apply_scaled(p, g, mu, nu, ok, step_size, bias2, b1, b2, unit_rows: bool, eps: float = 1e-8):
+    """adam_apply with its two scalars passed in: step_size = lr / (1 - b1^t), bias2 = 1 - b2^t.
+
+    ok None: every element is updated (seed_adam_inplace decides for the whole seed outside).
+    """
     if unit_rows:
         g = g - (g * p).sum(-1, keepdims=True) * p
     mu_n = b1 * mu + (1 - b1) * g
     nu_n = b2 * nu + (1 - b2) * (g * g)
-    new = p - (lr / (1 - b1**t)) * mu_n / (jnp.sqrt(nu_n / (1 - b2**t)) + eps)
+    new = p - step_size * mu_n / (jnp.sqrt(nu_n / bias2) + eps)
     if unit_rows:
         new = common.normalize_decoder(new)
+    if ok is None:
+        return new, mu_n, nu_n
     okb = ok.reshape((-1,) + (1,) * (p.ndim - 1))
     return jnp.where(okb, new, p), jnp.where(okb, mu_n, mu), jnp.where(okb, nu_n, nu)
+
+
+ADAM_BLOCK_BYTES = 1 << 20  # one Adam block is ~1 MiB per array: a block's 4 inputs stay in L2
+
+
+def adam_block_rows(rows: int, row_bytes: int) -> int:
+    """Rows per block of seed_adam_inplace: about ADAM_BLOCK_BYTES per array, a divisor of rows when
+    one is at least half that size (then there is no tail block)."""
+    most = max(1, min(rows, ADAM_BLOCK_BYTES // max(row_bytes, 1)))
+    div = next(r for r in range(most, 0, -1) if rows % r == 0)
+    return div if 2 * div >= most else most
+
+
+def seed_adam_inplace(p_all, g, mu_all, nu_all, s, ok, step_size, bias2, b1, b2, unit_rows: bool):
+    """adam_apply_scaled for seed s of the stacked p_all / mu_all / nu_all [S, ...] (g: that seed's gradient, no seed
+    axis), written back in place with dynamic-update-slice, in blocks of rows. ok: a bool scalar.
+
+    Each block's old p, mu, nu are sliced out (small copies that stay in cache), its new values computed
+    in a lax.cond on ok (a seed whose loss was not finite keeps the old ones: the values of adam_apply's
+    where), and written back. The cond is what keeps the reads before the writes: XLA cannot fuse across
+    it, so the in-place updates of the donated buffers cannot clobber what a fusion still reads. Left to
+    itself XLA fuses each output's dynamic-update-slice with its own recomputation of the new moments,
+    all three reading the old moments, and then copies whole stacked moment arrays to keep them (each
+    block, inside a loop). One pass over p, g, mu, nu and one write of p, mu, nu per step; per element
+    (and per decoder row) the operations of adam_apply (XLA may round the last bit differently: other
+    fusions). Returns the updated (p_all, mu_all, nu_all).
+    """
+    shape = g.shape
+
+    def block(carry, r0, size):
+        start = (s, r0) + (0,) * (len(shape) - 1)
+        sizes = (1, size) + shape[1:]
+        olds = tuple(jax.lax.dynamic_slice(a, start, sizes)[0] for a in carry)
+        gb = jax.lax.dynamic_slice(g, start[1:], sizes[1:])
+        new = jax.lax.cond(
+            ok,
+            lambda p, m, v, gg: adam_apply_scaled(p, gg, m, v, None, step_size, bias2, b1, b2, unit_rows),
+            lambda p, m, v, gg: (p, m, v),
+            *olds,
+            gb,
+        )
+        return tuple(jax.lax.dynamic_update_slice(a, b[None], start) for a, b in zip(carry, new))
+
+    carry = (p_all, mu_all, nu_all)
+    if len(shape) == 1:  # a bias: one block
+        return block(carry, 0, shape[0])
+    rows = shape[0]
+    size = adam_block_rows(rows, math.prod(shape[1:]) * g.dtype.itemsize)
+    nb, tail = divmod(rows, size)
+    if nb > 1:
+        carry = jax.lax.fori_loop(0, nb, lambda i, c: block(c, i * size, size), carry)
+    elif nb == 1:
+        carry = block(carry, 0, size)
+    if tail:
+        carry = block(carry, nb * size, tail)
+    return carry
+
+
+def seed_loop_update(spec, cfg, params, opt_state, x, dead, bad, lr, t, b1, b2, step, threshold_start):
+    """Gradients AND Adam of S stacked seeds, one seed after another, in place (the CPU default).
+
+    For an architecture `spec` with hand-written loss_and_grads (arch.Architecture): one fori_loop
+    iteration per seed computes that seed's loss and gradients, applies its Adam update
+    (seed_adam_inplace, in row blocks into the donated stacked [S, ...] params and moments) and its
+    after_update. The gradients and Adam's intermediates are one seed's buffers, reused by every
+    iteration. The alternative, a lax.map of the gradients alone and then adam_apply over the stacked
+    arrays, zero-fills stacked [S, n, d] gradient buffers, copies each seed's gradients into them and
+    runs Adam over S-times larger temporaries: at d_in 2304, S = 4 its step cost 1.25x four S = 1 steps
+    (BENCHMARKS.md, "SAE training"). Each seed runs the same operations as there; XLA fuses Adam's
+    elementwise ops differently, so params may differ from it in the last bits, not otherwise.
+
+    Semantics as prunesae_jax/sae/train.py's stacked step: AuxK (spec.uses_auxk with cfg.aux_coeff)
+    runs for every seed when any latent of any seed is dead; a seed whose loss is not finite, or whose
+    bad [S] step is set (>= 0), keeps its params and moments. x: [B, d] shared or [S, B, d] per seed;
+    dead [S, n]; lr and t: the step's learning rate and 1-based Adam step (float32 scalars).
+    Returns (loss [S], aux with the seed axis first, new params, {'mu': ..., 'nu': ...}).
+    """
+    n_seeds = dead.shape[0]
+    step_size, bias2 = lr / (1 - b1**t), 1 - b2**t  # scalars, computed once (outside the conds)
+    any_dead = dead.any()
+    at = lambda a, s: jax.lax.dynamic_index_in_dim(a, s, keepdims=False)
+    x_at = lambda s: x if x.ndim == 2 else at(x, s)
+
+    def grads(ps, xx, dd):
+        if spec.uses_auxk and cfg.aux_coeff:
+            return jax.lax.cond(
+                any_dead,
+                lambda: spec.loss_and_grads(cfg, ps, xx, dd, True),
+                lambda: spec.loss_and_grads(cfg, ps, xx, dd, False),
+            )
+        return spec.loss_and_grads(cfg, ps, xx, dd, False)
+
+    one = jax.eval_shape(
+        lambda pp, xx, dd: spec.loss_and_grads(cfg, pp, xx, dd, False)[:2],
+        jax.tree.map(lambda a: a[0], params),
+        x_at(0),
+        dead[0],
+    )
+    outs = jax.tree.map(lambda a: jnp.zeros((n_seeds,) + a.shape, a.dtype), one)
+
+    def body(s, carry):
+        p, mu, nu, outs = carry
+        ps = {k: at(v, s) for k, v in p.items()}
+        loss, aux, g = grads(ps, x_at(s), at(dead, s))
+        ok = jnp.isfinite(loss) & (at(bad, s) < 0)
+        p, mu, nu = dict(p), dict(mu), dict(nu)
+        for name in ps:
+            unit = name == 'W_dec' and cfg.unit_norm_decoder
+            p[name], mu[name], nu[name] = seed_adam_inplace(
+                p[name], g[name], mu[name], nu[name], s, ok, step_size, bias2, b1, b2, unit
+            )
+        # after_update on this seed alone (a seed axis of 1); only the params it replaces are written back
+        one_seed = lambda tree: jax.tree.map(lambda a: a[None], tree)
+        new1 = {k: jax.lax.dynamic_slice_in_dim(v, s, 1) for k, v in p.items()}
+        upd = spec.after_update(cfg, one_seed(ps), new1, one_seed(aux), ok[None], step, threshold_start)
+        for k, v in upd.items():
+            if v is not new1[k]:
+                p[k] = jax.lax.dynamic_update_slice_in_dim(p[k], v, s, 0)
+        outs = jax.tree.map(lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, s, 0), outs, (loss, aux))
+        return p, mu, nu, outs
+
+    new, mu, nu, (loss, aux) = jax.lax.fori_loop(0, n_seeds, body, (params, opt_state['mu'], opt_state['nu'], outs))
+    return loss, aux, new, {'mu': mu, 'nu': nu}

@@ -231,7 +231,14 @@ def _make_train_step(sae_cfg: SAEConfig, b1: float, b2: float, per_seed_data: bo
         dead_tokens, thr_start = ctl[0], ctl[1]
         dead = since >= dead_tokens  # [S, n]
         x_axis = 0 if x.ndim == 3 else None
-        if spec.loss_and_grads is not None:
+        lr = _lr_at(step, sched)
+        t = (step + 1).astype(jnp.float32)
+        seed_loop = spec.loss_and_grads is not None and seeds_per_pass == 1 and mesh is None and dead.shape[0] > 1
+        if seed_loop:  # several seeds on CPU: each seed's gradients and Adam in one loop iteration, in place
+            loss, aux, new, opt = kernels.seed_loop_update(
+                spec, sae_cfg, params, opt_state, x, dead, bad, lr, t, b1, b2, step, thr_start
+            )
+        elif spec.loss_and_grads is not None:
             # seeds_per_pass seeds vmapped per pass, the passes one after another (lax.map); gradients are
             # written out by hand
             def grads(use_aux):
@@ -263,15 +270,14 @@ def _make_train_step(sae_cfg: SAEConfig, b1: float, b2: float, per_seed_data: bo
 
             (_, (loss, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         ok = jnp.isfinite(loss) & (bad < 0)  # [S]; a non-finite loss freezes that seed at its last good state
-        lr = _lr_at(step, sched)
-        t = (step + 1).astype(jnp.float32)
-        new, mu, nu = {}, {}, {}
-        for name in params:
-            unit = name == 'W_dec' and sae_cfg.unit_norm_decoder
-            new[name], mu[name], nu[name] = kernels.adam_apply(
-                params[name], g[name], opt_state['mu'][name], opt_state['nu'][name], ok, lr, b1, b2, t, unit
-            )
-        new = spec.after_update(sae_cfg, params, new, aux, ok, step, thr_start)  # thresholds
+        if not seed_loop:
+            new, opt = {}, {'mu': {}, 'nu': {}}
+            for name in params:
+                unit = name == 'W_dec' and sae_cfg.unit_norm_decoder
+                new[name], opt['mu'][name], opt['nu'][name] = kernels.adam_apply(
+                    params[name], g[name], opt_state['mu'][name], opt_state['nu'][name], ok, lr, b1, b2, t, unit
+                )
+            new = spec.after_update(sae_cfg, params, new, aux, ok, step, thr_start)  # thresholds
         fc = aux['fire_count']
         okc = ok[:, None]
         since = jnp.where(okc, jnp.where(fc > 0, 0, jnp.minimum(since + x.shape[-2], cap)), since)
@@ -288,7 +294,7 @@ def _make_train_step(sae_cfg: SAEConfig, b1: float, b2: float, per_seed_data: bo
             'aux_loss': aux.get('aux_loss', jnp.zeros_like(loss)),
             'dead_frac': (since >= dead_tokens).mean(-1),
         }
-        return new, {'mu': mu, 'nu': nu}, since, count, bad, aux_steps, metrics
+        return new, opt, since, count, bad, aux_steps, metrics
 
     def step_fn(state, batch, sched, scale, ctl):
         batch = batch * scale  # the normalisation, once for all seeds
@@ -360,11 +366,13 @@ def _batch(store, tcfg, step, sh=None):
     global array for which this process reads only the rows its devices hold."""
 
     def read(box=None):
+        # part= only for a share: a source without it (batch(batch_size, seed, step)) trains unsharded
+        get = lambda seed, part: store.batch(tcfg.batch_size, seed, step, **({} if part is None else {'part': part}))
         if tcfg.per_seed_data:
             seeds, part = (range(tcfg.n_seeds), None) if box is None else (range(tcfg.n_seeds)[box[0]], box[1])
-            b = np.stack([store.batch(tcfg.batch_size, tcfg.data_seed + s, step, part) for s in seeds])
+            b = np.stack([get(tcfg.data_seed + s, part) for s in seeds])
         else:
-            b = store.batch(tcfg.batch_size, tcfg.data_seed, step, None if box is None else box[0])
+            b = get(tcfg.data_seed, None if box is None else box[0])
         if not np.isfinite(b).all():
             raise InputError(f'non-finite activations in the batch of step {step}; activations must be finite')
         return b
