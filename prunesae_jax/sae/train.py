@@ -564,6 +564,11 @@ def train(
     freezes that seed in the step itself; the next host sync (a log, checkpoint or snapshot step, or the
     end) raises errors.NonFiniteError naming the first bad step and seed, before any checkpoint of the
     frozen state is written: the last checkpoint is the last good one.
+
+    Under jax.distributed every process calls train() with the same arguments and a mesh from
+    sharding.sae_mesh ('data' across the processes): each reads only its share of every batch
+    (`source.batch(..., part=)`), process 0 alone writes the workdir's files besides its part of
+    each Orbax checkpoint, and every process returns the whole result.
     """
     dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, tcfg.n_steps * tcfg.batch_size)
     store = source if hasattr(source, 'batch') else ArrayStore(source)

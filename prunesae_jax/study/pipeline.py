@@ -89,6 +89,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     model is loaded and checked before the workdir is touched), NonFiniteError naming the stage,
     condition, layer and step when NaN / inf appears, and workdir.WorkdirBusy (an InputError) when
     another live run holds the workdir.
+
+    Under jax.distributed every process calls run() with the same config and one shared workdir;
+    each does its share of the calibration, capture and SAE batches, process 0 computes the rest
+    and writes the files, and every process returns the same results (stages.py).
     """
     validate(config)
     t0 = time.perf_counter()
