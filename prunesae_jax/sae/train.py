@@ -567,8 +567,8 @@ def train(
 
     Under jax.distributed every process calls train() with the same arguments and a mesh from
     sharding.sae_mesh ('data' across the processes): each reads only its share of every batch
-    (`source.batch(..., part=)`), process 0 alone writes the workdir's files besides its part of
-    each Orbax checkpoint, and every process returns the whole result.
+    (`source.batch(..., part=)`), each writes its own part of every Orbax checkpoint, process 0
+    alone writes the workdir's other files, and every process returns the whole result.
     """
     dead_tokens = resolve_dead_tokens(sae_cfg.dead_tokens, tcfg.n_steps * tcfg.batch_size)
     store = source if hasattr(source, 'batch') else ArrayStore(source)
