@@ -355,7 +355,7 @@ def capture_activations(
     # their own shards of the one store; one process captures them all.
     count = 1 if path is None else jax.process_count()
     mine = sharding.process_share(n_batches) if count > 1 else slice(None)
-    prefix = f'shard_p{jax.process_index():05d}_' if count > 1 else 'shard_'
+    prefix = _process_prefix(jax.process_index()) if count > 1 else 'shard_'
     writer = None
     if path is not None:
         writer = StoreWriter(path, model_cfg.hidden_size, dtype, meta, shard_tokens, prefix)
@@ -393,6 +393,11 @@ def capture_activations(
     return _close_shared(writer, count)
 
 
+def _process_prefix(p: int) -> str:
+    """The shard names of process p in a store captured by several processes."""
+    return f'shard_p{p:05d}_'
+
+
 def _close_shared(writer: StoreWriter, count: int) -> ActivationStore:
     """Completes a store that `count` processes captured into: each process writes its last shard,
     process 0 lists every process's shards (their rows follow from each process's total, see
@@ -408,7 +413,7 @@ def _close_shared(writer: StoreWriter, count: int) -> ActivationStore:
         for p, (n_p, _) in enumerate(totals):
             full, rest = divmod(int(n_p), writer.shard_tokens)
             sizes = [writer.shard_tokens] * full + ([rest] if rest else [])
-            files += [f'shard_p{p:05d}_{i:05d}.npy' for i in range(len(sizes))]
+            files += [f'{_process_prefix(p)}{i:05d}.npy' for i in range(len(sizes))]
             rows += sizes
         writer.write_metadata(files, rows, float(totals[:, 1].sum()))
     sharding.barrier('activation store complete')
