@@ -452,6 +452,12 @@ def _env_int(name: str) -> int | None:
     return int(v)
 
 
+# How long a process that ends waits for the others at JAX's shutdown barrier. The study's
+# processes end together (pipeline.run's last barrier), so only a process that failed alone waits
+# this long; then the coordination service stops the others (JAX's default is 300 s).
+SHUTDOWN_TIMEOUT_S = 60
+
+
 def initialize_distributed(
     coordinator_address: str = '', num_processes: int = 0, process_id: int = -1
 ) -> tuple[int, int]:
@@ -470,7 +476,12 @@ def initialize_distributed(
     # CPU devices of several processes talk over gloo (no effect on GPU / TPU backends).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     try:
-        jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=n,
+            process_id=pid,
+            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+        )
     except ValueError as e:  # e.g. no coordinator given and no cluster detected
         raise InputError(
             f'jax.distributed.initialize: {" ".join(str(e).split())}; accepted: a TPU pod / '

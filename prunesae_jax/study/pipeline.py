@@ -110,7 +110,9 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             write_config(workdir, config)  # a changed config first removes the old config's results
         sharding.barrier('workdir held')
         st = stages.Study(config, model, layer, dictionary, StageCache(workdir), timings)
-        return _run_held(st, workdir, t0)
+        results = _run_held(st, workdir, t0)
+        sharding.barrier('results written')  # the processes finish together (see BUILD.md, failures)
+        return results
 
 
 def _run_held(st: stages.Study, workdir: Path, t0: float) -> dict[str, Any]:
