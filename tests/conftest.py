@@ -1,4 +1,7 @@
-"""Shared test fixtures: a random tiny transformers model matching a DecoderConfig."""
+"""Shared test fixtures: a random tiny transformers model matching a DecoderConfig, and free TCP
+ports for the coordinators of local jax.distributed runs."""
+
+import socket
 
 import pytest
 
@@ -29,3 +32,16 @@ def _random_hf_model(cfg, seed: int = 0, dtype: str = 'float32'):
 @pytest.fixture(scope='session')
 def make_hf_model():
     return _random_hf_model
+
+
+def _free_port() -> int:
+    """A localhost TCP port nobody listens on now (a jax.distributed coordinator's)."""
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def free_port():
+    """free_port() -> a localhost TCP port nobody listens on now."""
+    return _free_port

@@ -181,23 +181,15 @@ _MULTI_PROCESS = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two JAX processes compiling side by side: about a minute on 2 cores
-def test_two_processes_via_jax_distributed_equal_single_device(tmp_path):
+def test_two_processes_via_jax_distributed_equal_single_device(tmp_path, free_port):
     """jax.distributed.initialize() with 2 local processes x 4 CPU devices (gloo collectives):
     the multi-host code path (global arrays built from host data, results gathered back)."""
     cfg = tiny_config('llama', dtype='float32', **_CFG)
     tokens, mask = _batch(cfg)
     np.savez(tmp_path / 'batch.npz', tokens=tokens, mask=mask)
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-    port, out = str(_free_port()), str(tmp_path / 'out')
+    port, out = str(free_port()), str(tmp_path / 'out')
     procs = [
         subprocess.Popen(
             [sys.executable, '-c', _MULTI_PROCESS, str(pid), port, out, str(tmp_path / 'batch.npz')],

@@ -80,19 +80,11 @@ _TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_on_their_share_of_each_batch(tmp_path):
+def test_two_processes_train_on_their_share_of_each_batch(tmp_path, free_port):
     """2 processes x 2 devices, mesh seed 2 x data 2 with 'data' across the processes: the params
     equal one device's, and each process reads half of every batch (per seed with per_seed_data)."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, '-c', _TWO_PROCESSES, str(i), port, str(tmp_path / f'p{i}.npz')],

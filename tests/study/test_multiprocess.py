@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +34,6 @@ REL_TOL = 1e-4  # observed: 1.4e-6 at most (2 processes x 2 devices against 1 x 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
-
-
 def _env(n_devices: int, counts: Path | None, **extra) -> dict:
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n_devices}', JAX_PLATFORMS='cpu')
     env.pop('PRUNESAE_TEST_CRASH_AT', None)
@@ -50,10 +43,10 @@ def _env(n_devices: int, counts: Path | None, **extra) -> dict:
 
 
 def _start(
-    workdir: Path, n_proc: int, n_dev: int, crash: dict[int, str] | None = None, flags: tuple[str, ...] = ()
+    workdir: Path, n_proc: int, n_dev: int, port: int, crash: dict[int, str] | None = None, flags: tuple[str, ...] = ()
 ) -> list[subprocess.Popen]:
-    """n_proc processes of n_dev devices each on `workdir`; crash {process: crash point}."""
-    port = str(_free_port())
+    """n_proc processes of n_dev devices each on `workdir`, coordinator on localhost:port; crash
+    {process: crash point}."""
     procs = []
     for i in range(n_proc):
         env = _env(
@@ -158,10 +151,10 @@ def _check_one_writer(workdir: Path) -> None:
         assert files == sorted(files) and {f.split('_')[1] for f in files} == {'p00000', 'p00001'}
 
 
-def test_two_processes_of_two_devices_equal_one_process(tmp_path):
+def test_two_processes_of_two_devices_equal_one_process(tmp_path, free_port):
     single = _single(tmp_path / 'single', 4)
     multi_dir = tmp_path / 'multi'
-    _wait_all(_start(multi_dir, 2, 2), multi_dir)
+    _wait_all(_start(multi_dir, 2, 2, free_port()), multi_dir)
     multi_bytes = (multi_dir / 'results.json').read_bytes()
     multi = json.loads(multi_bytes)
     _check_shares(multi_dir, 2, tmp_path / 'single', multi)
@@ -172,24 +165,24 @@ def test_two_processes_of_two_devices_equal_one_process(tmp_path):
     # SIGKILL of process 1 before its 50th SAE batch (the second condition's step 18, after its
     # checkpoint at step 16); process 0 is killed once it is alone, as a scheduler would.
     killed = tmp_path / 'killed'
-    procs = _start(killed, 2, 2, crash={1: 'sae_step:50'})
+    procs = _start(killed, 2, 2, free_port(), crash={1: 'sae_step:50'})
     assert procs[1].wait(timeout=TIMEOUT_S) == -signal.SIGKILL
     procs[0].kill()
     procs[0].wait(timeout=60)
     assert not (killed / 'results.json').exists()
     train_dirs = list(killed.glob('stages/sae/*.train/checkpoints/16'))
     assert len(train_dirs) == 1, 'the second condition had no checkpoint at step 16'
-    _wait_all(_start(killed, 2, 2), killed)
+    _wait_all(_start(killed, 2, 2, free_port()), killed)
     assert (killed / 'results.json').read_bytes() == multi_bytes
     resumed = _counts(killed, 2)  # the re-run read only the batches after the checkpoint
     full = _counts(multi_dir, 2)
     assert all(r['trained'] < f['trained'] for r, f in zip(resumed, full))
 
 
-def test_four_processes_of_one_device_equal_one_process(tmp_path):
+def test_four_processes_of_one_device_equal_one_process(tmp_path, free_port):
     single = _single(tmp_path / 'single', 4)
     multi_dir = tmp_path / 'multi'
-    _wait_all(_start(multi_dir, 4, 1), multi_dir)
+    _wait_all(_start(multi_dir, 4, 1, free_port()), multi_dir)
     multi = json.loads((multi_dir / 'results.json').read_text())
     _check_shares(multi_dir, 4, tmp_path / 'single', multi)
     assert multi['config']['distributed']['enabled'] and not single['config']['distributed']['enabled']
@@ -198,7 +191,7 @@ def test_four_processes_of_one_device_equal_one_process(tmp_path):
     # A checkpoint of 4 processes resumes in one process of 4 devices: it holds global arrays,
     # and the batches do not depend on the process count.
     killed = tmp_path / 'killed'
-    procs = _start(killed, 4, 1, crash={3: 'sae_step:50'})
+    procs = _start(killed, 4, 1, free_port(), crash={3: 'sae_step:50'})
     assert procs[3].wait(timeout=TIMEOUT_S) == -signal.SIGKILL
     for p in procs:
         p.kill()
@@ -209,11 +202,12 @@ def test_four_processes_of_one_device_equal_one_process(tmp_path):
     _check_against_single(resumed, single)
 
 
-def test_a_mesh_that_does_not_split_over_the_processes_is_refused_by_every_process(tmp_path):
+def test_a_mesh_that_does_not_split_over_the_processes_is_refused_by_every_process(tmp_path, free_port):
     """mesh.data must be a multiple of the process count: every process exits 2 with one line,
     before the workdir is touched."""
     workdir = tmp_path / 'bad'
-    procs = _start(workdir, 2, 2, flags=('--config.sae.n_seeds=4', '--config.mesh.seed=4', '--config.mesh.data=1'))
+    flags = ('--config.sae.n_seeds=4', '--config.mesh.seed=4', '--config.mesh.data=1')
+    procs = _start(workdir, 2, 2, free_port(), flags=flags)
     for i, p in enumerate(procs):
         assert p.wait(timeout=TIMEOUT_S) == 2
         lines = [
