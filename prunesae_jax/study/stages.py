@@ -137,7 +137,8 @@ def cached(st: Study, stage: str, spec: dict, upstream: list[str], make_files, s
     """
     key = st.cache.key(stage, spec, upstream)
     together = jax.process_count() > 1 and not st.alone
-    if sharding.from_main(lambda: st.cache.done(stage, key)) if together else st.cache.done(stage, key):
+    is_done = lambda: st.cache.done(stage, key)
+    if sharding.from_main(is_done) if together else is_done():  # process 0 answers for all
         return key
     t0 = time.perf_counter()
     main = not together or sharding.is_main()
